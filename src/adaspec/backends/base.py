@@ -1,0 +1,74 @@
+"""The backend interface: score positions on top of a KV cache, and roll the cache back."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from adaspec.errors import AdaspecError
+
+
+class Backend(ABC):
+    """One model and its KV cache.
+
+    Subclasses implement `_forward` (append positions to the cache, return logits of the last `keep`)
+    and `_truncate` (drop cached positions from a length on). The base class keeps the token ids
+    whose keys and values are cached, so `sync` can feed exactly the positions a cache is missing:
+    that one mechanism serves prefill, verification, drafting and lazy catch-up after another
+    model produced tokens.
+    """
+
+    vocab_size: int
+    max_context: int
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []  # ids in the cache, batch row 0
+
+    @abstractmethod
+    def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """ids [B, n] -> float logits [B, keep, V] of the last `keep` positions; the cache grows by n."""
+
+    @abstractmethod
+    def _truncate(self, length: int) -> None:
+        """Keep the first `length` cached positions."""
+
+    def reset(self) -> None:
+        self._truncate(0)
+        self.tokens = []
+
+    def rollback(self, length: int) -> None:
+        """Forget every cached position at index >= length."""
+        if length < len(self.tokens):
+            self._truncate(length)
+            del self.tokens[length:]
+
+    def extend(self, ids: list[int], keep: int = 1) -> torch.Tensor:
+        """Append `ids` to the cache; return logits [keep, V] of the last `keep` of them."""
+        if len(self.tokens) + len(ids) > self.max_context:
+            raise AdaspecError(
+                f"sequence of {len(self.tokens) + len(ids)} tokens exceeds the model context of "
+                f"{self.max_context}; shorten the prompt or lower --max-new-tokens"
+            )
+        logits = self._forward(torch.tensor([ids], dtype=torch.long), keep)  # [1, keep, V]
+        self.tokens.extend(ids)
+        return logits[0]
+
+    def sync(self, ids: list[int], keep: int = 1) -> torch.Tensor:
+        """Make the cache hold exactly `ids`, feeding only what is missing (at least one position);
+        return logits [keep, V] of the last `keep` positions of `ids`."""
+        n = len(self.tokens)
+        if not (n <= len(ids) and ids[:n] == self.tokens):
+            n = _common_prefix(self.tokens, ids)
+        n = min(n, len(ids) - keep)
+        self.rollback(n)
+        return self.extend(ids[n:], keep)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,166 @@
+"""The `adaspec` command line: generate | bench."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adaspec.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, GenerationConfig, SamplingConfig
+from adaspec.errors import AdaspecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
+err = Console(stderr=True)
+
+Target = Annotated[str | None, typer.Option(help="'smollm2' (bundled default), a local HF model dir or a .gguf")]
+Drafter = Annotated[str | None, typer.Option(help="'lookup' (prompt lookup, default) or a local HF model dir")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")]
+Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless speculative sampling)")]
+Dtype = Annotated[str, typer.Option(help="float32 (greedy sd == ar exactly) or bfloat16 (faster)")]
+
+
+def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens, SamplingConfig(temperature, top_k, top_p), tuple(stop), seed=seed)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the user message (or raw text with --no-chat)")],
+    method: Annotated[str, typer.Option(help="method spec, e.g. sd, sd:k=4, ar")] = "sd",
+    target: Target = None,
+    drafter: Drafter = None,
+    max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
+    temperature: Temperature = 0.0,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    top_p: Annotated[float, typer.Option(help="1.0 = off")] = 1.0,
+    seed: int = DEFAULT_SEED,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    chat: Annotated[bool, typer.Option(help="apply the tokenizer's chat template")] = True,
+    compare: Annotated[bool, typer.Option(help="also run plain `ar` decoding and report the speedup")] = True,
+    dtype: Dtype = "float32",
+) -> None:
+    """Generate text, streaming it, then print tokens/s, mean accepted tokens and the speedup over `ar`."""
+    from adaspec.methods import build_runner, load_drafter, parse_method
+    from adaspec.models import encode_prompt, load_model
+
+    config = _generation(max_new_tokens, temperature, top_k, top_p, seed, stop or ())
+    spec = parse_method(method)
+    model = load_model(target, dtype)
+    draft_model = load_drafter(drafter, model, dtype)
+    runner = build_runner(spec, model, draft_model, config)
+    ids = encode_prompt(model.tokenizer, prompt, chat)
+    runner(ids[-32:], GenerationConfig(max_new_tokens=4, sampling=config.sampling))  # warm-up
+
+    out = Console(highlight=False)
+    shown = ""
+    emitted: list[int] = []
+
+    def stream(step) -> None:
+        nonlocal shown
+        emitted.extend(step.tokens)
+        text = model.tokenizer.decode(emitted, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.print(text[len(shown):], end="", soft_wrap=True)
+            shown = text
+
+    result = runner(ids, config, on_step=stream)
+    if not result.steps:  # a peer: nothing was streamed
+        out.print(model.tokenizer.decode(result.token_ids, skip_special_tokens=True), end="")
+    out.print()
+    table = Table(title=f"{spec.label} on {model.name}", show_header=True)
+    for col in ("method", "new tokens", "tokens/s", "mean accepted", "speedup vs ar"):
+        table.add_column(col, justify="right")
+    accepted = f"{result.mean_accepted:.2f}" if result.steps else "–"
+    row = [spec.label, str(result.new_tokens), f"{result.tokens_per_s:.1f}", accepted]
+    if compare and spec.name != "ar":
+        base = build_runner(parse_method("ar"), model, draft_model, config)(ids, config)
+        table.add_row(*row, f"{result.tokens_per_s / base.tokens_per_s:.2f}x")
+        table.add_row("ar", str(base.new_tokens), f"{base.tokens_per_s:.1f}", "1.00", "1.00x")
+        same = "identical to" if base.token_ids == result.token_ids else "differs from"
+        note = f"output {same} plain decoding" + (" (greedy)" if config.sampling.greedy else " (sampled)")
+    else:
+        table.add_row(*row, "1.00x" if spec.name == "ar" else "–")
+        note = ""
+    out.print(table)
+    if note:
+        out.print(note)
+
+
+@app.command()
+def bench(
+    methods: Annotated[str | None, typer.Option(help="comma-separated method specs (default: ar,sd,hf,"
+                                                     "hf-assisted,hf-lookup; hf-assisted needs --drafter)")] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
+    categories: Annotated[str | None, typer.Option(help="comma-separated categories")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most N questions per category")] = None,
+    max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
+    temperature: Temperature = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = DEFAULT_SEED,
+    out: Annotated[Path, typer.Option(help="output directory (records.jsonl, summary.json, report.md)")] = Path(
+        "runs/bench"),
+    target: Target = None,
+    drafter: Drafter = None,
+    dtype: Dtype = "float32",
+    chat: bool = True,
+) -> None:
+    """Benchmark methods against `ar` and the transformers peers on the same prompts."""
+    from adaspec.bench.data import DEFAULT_DATA
+    from adaspec.bench.runner import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        data=data or DEFAULT_DATA, out=out, methods=methods.split(",") if methods else None,
+        categories=categories.split(",") if categories else None, limit=limit, target=target,
+        drafter=drafter, dtype=dtype, chat=chat,
+        generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
+    )
+    summary = run_bench(opts, err)
+    table = Table(title=f"adaspec bench -> {out}")
+    cols = ("tokens_per_s", "speedup_vs_ar", "mean_accepted", "exact_match", "alignment", "bleu", "rougeL",
+            "gsm8k_acc")
+    table.add_column("method")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, m in summary["methods"].items():
+        table.add_row(name, *("–" if m.get(c) is None else f"{m[c]:.3g}" for c in cols))
+    Console().print(table)
+    costs = summary.get("costs", {})
+    if costs:
+        ratios = ", ".join(f"{n}: {r}x" for n, r in costs["verify_ratio"].items())
+        Console().print(f"target verify cost of n positions vs 1 step: {ratios}")
+
+
+@app.command("make-drafter")
+def make_drafter(
+    out: Annotated[Path, typer.Option(help="directory for the drafter (a Hugging Face model)")],
+    layers: Annotated[int, typer.Option(help="decoder layers of the target to keep")] = 4,
+    target: Target = None,
+) -> None:
+    """Write a layer-truncated copy of the target (first N layers + its head) as a standalone drafter."""
+    from adaspec.models import load_model
+    from adaspec.train.truncate import truncate_model
+
+    path = truncate_model(load_model(target), layers, out)
+    Console().print(f"wrote a {layers}-layer drafter to {path}; use it with --drafter {path}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except AdaspecError as e:
+        err.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

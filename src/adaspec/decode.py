@@ -1,0 +1,168 @@
+"""The decoding loop: autoregressive decoding is speculative decoding with nothing drafted.
+
+Invariant: the target's cache holds every token except the last one emitted, so each step scores
+[last token, d_1 .. d_k] in one forward: k+1 positions whose logits verify the draft and give the
+correction or bonus token. The first step's forward is the prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from adaspec.backends.base import Backend
+from adaspec.config import GenerationConfig
+from adaspec.drafters.base import Draft, DraftContext, Drafter
+from adaspec.errors import AdaspecError
+from adaspec.policies import FixedLength, LengthPolicy
+from adaspec.verify import AcceptanceRule, rule_for
+
+
+@dataclass
+class Step:
+    """One target forward."""
+
+    drafted: int  # tokens proposed by the drafter
+    accepted: int  # drafted tokens the target kept
+    tokens: list[int]  # tokens emitted: the accepted ones, then the correction/bonus (cut at a stop)
+    confidence: list[float] = field(default_factory=list)  # drafter confidence per drafted token
+    stop: str | None = None  # "eos" | "stop" when this step ended the generation on a stop
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    steps: list[Step]
+    wall_s: float
+    stop_reason: str  # "eos" | "length" | "stop"
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per target forward (bonus included)."""
+        return self.new_tokens / max(1, len(self.steps))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class StopCriteria:
+    """EOS ids, and stop strings matched on decoded text (needs `decode`)."""
+
+    eos_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_strings and self.decode is None:
+            raise AdaspecError("stop strings need a tokenizer to decode the generated text")
+
+    def cut(self, generated: list[int], fresh: int) -> tuple[int, str | None]:
+        """Among `generated`, whose last `fresh` tokens are new, return (tokens to keep, reason) at the
+        first stop; (len(generated), None) if none. An EOS token is kept, text after a stop string is not."""
+        start = len(generated) - fresh
+        for i in range(start, len(generated)):
+            if generated[i] in self.eos_ids:
+                return i + 1, "eos"
+        if self.stop_strings:
+            assert self.decode is not None
+            for i in range(start, len(generated)):
+                text = self.decode(generated[: i + 1])
+                if any(s in text for s in self.stop_strings):
+                    return i + 1, "stop"
+        return len(generated), None
+
+
+def speculative_steps(
+    target: Backend,
+    prompt_ids: list[int],
+    config: GenerationConfig,
+    drafter: Drafter | None = None,
+    policy: LengthPolicy | None = None,
+    rule: AcceptanceRule | None = None,
+    stop: StopCriteria | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Step]:
+    """Yield one Step per target forward until EOS, a stop string or max_new_tokens.
+
+    drafter=None is plain autoregressive decoding.
+    """
+    if not prompt_ids:
+        raise AdaspecError("the prompt is empty: give at least one token")
+    if len(prompt_ids) + config.max_new_tokens > target.max_context:
+        raise AdaspecError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens} exceeds the "
+            f"model context of {target.max_context} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+    policy = policy or FixedLength(1)
+    rule = rule or rule_for(config.sampling)
+    stop = stop or StopCriteria()
+    sampling = config.sampling
+    ids = list(prompt_ids)
+    generated: list[int] = []
+    target.reset()
+    if drafter is not None:
+        drafter.reset()
+    while len(generated) < config.max_new_tokens:
+        # 1 draft: never more than the budget can use (the step always emits one extra token)
+        k_max = min(policy.draft_length(), config.max_new_tokens - len(generated) - 1)
+        draft = Draft()
+        if drafter is not None and k_max > 0:
+            draft = drafter.propose(DraftContext(ids, k_max, sampling, generator), policy)
+        # 2 verify: score [last token, d_1..d_k] in one forward -> logits [k+1, V]
+        logits = target.sync(ids + draft.tokens, keep=len(draft) + 1)
+        # 3 accept
+        n, x = rule(logits, draft.tokens, draft.probs, sampling, generator)
+        # 4 roll the target cache back to the accepted length (ids[-1] and n drafted tokens stay)
+        target.rollback(len(ids) + n)
+        # 5 append the accepted tokens and the correction/bonus token
+        emitted = draft.tokens[:n] + [x]
+        policy.observe(len(draft), n)
+        if drafter is not None:
+            drafter.observe(n, ids + emitted)
+        generated += emitted
+        keep, reason = stop.cut(generated, len(emitted))
+        keep = min(keep, config.max_new_tokens)
+        emitted = emitted[: len(emitted) - (len(generated) - keep)]
+        del generated[keep:]
+        ids += emitted
+        # 6 record
+        yield Step(len(draft), n, emitted, draft.confidence, reason)
+        if reason is not None:
+            return
+
+
+def generate(
+    target: Backend,
+    prompt_ids: list[int],
+    config: GenerationConfig,
+    drafter: Drafter | None = None,
+    policy: LengthPolicy | None = None,
+    rule: AcceptanceRule | None = None,
+    stop: StopCriteria | None = None,
+    on_step: Callable[[Step], None] | None = None,
+) -> GenerationResult:
+    """Run `speculative_steps` to the end with a generator seeded from config.seed."""
+    generator = torch.Generator().manual_seed(config.seed)
+    steps: list[Step] = []
+    tokens: list[int] = []
+    reason = "length"
+    t0 = time.perf_counter()
+    for step in speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator):
+        steps.append(step)
+        tokens += step.tokens
+        if on_step is not None:
+            on_step(step)
+    wall = time.perf_counter() - t0
+    if steps and steps[-1].stop is not None:
+        reason = steps[-1].stop
+    return GenerationResult(list(prompt_ids), tokens, steps, wall, reason)

