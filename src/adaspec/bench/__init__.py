@@ -1,0 +1,1 @@
+"""Benchmarks: data, runner, costs, metrics, summary, report."""

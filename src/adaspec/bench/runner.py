@@ -1,0 +1,164 @@
+"""`adaspec bench`: every method on the same prompts, interleaved per prompt after a warm-up, one record
+per (question, method) appended to records.jsonl as it finishes (a rerun resumes), then summary.json
+and report.md computed from the records alone."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from adaspec.backends import TorchBackend
+from adaspec.bench.costs import drafter_cost, verify_costs
+from adaspec.bench.data import Question, load_questions
+from adaspec.bench.report import write_report
+from adaspec.bench.summary import load_records, summarize
+from adaspec.config import GenerationConfig
+from adaspec.errors import AdaspecError
+from adaspec.methods import Runner, build_runner, load_drafter, parse_method
+from adaspec.models import LoadedModel, encode_prompt, load_model
+
+DEFAULT_METHODS = ("ar", "sd", "hf", "hf-assisted", "hf-lookup")
+
+
+@dataclass
+class BenchOptions:
+    data: Path
+    out: Path
+    methods: list[str] | None = None  # None: DEFAULT_METHODS (hf-assisted only with a model drafter)
+    categories: list[str] | None = None
+    limit: int | None = None
+    target: str | None = None
+    drafter: str | None = None
+    dtype: str = "float32"
+    chat: bool = True
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+def environment() -> dict:
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationConfig, chat: bool) -> dict:
+    """Run every turn of a question (earlier answers become assistant turns, as Spec-Bench does)."""
+    messages: list[dict] = []
+    token_ids: list[int] = []
+    texts: list[str] = []
+    steps: list[dict] | None = []
+    wall = 0.0
+    for turn in q.turns:
+        messages.append({"role": "user", "content": turn})
+        prompt = encode_prompt(target.tokenizer, messages, chat)
+        result = runner(prompt, config)
+        text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": text})
+        token_ids += result.token_ids
+        texts.append(text)
+        wall += result.wall_s
+        if result.steps and steps is not None:
+            steps += [{"drafted": s.drafted, "accepted": s.accepted, "confidence": [round(c, 4) for c in s.confidence]}
+                      for s in result.steps]
+        else:
+            steps = None  # a peer: its steps are not visible
+    return {
+        "question_id": q.question_id, "category": q.category, "method": runner.label,
+        "new_tokens": len(token_ids), "wall_s": round(wall, 5), "token_ids": token_ids,
+        "text": "\n\n".join(texts), "turns": texts, "reference": q.reference, "steps": steps,
+    }
+
+
+def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    methods = opts.methods or [m for m in DEFAULT_METHODS if m != "hf-assisted" or opts.drafter not in (None, "lookup")]
+    specs = [parse_method(m) for m in methods]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise AdaspecError(f"methods repeat: {labels}")
+    questions = load_questions(opts.data, opts.categories, opts.limit)
+    if not questions:
+        raise AdaspecError("no questions selected")
+    gen = opts.generation
+    config = {
+        "data": str(opts.data), "categories": opts.categories, "limit": opts.limit, "methods": labels,
+        "target": opts.target or "smollm2", "drafter": opts.drafter or "lookup", "dtype": opts.dtype,
+        "chat": opts.chat, "max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature,
+        "top_k": gen.sampling.top_k, "top_p": gen.sampling.top_p, "seed": gen.seed,
+        "questions": len(questions),
+    }
+    opts.out.mkdir(parents=True, exist_ok=True)
+    records_path = opts.out / "records.jsonl"
+    config_path = opts.out / "config.json"
+    if records_path.exists() and config_path.exists():
+        previous = json.loads(config_path.read_text())
+        if previous != config:
+            raise AdaspecError(f"{opts.out} holds a run with another configuration; choose a new --out")
+    config_path.write_text(json.dumps(config, indent=2))
+    done = {(r["question_id"], r["method"]) for r in load_records(records_path)} if records_path.exists() else set()
+
+    console.print(f"loading target {config['target']} ({opts.dtype})")
+    target = load_model(opts.target, opts.dtype)
+    drafter = load_drafter(opts.drafter, target, opts.dtype)
+    runners = [build_runner(s, target, drafter, gen) for s in specs]
+
+    # warm-up: every method once on a short prompt, not recorded
+    warm = encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat)[:64]
+    for runner in runners:
+        runner(warm, GenerationConfig(max_new_tokens=8, sampling=gen.sampling, seed=gen.seed))
+
+    skipped: list[dict] = []
+    todo = [(qi, q) for qi, q in enumerate(questions)]
+    total = sum(1 for _, q in todo for s in specs if (q.question_id, s.label) not in done)
+    columns = (TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=console) as progress, records_path.open("a") as sink:
+        task = progress.add_task("", total=total)
+        for qi, q in todo:
+            order = runners[qi % len(runners):] + runners[: qi % len(runners)]  # rotate to spread order bias
+            for runner in order:
+                if (q.question_id, runner.label) in done:
+                    continue
+                progress.update(task, description=f"{q.category} #{q.question_id} {runner.label}")
+                try:
+                    record = answer(runner, target, q, gen, opts.chat)
+                except AdaspecError as e:  # e.g. a prompt longer than the context: skipped, and said so
+                    skipped.append({"question_id": q.question_id, "method": runner.label, "error": str(e)})
+                    progress.advance(task)
+                    continue
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                progress.advance(task)
+    for s in skipped:
+        console.print(f"[yellow]skipped[/] #{s['question_id']} {s['method']}: {s['error']}")
+
+    costs = measure_costs(target, drafter, encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat))
+    summary = summarize(load_records(records_path), config)
+    summary["costs"] = costs
+    summary["environment"] = environment()
+    summary["skipped"] = skipped
+    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(summary, load_records(records_path), opts.out)
+    return summary
+
+
+def measure_costs(target: LoadedModel, drafter: LoadedModel | str, prompt: list[int]) -> dict:
+    backend = TorchBackend(target.model)
+    costs = verify_costs(backend, prompt)
+    if isinstance(drafter, LoadedModel):
+        costs.update(drafter_cost(TorchBackend(drafter.model), costs["verify_ms"]["1"], prompt))
+    return costs
+
+

@@ -1,0 +1,46 @@
+"""The command line: bad input gets a one-line error naming the problem, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def adaspec(*args: str) -> subprocess.CompletedProcess:
+    code = "from adaspec.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "hi", "--method", "nope"], "unknown method 'nope'"),
+        (["generate", "hi", "--method", "sd:bogus=1"], "has no option 'bogus'"),
+        (["generate", "hi", "--method", "sd:k=two"], "must be int"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["generate", "hi", "--target", "/no/such/model"], "not found"),
+        (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["bench", "--data", "/no/such.jsonl"], "not found"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(args, message):
+    result = adaspec(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_category_names_the_known_ones(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n')
+    result = adaspec("bench", "--data", str(data), "--categories", "poetry", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "unknown categories ['poetry']" in result.stderr and "qa" in result.stderr
+
+
+def test_malformed_data_line_is_named(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 2, "turns": "oops"}\n')
+    result = adaspec("bench", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "q.jsonl:2" in result.stderr
