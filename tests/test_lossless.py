@@ -21,7 +21,7 @@ from adaspec.sampling import probs_from_logits, sample
 from adaspec.verify import speculative_sampling
 
 V = 8
-N = 2000
+N = 4000
 PROMPT = [1, 2, 3, 1, 2, 4, 5, 1, 2]  # repeats, so prompt lookup proposes drafts
 TOKENS = 3
 

@@ -104,7 +104,7 @@ class HFRunner:
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
         s = config.sampling
         kwargs = dict(do_sample=False) if s.greedy else dict(
-            do_sample=True, temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p)
+            do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)  # top_k 0: off
         if config.stop:
             kwargs.update(stop_strings=list(config.stop), tokenizer=self.target.tokenizer)
         torch.manual_seed(config.seed)  # transformers samples from the global generator

@@ -3,75 +3,104 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 COLUMNS = [
-    ("tokens/s", "tokens_per_s"), ("speedup", "speedup_vs_ar"), ("mean acc.", "mean_accepted"),
-    ("acc. rate", "acceptance_rate"), ("draft len", "mean_draft_len"), ("exact", "exact_match"),
-    ("align.", "alignment"), ("BLEU", "bleu"), ("R-1", "rouge1"), ("R-2", "rouge2"), ("R-L", "rougeL"),
-    ("GSM8K", "gsm8k_acc"),
+    ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("mean accepted", "mean_accepted"),
+    ("acceptance rate", "acceptance_rate"), ("mean draft len", "mean_draft_len"), ("exact match", "exact_match"),
+    ("alignment", "alignment"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"),
+    ("ROUGE-L", "rougeL"), ("GSM8K acc", "gsm8k_acc"),
 ]
+PLOT = Path("plots") / "acceptance_hist.png"
 
 
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+def _fmt(v: object) -> str:
+    return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def acceptance_plot(records: list[dict], path: Path) -> str | None:
-    """Histogram of tokens emitted per target forward for each method with visible steps; None if no matplotlib."""
+def _key_order(key: str) -> tuple[int, float | str]:
     try:
-        import matplotlib
+        return (0, float(key))
+    except ValueError:
+        return (1, key)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    emitted: dict[str, list[int]] = {}
+
+def _costs(costs: dict) -> list[str]:
+    """Per-size entries ({"verify_ms": {"1": 36.1, ...}}) as one table; scalar entries as bullets."""
+    tables = {k: v for k, v in costs.items() if isinstance(v, dict)}
+    sizes = sorted({n for v in tables.values() for n in v}, key=_key_order)
+    lines = ["## Measured costs", ""]
+    if tables:
+        rows = [[k] + [_fmt(v.get(n)) for n in sizes] for k, v in tables.items()]
+        lines += _table(["positions scored"] + sizes, rows) + [""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in costs.items() if k not in tables]
+    return lines if lines[-1] else lines[:-1]
+
+
+def acceptance_plot(records: list[dict], path: Path) -> bool:
+    """Bar chart of the share of target forwards that emit 1, 2, ... tokens (accepted + 1), one bar group per
+    method that drafts (methods whose steps never draft, like `ar`, would only add a bar at 1). False if
+    there is nothing to plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    emitted: dict[str, Counter[int]] = {}
     for r in records:
-        if r.get("steps"):
-            emitted.setdefault(r["method"], []).extend(s["accepted"] + 1 for s in r["steps"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    top = max((max(v) for v in emitted.values()), default=1)
-    bins = [b - 0.5 for b in range(1, top + 2)]
-    for name, values in emitted.items():
-        ax.hist(values, bins=bins, alpha=0.5, density=True, label=name)
+        if r.get("steps") and any(s["drafted"] for s in r["steps"]):
+            emitted.setdefault(r["method"], Counter()).update(s["accepted"] + 1 for s in r["steps"])
+    if not emitted:
+        return False
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(emitted)
+    top = max(max(c) for c in emitted.values())
+    for i, (name, counts) in enumerate(emitted.items()):
+        total = sum(counts.values())
+        xs = range(1, top + 1)
+        ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], [counts[x] / total for x in xs], width, label=name)
+    ax.set_xticks(range(1, top + 1))
     ax.set_xlabel("tokens emitted per target forward (accepted + 1)")
-    ax.set_ylabel("share of steps")
+    ax.set_ylabel("share of target forwards")
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path.name
+    return True
 
 
 def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
+    """Write out_dir/report.md (config, method table, speedup per category, costs) and the acceptance
+    histogram out_dir/plots/acceptance_hist.png; return the report's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     methods = summary["methods"]
     lines = ["# adaspec bench report", "", "## Configuration", "", "```json",
              json.dumps(summary.get("config", {}), indent=1), "```", "", "## Methods", ""]
     lines += _table(["method"] + [c for c, _ in COLUMNS],
                     [[name] + [_fmt(m.get(k)) for _, k in COLUMNS] for name, m in methods.items()])
-    categories = sorted({c for m in methods.values() for c in m.get("per_category", {})})
+    per_category = {name: m.get("per_category", {}) for name, m in methods.items()}
+    categories = sorted({c for pc in per_category.values() for c in pc})
     lines += ["", "## Speedup vs ar per category", ""]
     lines += _table(["method"] + categories,
-                    [[name] + [_fmt(m["per_category"].get(c, {}).get("speedup_vs_ar")) for c in categories]
-                     for name, m in methods.items()])
-    costs = summary.get("costs")
-    if costs:
-        sizes = list(costs["verify_ms"])
-        lines += ["", f"## Measured costs (context {costs['context_tokens']} tokens)", ""]
-        lines += _table(["positions scored"] + sizes,
-                        [["ms"] + [_fmt(costs["verify_ms"][n]) for n in sizes],
-                         ["ratio to 1"] + [_fmt(costs["verify_ratio"][n]) for n in sizes]])
-        if "drafter_cost_ratio" in costs:
-            lines += ["", f"Drafter: {costs['drafter_step_ms']} ms per drafted token = "
-                          f"{costs['drafter_cost_ratio']} of a target step."]
-    plot = acceptance_plot(records, out_dir / "plots" / "acceptance_hist.png")
+                    [[name] + [_fmt(pc.get(c, {}).get("speedup_vs_ar")) for c in categories]
+                     for name, pc in per_category.items()])
+    if summary.get("costs"):
+        lines += [""] + _costs(summary["costs"])
+    if summary.get("skipped"):
+        lines += ["", "## Skipped", ""] + [f"- #{s['question_id']} {s['method']}: {s['error']}"
+                                           for s in summary["skipped"]]
     lines += ["", "## Acceptance", ""]
-    lines.append(f"![acceptance histogram](plots/{plot})" if plot else "(matplotlib not installed: no plot)")
+    try:
+        plotted = acceptance_plot(records, out_dir / PLOT)
+    except ImportError:
+        lines.append("(matplotlib is not installed: no acceptance histogram; `pip install adaspec[plots]`)")
+    else:
+        lines.append(f"![acceptance histogram]({PLOT.as_posix()})" if plotted
+                     else "(no method shows drafting steps: no acceptance histogram)")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -5,23 +5,58 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaspec.bench.metrics import corpus_bleu, gsm8k_accuracy, rouge
+from adaspec.bench.metrics import ROUGE_KEYS, corpus_bleu, gsm8k_accuracy, rouge
 from adaspec.errors import AdaspecError
 
 BASELINE = "ar"
+REQUIRED = ("question_id", "category", "method", "new_tokens", "wall_s")
+DIGITS = 4  # every float in a summary is rounded to this many decimals
 
 
-def load_records(path: Path) -> list[dict]:
+@dataclass
+class MethodFields:
+    """The fields of one method (or one method on one category) in summary.json."""
+
+    n: int
+    new_tokens: int
+    wall_s: float
+    tokens_per_s: float | None = None
+    speedup_vs_ar: float | None = None  # on the questions `ar` also answered
+    mean_accepted: float | None = None  # tokens emitted per target forward, bonus included
+    acceptance_rate: float | None = None  # accepted / drafted
+    mean_draft_len: float | None = None  # drafted per target forward
+    exact_match: float | None = None  # share of questions whose token_ids equal `ar`'s
+    alignment: float | None = None  # corpus BLEU of text against `ar`'s text, 0-100
+    bleu: float | None = None  # translation, first turn vs reference
+    rouge1: float | None = None  # summarization, first turn vs reference
+    rouge2: float | None = None
+    rougeL: float | None = None
+    gsm8k_acc: float | None = None  # math_reasoning, final number vs reference's
+
+    def to_json(self) -> dict:
+        return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Records from a JSONL file, blank lines skipped; AdaspecError naming the file and line of a bad one."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdaspecError(f"{path}: no such records file; run `adaspec bench --out {path.parent}` first")
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise AdaspecError(f"{path}:{n}: malformed record ({e.msg})") from None
+            raise AdaspecError(f"{path}:{n}: malformed record ({e.msg}); fix or delete the line") from None
+        missing = [k for k in REQUIRED if k not in record] if isinstance(record, dict) else list(REQUIRED)
+        if missing:
+            raise AdaspecError(f"{path}:{n}: record lacks {', '.join(missing)}; fix or delete the line")
+        records.append(record)
     return records
 
 
@@ -38,50 +73,45 @@ def _with_reference(records: list[dict], category: str) -> tuple[list[str], list
     return [_first_turn(r) for r in chosen], [r["reference"][0] for r in chosen]
 
 
-def method_fields(records: list[dict], baseline: dict[object, dict]) -> dict:
-    """Fields for one method's records; `baseline` maps question_id -> the `ar` record (may be empty)."""
+def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFields:
+    """Fields for one method's records; `baseline` maps question_id -> the `ar` record (empty: no `ar`)."""
     new_tokens = sum(r["new_tokens"] for r in records)
     wall = sum(r["wall_s"] for r in records)
-    steps = [s for r in records if r.get("steps") for s in r["steps"]]
     with_steps = [r for r in records if r.get("steps")]
+    steps = [s for r in with_steps for s in r["steps"]]
     drafted = sum(s["drafted"] for s in steps)
-    fields: dict = {
-        "n": len(records),
-        "new_tokens": new_tokens,
-        "wall_s": round(wall, 4),
-        "tokens_per_s": _ratio(new_tokens, wall),
-        "speedup_vs_ar": None,
-        "mean_accepted": _ratio(sum(r["new_tokens"] for r in with_steps), len(steps)),
-        "acceptance_rate": _ratio(sum(s["accepted"] for s in steps), drafted),
-        "mean_draft_len": _ratio(drafted, len(steps)),
-        "exact_match": None,
-        "alignment": None,
-    }
+    fields = MethodFields(
+        n=len(records), new_tokens=new_tokens, wall_s=wall, tokens_per_s=_ratio(new_tokens, wall),
+        mean_accepted=_ratio(sum(r["new_tokens"] for r in with_steps), len(steps)),
+        acceptance_rate=_ratio(sum(s["accepted"] for s in steps), drafted),
+        mean_draft_len=_ratio(drafted, len(steps)),
+    )
     paired = [(r, baseline[r["question_id"]]) for r in records if r["question_id"] in baseline]
     if paired:
-        base_tps = _ratio(sum(b["new_tokens"] for _, b in paired), sum(b["wall_s"] for _, b in paired))
         tps = _ratio(sum(r["new_tokens"] for r, _ in paired), sum(r["wall_s"] for r, _ in paired))
-        fields["speedup_vs_ar"] = _ratio(tps, base_tps) if tps is not None and base_tps else None
-        fields["exact_match"] = sum(r["token_ids"] == b["token_ids"] for r, b in paired) / len(paired)
-        fields["alignment"] = corpus_bleu([r["text"] for r, _ in paired], [b["text"] for _, b in paired])
-    fields["bleu"] = corpus_bleu(*_with_reference(records, "translation"))
-    scores = rouge(*_with_reference(records, "summarization"))
-    fields.update(scores or {"rouge1": None, "rouge2": None, "rougeL": None})
-    fields["gsm8k_acc"] = gsm8k_accuracy(*_with_reference(records, "math_reasoning"))
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in fields.items()}
+        base_tps = _ratio(sum(b["new_tokens"] for _, b in paired), sum(b["wall_s"] for _, b in paired))
+        fields.speedup_vs_ar = _ratio(tps, base_tps) if tps is not None and base_tps is not None else None
+        fields.exact_match = sum(r["token_ids"] == b["token_ids"] for r, b in paired) / len(paired)
+        fields.alignment = corpus_bleu([r["text"] for r, _ in paired], [b["text"] for _, b in paired])
+    fields.bleu = corpus_bleu(*_with_reference(records, "translation"))
+    scores = rouge(*_with_reference(records, "summarization")) or {}
+    fields.rouge1, fields.rouge2, fields.rougeL = (scores.get(k) for k in ROUGE_KEYS)
+    fields.gsm8k_acc = gsm8k_accuracy(*_with_reference(records, "math_reasoning"))
+    return fields
 
 
 def summarize(records: list[dict], config: dict) -> dict:
+    """{"config": config, "methods": {name: fields and "per_category": {category: fields}}} from records."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_method[r["method"]].append(r)
     baseline = {r["question_id"]: r for r in by_method.get(BASELINE, [])}
     methods = {}
     for name, rs in by_method.items():
-        fields = method_fields(rs, baseline)
         by_category: dict[str, list[dict]] = defaultdict(list)
         for r in rs:
             by_category[r["category"]].append(r)
-        fields["per_category"] = {c: method_fields(crs, baseline) for c, crs in sorted(by_category.items())}
-        methods[name] = fields
+        methods[name] = method_fields(rs, baseline).to_json()
+        methods[name]["per_category"] = {c: method_fields(crs, baseline).to_json()
+                                         for c, crs in sorted(by_category.items())}
     return {"config": config, "methods": methods}

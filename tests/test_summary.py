@@ -1,0 +1,182 @@
+"""summary.json from records alone (fields as defined in the design), load_records errors, and report.md."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from adaspec.bench.report import write_report
+from adaspec.bench.summary import load_records, summarize
+from adaspec.errors import AdaspecError
+
+CAT = "the cat sat on the mat with a hat"
+NO_DRAFT = {"drafted": 0, "accepted": 0, "confidence": []}
+
+
+def record(qid, method, tokens, wall, category="qa", steps=None, text=None, reference=None, turns=None):
+    return {"question_id": qid, "category": category, "method": method, "new_tokens": len(tokens), "wall_s": wall,
+            "token_ids": tokens, "text": text or " ".join(map(str, tokens)), "turns": turns, "reference": reference,
+            "steps": steps}
+
+
+def step(drafted, accepted):
+    return {"drafted": drafted, "accepted": accepted, "confidence": [0.9] * drafted}
+
+
+@pytest.fixture
+def records():
+    return [
+        record(1, "ar", [1, 2, 3, 4, 5, 6], 2.0, steps=[NO_DRAFT] * 6),
+        record(2, "ar", [7, 8], 1.0, category="translation", reference=[CAT], text=CAT, steps=[NO_DRAFT] * 2),
+        record(1, "sd", [1, 2, 3, 4, 5, 6], 1.0, steps=[step(4, 3), step(4, 1)]),
+        record(2, "sd", [7, 9], 0.5, category="translation", reference=[CAT], text=CAT + " twice",
+               steps=[step(4, 1)]),
+        record(1, "hf", [1, 2, 3, 4, 5, 6], 1.5),  # a peer: steps not visible
+        record(3, "hf", [1], 1.0),  # a question `ar` did not answer
+    ]
+
+
+def test_speed_fields_follow_their_definitions(records):
+    methods = summarize(records, {"x": 1})["methods"]
+    sd = methods["sd"]
+    assert (sd["n"], sd["new_tokens"], sd["wall_s"]) == (2, 8, 1.5)
+    assert sd["tokens_per_s"] == round(8 / 1.5, 4) == 5.3333
+    assert sd["speedup_vs_ar"] == round((8 / 1.5) / (8 / 3.0), 4) == 2.0
+    assert methods["ar"]["speedup_vs_ar"] == 1.0
+
+
+def test_speedup_uses_only_questions_ar_also_answered(records):
+    hf = summarize(records, {})["methods"]["hf"]
+    assert hf["tokens_per_s"] == round(7 / 2.5, 4)  # all of hf's records
+    assert hf["speedup_vs_ar"] == round((6 / 1.5) / (6 / 2.0), 4) == 1.3333  # question 1 only
+
+
+def test_acceptance_fields_follow_their_definitions(records):
+    methods = summarize(records, {})["methods"]
+    sd = methods["sd"]
+    assert sd["mean_accepted"] == round(8 / 3, 4) == 2.6667  # tokens per target forward
+    assert sd["acceptance_rate"] == round(5 / 12, 4) == 0.4167
+    assert sd["mean_draft_len"] == 4.0
+    ar = methods["ar"]
+    assert ar["mean_accepted"] == 1.0 and ar["mean_draft_len"] == 0.0
+    assert ar["acceptance_rate"] is None  # nothing drafted
+
+
+def test_peer_without_steps_has_null_acceptance_fields(records):
+    hf = summarize(records, {})["methods"]["hf"]
+    assert hf["mean_accepted"] is None and hf["acceptance_rate"] is None and hf["mean_draft_len"] is None
+
+
+def test_exact_match_and_alignment_compare_with_ar(records):
+    methods = summarize(records, {})["methods"]
+    assert methods["sd"]["exact_match"] == 0.5
+    assert methods["hf"]["exact_match"] == 1.0
+    assert methods["ar"]["exact_match"] == 1.0 and methods["ar"]["alignment"] == pytest.approx(100)
+    assert 0 < methods["sd"]["alignment"] < 100
+
+
+def test_task_quality_only_where_the_category_has_references(records):
+    methods = summarize(records, {})["methods"]
+    assert methods["ar"]["bleu"] == pytest.approx(100)
+    assert 0 < methods["sd"]["bleu"] < 100
+    assert methods["hf"]["bleu"] is None  # no translation record
+    for name in ("ar", "sd", "hf"):
+        m = methods[name]
+        assert m["rouge1"] is None and m["rouge2"] is None and m["rougeL"] is None and m["gsm8k_acc"] is None
+
+
+def test_task_quality_scores_the_first_turn_against_the_first_reference():
+    records = [
+        record(1, "ar", [1], 1.0, category="summarization", text="x", turns=["the cat sat", "more"],
+               reference=["the cat sat", "other"]),
+        record(2, "ar", [1], 1.0, category="math_reasoning", text="so 6\n\nthen 9", turns=["so 6", "then 9"],
+               reference=["#### 6", "#### 9"]),
+        record(3, "ar", [1], 1.0, category="math_reasoning", text="it is 4", reference=["#### 5"]),
+        record(4, "ar", [1], 1.0, category="math_reasoning", text="7"),  # no reference: not scored
+    ]
+    ar = summarize(records, {})["methods"]["ar"]
+    assert (ar["rouge1"], ar["rouge2"], ar["rougeL"]) == (100.0, 100.0, 100.0)
+    assert ar["gsm8k_acc"] == 0.5
+    assert ar["bleu"] is None
+
+
+def test_per_category_has_the_same_fields(records):
+    summary = summarize(records, {"x": 1})
+    assert summary["config"] == {"x": 1}
+    sd = summary["methods"]["sd"]
+    assert set(sd["per_category"]) == {"qa", "translation"}
+    assert set(sd["per_category"]["qa"]) == set(sd) - {"per_category"}
+    assert sd["per_category"]["qa"]["exact_match"] == 1.0
+    assert sd["per_category"]["translation"]["exact_match"] == 0.0
+    assert sd["per_category"]["qa"]["speedup_vs_ar"] == 2.0  # 6/1.0 vs 6/2.0
+    assert sd["per_category"]["qa"]["bleu"] is None
+    assert summary["methods"]["hf"]["per_category"]["qa"]["n"] == 2
+
+
+def test_summary_without_ar_has_no_comparisons():
+    sd = summarize([record(1, "sd", [1, 2], 1.0, steps=[step(2, 1)])], {})["methods"]["sd"]
+    assert sd["speedup_vs_ar"] is None and sd["exact_match"] is None and sd["alignment"] is None
+    assert sd["mean_accepted"] == 2.0
+
+
+def test_summary_is_json_serialisable(records):
+    summary = summarize(records, {})
+    assert json.loads(json.dumps(summary)) == summary
+
+
+def test_load_records_reads_jsonl_and_skips_blank_lines(tmp_path, records):
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n\n")
+    assert load_records(path) == records[:2]
+    assert load_records(str(path)) == records[:2]
+
+
+def test_load_records_names_file_and_line_of_malformed_json(tmp_path, records):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(records[0]) + "\n{oops\n")
+    with pytest.raises(AdaspecError, match=r"records\.jsonl:2: malformed record"):
+        load_records(path)
+
+
+def test_load_records_names_missing_fields(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"question_id": 1}\n')
+    with pytest.raises(AdaspecError, match=r"records\.jsonl:1: record lacks category, method"):
+        load_records(path)
+
+
+def test_load_records_of_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(AdaspecError, match="no such records file"):
+        load_records(tmp_path / "records.jsonl")
+
+
+def test_report_has_tables_costs_and_histogram(tmp_path, records):
+    summary = summarize(records, {"target": "smollm2"})
+    summary["costs"] = {"verify_ms": {"1": 36.1, "6": 57.6}, "verify_ratio": {"6": 1.6}, "context_tokens": 40}
+    path = write_report(summary, records, tmp_path / "run")
+    text = path.read_text()
+    assert path == tmp_path / "run" / "report.md"
+    assert '"target": "smollm2"' in text
+    assert "| sd | 5.33 | 2.00 | 2.67 | 0.42 | 4.00 | 0.50 |" in text
+    assert "| hf | 2.80 | 1.33 | – | – | – |" in text
+    assert "| method | qa | translation |" in text and "| hf | 1.33 | – |" in text
+    assert "| verify_ms | 36.10 | 57.60 |" in text and "| verify_ratio | – | 1.60 |" in text
+    assert "- context_tokens: 40" in text
+    assert "](plots/acceptance_hist.png)" in text
+    assert (tmp_path / "run" / "plots" / "acceptance_hist.png").stat().st_size > 1000
+
+
+def test_report_without_drafting_methods_has_no_histogram(tmp_path):
+    records = [record(1, "ar", [1, 2], 1.0, steps=[NO_DRAFT] * 2), record(1, "hf", [1, 2], 0.5)]
+    text = write_report(summarize(records, {}), records, tmp_path).read_text()
+    assert "no acceptance histogram" in text and "Measured costs" not in text
+    assert not (tmp_path / "plots").exists()
+
+
+def test_report_without_matplotlib_says_so(tmp_path, records, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # importing it now raises ImportError
+    text = write_report(summarize(records, {}), records, tmp_path).read_text()
+    assert "matplotlib is not installed" in text and "| sd |" in text
+    assert not (tmp_path / "plots").exists()
