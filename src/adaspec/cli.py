@@ -149,6 +149,27 @@ def make_drafter(
     Console().print(f"wrote a {layers}-layer drafter to {path}; use it with --drafter {path}")
 
 
+@app.command("distill-data")
+def distill_data(
+    out: Annotated[Path, typer.Option(help="work directory (resumable JSONL files)")] = Path(
+        "~/.cache/adaspec/train/smollm2"),
+    seed: int = DEFAULT_SEED,
+    direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = 4000,
+    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 600,
+    batch_size: int = 32,
+    max_new_tokens: MaxNew = 192,
+    target: Target = None,
+) -> None:
+    """Self-distillation data: the target's greedy bf16 answers to synthetic (never Spec-Bench) prompts."""
+    from adaspec.models import load_model
+    from adaspec.train.data import build_corpus, count_lines
+
+    paths = build_corpus(load_model(target, "bfloat16"), out.expanduser(), seed, direct, passages, batch_size,
+                         max_new_tokens)
+    for p in paths:
+        Console().print(f"{p}: {count_lines(p)} rows")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
