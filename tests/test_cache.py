@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import random_prompt, tiny_backend
 
+from adaspec.backends import TorchBackend
 from adaspec.cache import crop_cache
 
 
@@ -55,3 +56,15 @@ def test_reset_empties_the_cache(backend):
     backend.extend(random_prompt(3, length=4))
     backend.reset()
     assert backend.tokens == [] and backend.cache.get_seq_length() == 0
+
+
+def test_reduced_vocab_head_scores_only_its_rows():
+    model = tiny_backend(0).model
+    vocab = [2, 5, 9, 30]
+    reduced = TorchBackend(model, vocab)
+    full = TorchBackend(model)
+    ids = random_prompt(4, length=6)
+    r, f = reduced.extend(ids, keep=2), full.extend(ids, keep=2)
+    assert torch.allclose(r[:, vocab], f[:, vocab], atol=1e-5)
+    others = [i for i in range(64) if i not in vocab]
+    assert torch.isinf(r[:, others]).all()

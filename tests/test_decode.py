@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import random_prompt, tiny_backend, tiny_llama
 
+from adaspec.backends import TorchBackend
 from adaspec.config import GenerationConfig, SamplingConfig
 from adaspec.decode import StopCriteria, generate
 from adaspec.drafters import ModelDrafter, PromptLookupDrafter
@@ -24,7 +25,8 @@ def target():
 def drafters():
     # a drafter that agrees often (the target's own weights, shallower) and one that is unrelated
     return {"lookup": PromptLookupDrafter(), "unrelated": ModelDrafter(tiny_backend(1, layers=1, scale=8.0)),
-            "self": ModelDrafter(tiny_backend(0, scale=8.0))}
+            "self": ModelDrafter(tiny_backend(0, scale=8.0)),
+            "reduced": ModelDrafter(TorchBackend(tiny_llama(0, scale=8.0), vocab_ids=list(range(0, 64, 2))))}
 
 
 def assert_step_accounting(result) -> None:
@@ -35,7 +37,7 @@ def assert_step_accounting(result) -> None:
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
-@pytest.mark.parametrize("name", ["lookup", "unrelated", "self"])
+@pytest.mark.parametrize("name", ["lookup", "unrelated", "self", "reduced"])
 def test_greedy_sd_equals_ar_token_for_token(target, drafters, name, k):
     for seed in range(12):
         prompt = random_prompt(seed)

@@ -142,7 +142,7 @@ def build_runner(
         if chosen == LOOKUP:
             d: Drafter = PromptLookupDrafter(max_ngram=int(spec.get("ngram")))
         elif isinstance(chosen, LoadedModel):
-            d = ModelDrafter(TorchBackend(chosen.model), chosen.name)
+            d = ModelDrafter(TorchBackend(chosen.model, chosen.draft_vocab), chosen.name)
         else:
             raise AdaspecError(f"sd:drafter={chosen} is unknown; use --drafter PATH for a model, or 'lookup'")
         k = int(spec.get("k"))

