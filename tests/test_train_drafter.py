@@ -49,3 +49,17 @@ def test_sequences_keep_the_end_of_the_prompt_and_frequent_tokens_include_eos():
     assert sequences(rows, 6) == [([7, 8, 9, 7, 7, 8], 3)]
     assert frequent_tokens(rows, 2, {2}) == [2, 7]
     assert frequent_tokens(rows, 1, {2}) == [2]
+
+
+def test_training_report_measures_acceptance_and_plots(tmp_path: Path):
+    from adaspec.train.report import acceptance_at_k, write_training_report
+
+    target = LoadedModel("tiny", tmp_path, tiny_llama(0, scale=8.0), None)
+    same = LoadedModel("same", tmp_path, tiny_llama(0, scale=8.0), None)  # identical weights: all accepted
+    result = acceptance_at_k(target, same, [[5, 6, 7], [9, 9, 1]], k=5, max_new_tokens=13)
+    assert result["acceptance_rate"] == 1.0 and result["tokens_per_forward"] > 4
+    report = {"config": {"steps": 2}, "train_rows": 9, "heldout_rows": 1, "vocab": 48, "acceptance": result,
+              "history": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "heldout_top1": 0.5}]}
+    text = write_training_report(tmp_path, report).read_text()
+    assert "held-out top-1 agreement with the target: 0.5" in text and "tokens per target forward" in text
+    assert (tmp_path / "loss.png").stat().st_size > 1000

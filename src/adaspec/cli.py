@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -168,6 +169,44 @@ def distill_data(
                          max_new_tokens)
     for p in paths:
         Console().print(f"{p}: {count_lines(p)} rows")
+
+
+@app.command("train-drafter")
+def train_drafter_cmd(
+    out: Annotated[Path, typer.Option(help="run directory: checkpoint, model/, report.md")] = Path(
+        "runs/drafter"),
+    data: Annotated[Path, typer.Option(help="distill-data work directory (generated first if empty)")] = Path(
+        "~/.cache/adaspec/train/smollm2"),
+    layers: Annotated[str, typer.Option(help="target layers to copy, e.g. 0,1 or 0,-1")] = "0,1",
+    vocab: Annotated[int, typer.Option(help="reduced head size")] = 8192,
+    steps: int = 2000,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    lr: float = 5e-4,
+    seed: int = DEFAULT_SEED,
+    target: Target = None,
+) -> None:
+    """Distil a standalone drafter from the target on its own outputs (resumable), then report."""
+    from adaspec.models import encode_prompt, load_model
+    from adaspec.train.data import build_corpus, read_corpus
+    from adaspec.train.drafter import DrafterTrainConfig, split_rows, train_drafter
+    from adaspec.train.report import acceptance_at_k, write_training_report
+
+    try:
+        picks = tuple(int(x) for x in layers.split(","))
+    except ValueError:
+        raise AdaspecError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    config = DrafterTrainConfig(layers=picks, vocab=vocab, seq_len=seq_len, batch_size=batch_size, lr=lr,
+                                steps=steps, seed=seed)
+    paths = build_corpus(load_model(target, "bfloat16"), data.expanduser(), seed)
+    rows = [r for p in paths[1:] for r in read_corpus(p)]  # direct and context answers (passages are inputs)
+    model = load_model(target)
+    report = train_drafter(model, rows, out, config, log=err.print)
+    drafter = load_model(str(out / "model"))
+    held_prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r in split_rows(rows, config)[1][:20]]
+    report["acceptance"] = acceptance_at_k(model, drafter, held_prompts)
+    (out / "train_report.json").write_text(json.dumps(report, indent=1))
+    Console().print(f"report: {write_training_report(out, report)}")
 
 
 def main() -> None:

@@ -104,15 +104,20 @@ def batch_loss(draft: PreTrainedModel, batch: list[tuple[list[int], int]], head:
     return loss, correct.sum(), int(valid.sum())
 
 
+def split_rows(rows: list[dict], config: DrafterTrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train, held-out), the same for the same rows and seed whatever order the rows come in."""
+    rows = sorted(rows, key=lambda r: (r["prompt"], r["completion_ids"]))
+    random.Random(config.seed).shuffle(rows)
+    n_hold = max(1, int(len(rows) * config.holdout))
+    return rows[n_hold:], rows[:n_hold]
+
+
 def train_drafter(target: LoadedModel, rows: list[dict], out: Path, config: DrafterTrainConfig,
                   log=print) -> dict:
     """Train, checkpoint to out/checkpoint.pt every eval (resumable), save the drafter and a report dict."""
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    rows = sorted(rows, key=lambda r: r["prompt"])
-    rng.shuffle(rows)
-    n_hold = max(1, int(len(rows) * config.holdout))
-    held, train = rows[:n_hold], rows[n_hold:]
+    rng = random.Random(config.seed + 1)
+    train, held = split_rows(rows, config)
     vocab = frequent_tokens(train, config.vocab, set(target.eos_ids))
     remap = torch.full((target.model.config.vocab_size,), -100, dtype=torch.long)  # out-of-vocab: not counted
     remap[torch.tensor(vocab)] = torch.arange(len(vocab))
