@@ -150,10 +150,16 @@ def make_drafter(
     Console().print(f"wrote a {layers}-layer drafter to {path}; use it with --drafter {path}")
 
 
+def default_data_dir(target_name: str) -> Path:
+    from adaspec.models import cache_root
+
+    return cache_root() / "train" / target_name
+
+
 @app.command("distill-data")
 def distill_data(
-    out: Annotated[Path, typer.Option(help="work directory (resumable JSONL files)")] = Path(
-        "~/.cache/adaspec/train/smollm2"),
+    out: Annotated[Path | None, typer.Option(help="work directory of resumable JSONL files "
+                                                   "[default: <cache>/train/<target>]")] = None,
     seed: int = DEFAULT_SEED,
     direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = 4000,
     passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 600,
@@ -165,8 +171,9 @@ def distill_data(
     from adaspec.models import load_model
     from adaspec.train.data import build_corpus, count_lines
 
-    paths = build_corpus(load_model(target, "bfloat16"), out.expanduser(), seed, direct, passages, batch_size,
-                         max_new_tokens)
+    model = load_model(target, "bfloat16")
+    paths = build_corpus(model, (out or default_data_dir(model.name)).expanduser(), seed, direct, passages,
+                         batch_size, max_new_tokens)
     for p in paths:
         Console().print(f"{p}: {count_lines(p)} rows")
 
@@ -175,8 +182,8 @@ def distill_data(
 def train_drafter_cmd(
     out: Annotated[Path, typer.Option(help="run directory: checkpoint, model/, report.md")] = Path(
         "runs/drafter"),
-    data: Annotated[Path, typer.Option(help="distill-data work directory (generated first if empty)")] = Path(
-        "~/.cache/adaspec/train/smollm2"),
+    data: Annotated[Path | None, typer.Option(help="distill-data work directory, generated or resumed first "
+                                                    "[default: <cache>/train/<target>]")] = None,
     layers: Annotated[str, typer.Option(help="target layers to copy, e.g. 0,1 or 0,-1")] = "0,1",
     vocab: Annotated[int, typer.Option(help="reduced head size")] = 8192,
     steps: int = 2000,
@@ -198,7 +205,9 @@ def train_drafter_cmd(
         raise AdaspecError(f"--layers must be comma-separated integers, got {layers!r}") from None
     config = DrafterTrainConfig(layers=picks, vocab=vocab, seq_len=seq_len, batch_size=batch_size, lr=lr,
                                 steps=steps, seed=seed)
-    paths = build_corpus(load_model(target, "bfloat16"), data.expanduser(), seed)
+    generator = load_model(target, "bfloat16")
+    paths = build_corpus(generator, (data or default_data_dir(generator.name)).expanduser(), seed)
+    del generator
     rows = [r for p in paths[1:] for r in read_corpus(p)]  # direct and context answers (passages are inputs)
     model = load_model(target)
     report = train_drafter(model, rows, out, config, log=err.print)
