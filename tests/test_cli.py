@@ -23,6 +23,8 @@ def adaspec(*args: str) -> subprocess.CompletedProcess:
         (["generate", "hi", "--target", "/no/such/model"], "not found"),
         (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["bench", "--data", "/no/such.jsonl"], "not found"),
+        (["train-drafter", "--layers", "first,last"], "--layers must be comma-separated integers"),
+        (["make-drafter", "--out", "/tmp/adaspec-never", "--layers", "30"], "--layers must be in 1..29"),
     ],
 )
 def test_bad_input_gets_a_clear_error(args, message):
