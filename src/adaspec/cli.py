@@ -162,7 +162,7 @@ def distill_data(
                                                    "[default: <cache>/train/<target>]")] = None,
     seed: int = DEFAULT_SEED,
     direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = 4000,
-    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 600,
+    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 300,
     batch_size: int = 32,
     max_new_tokens: MaxNew = 192,
     target: Target = None,

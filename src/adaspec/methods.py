@@ -138,17 +138,11 @@ def build_runner(
     if spec.name == "ar":
         return EngineRunner(spec.label, TorchBackend(target.model), stop)
     if spec.name == "sd":
-        chosen = spec.get("drafter") or drafter or DEFAULT_DRAFTER
-        if chosen == LOOKUP:
-            d: Drafter = PromptLookupDrafter(max_ngram=int(spec.get("ngram")))
-        elif isinstance(chosen, LoadedModel):
-            d = ModelDrafter(TorchBackend(chosen.model, chosen.draft_vocab), chosen.name)
-        else:
-            raise AdaspecError(f"sd:drafter={chosen} is unknown; use --drafter PATH for a model, or 'lookup'")
         k = int(spec.get("k"))
         if k < 1:
             raise AdaspecError(f"sd:k must be >= 1, got {k}")
-        return EngineRunner(spec.label, TorchBackend(target.model), stop, d, k)
+        backend = TorchBackend(target.model)
+        return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend), k)
     eos = stop.eos_ids
     if spec.name == "hf":
         return HFRunner(spec.label, target, eos)
@@ -163,6 +157,19 @@ def build_runner(
         extra = {"prompt_lookup_num_tokens": int(spec.get("k")), "max_matching_ngram_size": int(spec.get("ngram"))}
         return HFRunner(spec.label, target, eos, extra)
     raise AssertionError(spec.name)
+
+
+def make_drafter(spec: MethodSpec, drafter: LoadedModel | str | None, target: TorchBackend) -> Drafter:
+    """The drafter a method drafts with: its own `drafter=` option, else --drafter, else the default.
+    `target` is the method's target backend (drafters that read the target's hidden states need it)."""
+    chosen = spec.get("drafter") if "drafter" in OPTIONS[spec.name] else None
+    chosen = chosen or drafter or DEFAULT_DRAFTER
+    if chosen == LOOKUP:
+        ngram = int(spec.get("ngram")) if "ngram" in OPTIONS[spec.name] else 3
+        return PromptLookupDrafter(max_ngram=ngram)
+    if isinstance(chosen, LoadedModel):
+        return ModelDrafter(TorchBackend(chosen.model, chosen.draft_vocab), chosen.name)
+    raise AdaspecError(f"{spec.name}:drafter={chosen} is unknown; use --drafter PATH for a model, or 'lookup'")
 
 
 def load_drafter(spec: str | None, target: LoadedModel, dtype: str) -> LoadedModel | str:

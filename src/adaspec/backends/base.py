@@ -50,6 +50,7 @@ class Backend(ABC):
                 f"sequence of {len(self.tokens) + len(ids)} tokens exceeds the model context of "
                 f"{self.max_context}; shorten the prompt or lower --max-new-tokens"
             )
+        self.hidden_start = len(self.tokens)  # position of ids[0], for backends that keep hidden states
         logits = self._forward(torch.tensor([ids], dtype=torch.long), keep)  # [1, keep, V]
         self.tokens.extend(ids)
         return logits[0]
@@ -59,13 +60,13 @@ class Backend(ABC):
         return logits [keep, V] of the last `keep` positions of `ids`."""
         n = len(self.tokens)
         if not (n <= len(ids) and ids[:n] == self.tokens):
-            n = _common_prefix(self.tokens, ids)
+            n = common_prefix(self.tokens, ids)
         n = min(n, len(ids) - keep)
         self.rollback(n)
         return self.extend(ids[n:], keep)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

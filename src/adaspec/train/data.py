@@ -73,14 +73,17 @@ def generate_corpus(model: LoadedModel, prompts: list[Prompt], path: Path, batch
     return path
 
 
-def build_corpus(model: LoadedModel, workdir: Path, seed: int = 0, direct: int = 4000, passages: int = 600,
+PASSAGE_TOKENS = 256  # longer passages cost more than they teach: batched generation slows with length
+
+
+def build_corpus(model: LoadedModel, workdir: Path, seed: int = 0, direct: int = 4000, passages: int = 300,
                  batch_size: int = 32, max_new_tokens: int = 192) -> list[Path]:
     """Round 1: passages written by the target; round 2: direct prompts, then summarization/RAG prompts over
     the round-1 passages. Each round is a resumable JSONL in `workdir`."""
     from adaspec.train.prompts import context_prompts, direct_prompts, passage_prompts
 
     first = generate_corpus(model, passage_prompts(passages, seed), workdir / "passages.jsonl", batch_size,
-                            max_new_tokens=384, label="passages")
+                            max_new_tokens=PASSAGE_TOKENS, label="passages")
     written = [(r["prompt"], model.tokenizer.decode(r["completion_ids"], skip_special_tokens=True).strip())
                for r in read_corpus(first)]
     unique = list({p.text: p for p in direct_prompts(direct, seed)}.values())  # first occurrence of each text
