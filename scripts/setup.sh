@@ -5,8 +5,8 @@
 # Idempotent: a second run only checks. Set ADASPEC_TORCH to choose another torch requirement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="plots"
-[[ "${1:-}" == "--dev" ]] && extras="plots,dev"
+extras="plots,serve"
+[[ "${1:-}" == "--dev" ]] && extras="plots,serve,dev"
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 # torch first, pinned, so that the package's `torch>=2.4` does not pull a multi-GB CUDA build

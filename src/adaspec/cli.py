@@ -218,6 +218,45 @@ def train_drafter_cmd(
     Console().print(f"report: {write_training_report(out, report)}")
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: int = 8000,
+    method: Annotated[str, typer.Option(help="default method spec; a request's `speculative` overrides it")] = "sd",
+    target: Target = None,
+    drafter: Drafter = None,
+    dtype: Dtype = "float32",
+    queue_size: Annotated[int | None, typer.Option(help="waiting requests; more get 429", show_default="64")] = None,
+    timeout: Annotated[float | None, typer.Option(help="s per request, queue included", show_default="300")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="when a request gives none", show_default="128")] = None,
+    drain: Annotated[float | None, typer.Option(help="shutdown grace for in-flight work, s", show_default="30")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads", show_default="torch's")] = None,
+    log_level: str = "info",
+) -> None:
+    """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE too), /v1/models, /health, /metrics."""
+    try:
+        from adaspec.server import ServerOptions, create_app, make_server
+    except ModuleNotFoundError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        install = "pip install 'adaspec\\[serve]'"  # the backslash keeps rich from reading [serve] as markup
+        raise AdaspecError(f"`adaspec serve` needs {e.name}, which is not installed: {install}") from None
+    from adaspec.methods import load_drafter, parse_method
+    from adaspec.models import load_model
+
+    parse_method(method)  # a bad spec fails before the model loads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    given = dict(queue_size=queue_size, timeout_s=timeout, max_tokens=max_tokens, drain_s=drain)
+    options = ServerOptions(**{k: v for k, v in given.items() if v is not None})
+    model = load_model(target, dtype)
+    server = make_server(create_app(model, method, load_drafter(drafter, model, dtype), options), host, port, log_level)
+    err.print(f"serving {model.name} ({method}) on http://{host}:{port}/v1")
+    server.run()
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
