@@ -24,7 +24,7 @@ from adaspec.train.eagle import (
 def make_head(model, seed: int = 0) -> EagleHead:
     torch.manual_seed(seed)
     head = EagleHead(EagleConfig.from_target(model.config))
-    head.init_from_layer(model.model.layers[-1])
+    head.init_from_target(model)
     return head.eval()
 
 

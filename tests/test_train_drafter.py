@@ -63,3 +63,26 @@ def test_training_report_measures_acceptance_and_plots(tmp_path: Path):
     text = write_training_report(tmp_path, report).read_text()
     assert "held-out top-1 agreement with the target: 0.5" in text and "tokens per target forward" in text
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_compact_standalone_round_trips_with_the_target_embeddings(tmp_path: Path):
+    import torch
+
+    from adaspec.drafters.shipped import is_standalone_dir, load_standalone, save_standalone
+    from adaspec.train.drafter import init_drafter
+
+    target = LoadedModel("tiny", tmp_path, tiny_llama(0, layers=3), None)
+    target.model.config.tie_word_embeddings = True
+    target.model.tie_weights()
+    draft = init_drafter(target.model, (0, -1))
+    with torch.no_grad():
+        draft.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # trained: no longer the target's layer
+    save_standalone(draft, [1, 2, 3], tmp_path / "compact")
+    assert is_standalone_dir(tmp_path / "compact")
+    assert "embed_tokens" not in (tmp_path / "compact" / "model.safetensors").read_bytes()[:4096].decode("latin1")
+    loaded = load_standalone(tmp_path / "compact", target)
+    assert loaded.draft_vocab == [1, 2, 3]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want, got = draft(ids).logits, loaded.model(ids).logits
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)  # bf16 storage of the layers

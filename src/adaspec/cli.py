@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -161,17 +162,18 @@ def distill_data(
     out: Annotated[Path | None, typer.Option(help="work directory of resumable JSONL files "
                                                    "[default: <cache>/train/<target>]")] = None,
     seed: int = DEFAULT_SEED,
-    direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = 4000,
-    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 300,
+    direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = 1000,
+    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 120,
     batch_size: int = 32,
-    max_new_tokens: MaxNew = 192,
+    max_new_tokens: MaxNew = 160,
     target: Target = None,
 ) -> None:
-    """Self-distillation data: the target's greedy bf16 answers to synthetic (never Spec-Bench) prompts."""
+    """Self-distillation data: the target's greedy answers to synthetic (never Spec-Bench) prompts, and its
+    hidden states at every position (for the EAGLE-style head)."""
     from adaspec.models import load_model
-    from adaspec.train.data import build_corpus, count_lines
+    from adaspec.train.data import build_corpus, count_lines, fastest_dtype
 
-    model = load_model(target, "bfloat16")
+    model = load_model(target, fastest_dtype())
     paths = build_corpus(model, (out or default_data_dir(model.name)).expanduser(), seed, direct, passages,
                          batch_size, max_new_tokens)
     for p in paths:
@@ -180,42 +182,79 @@ def distill_data(
 
 @app.command("train-drafter")
 def train_drafter_cmd(
-    out: Annotated[Path, typer.Option(help="run directory: checkpoint, model/, report.md")] = Path(
+    out: Annotated[Path, typer.Option(help="run directory: eagle/ and small/ (checkpoint, model, report)")] = Path(
         "runs/drafter"),
     data: Annotated[Path | None, typer.Option(help="distill-data work directory, generated or resumed first "
                                                     "[default: <cache>/train/<target>]")] = None,
-    layers: Annotated[str, typer.Option(help="target layers to copy, e.g. 0,1 or 0,-1")] = "0,1",
+    kind: Annotated[str, typer.Option(help="eagle (head over the target's hidden states), small (standalone "
+                                           "model) or both")] = "both",
     vocab: Annotated[int, typer.Option(help="reduced head size")] = 8192,
-    steps: int = 2000,
+    epochs: Annotated[float, typer.Option(help="EAGLE head: passes over the corpus")] = 2.0,
+    depth: Annotated[int, typer.Option(help="EAGLE head: drafting steps unrolled in training")] = 3,
+    layers: Annotated[str, typer.Option(help="small: target layers to copy, e.g. 0,1 or 0,-1")] = "0,-1",
+    steps: Annotated[int, typer.Option(help="small: optimizer steps")] = 150,
     batch_size: int = 8,
     seq_len: int = 512,
-    lr: float = 5e-4,
+    direct: Annotated[int, typer.Option(help="data: direct prompts (before removing repeats)")] = 1000,
+    passages: Annotated[int, typer.Option(help="data: passages for summarization/RAG prompts")] = 120,
     seed: int = DEFAULT_SEED,
     target: Target = None,
+    ship: Annotated[Path | None, typer.Option(help="also write the compact artifacts to SHIP/<kind>")] = None,
 ) -> None:
-    """Distil a standalone drafter from the target on its own outputs (resumable), then report."""
+    """Distil drafters from the target on its own outputs: data (resumable), training (checkpointed), report."""
+    import time
+
+    from adaspec.drafters.eagle import EagleArtifact
+    from adaspec.drafters.shipped import load_standalone, save_standalone
     from adaspec.models import encode_prompt, load_model
-    from adaspec.train.data import build_corpus, read_corpus
+    from adaspec.train.data import CORPUS_BATCH, build_corpus, fastest_dtype, load_corpus
     from adaspec.train.drafter import DrafterTrainConfig, split_rows, train_drafter
+    from adaspec.train.eagle import EagleTrainConfig, items_from_corpus, train_eagle
     from adaspec.train.report import acceptance_at_k, write_training_report
 
+    kinds = {"both": ("eagle", "small"), "eagle": ("eagle",), "small": ("small",)}.get(kind)
+    if kinds is None:
+        raise AdaspecError(f"--kind must be eagle, small or both, got {kind!r}")
     try:
         picks = tuple(int(x) for x in layers.split(","))
     except ValueError:
         raise AdaspecError(f"--layers must be comma-separated integers, got {layers!r}") from None
-    config = DrafterTrainConfig(layers=picks, vocab=vocab, seq_len=seq_len, batch_size=batch_size, lr=lr,
-                                steps=steps, seed=seed)
-    generator = load_model(target, "bfloat16")
-    paths = build_corpus(generator, (data or default_data_dir(generator.name)).expanduser(), seed)
+    t0 = time.time()
+    generator = load_model(target, fastest_dtype())
+    paths = build_corpus(generator, (data or default_data_dir(generator.name)).expanduser(), seed, direct, passages)
     del generator
-    rows = [r for p in paths[1:] for r in read_corpus(p)]  # direct and context answers (passages are inputs)
+    rows, feats = load_corpus(paths, CORPUS_BATCH)
+    err.print(f"corpus: {len(rows)} rows, {sum(len(r['completion_ids']) for r in rows)} completion tokens "
+              f"({(time.time() - t0) / 60:.1f} min so far)")
     model = load_model(target)
-    report = train_drafter(model, rows, out, config, log=err.print)
-    drafter = load_model(str(out / "model"))
-    held_prompts = [encode_prompt(model.tokenizer, r["prompt"]) for r in split_rows(rows, config)[1][:20]]
-    report["acceptance"] = acceptance_at_k(model, drafter, held_prompts)
-    (out / "train_report.json").write_text(json.dumps(report, indent=1))
-    Console().print(f"report: {write_training_report(out, report)}")
+    for name in kinds:
+        t1 = time.time()
+        run = out / name
+        if name == "eagle":
+            config = EagleTrainConfig(vocab=vocab, depth=depth, epochs=epochs, batch_size=batch_size,
+                                      seq_len=seq_len, seed=seed)
+            report = train_eagle(model, rows, items_from_corpus(rows, feats, seq_len), run, config, log=err.print)
+            drafter = EagleArtifact.load(run / "model")
+        else:
+            config = DrafterTrainConfig(layers=picks, vocab=vocab, seq_len=seq_len, batch_size=batch_size,
+                                        steps=steps, seed=seed)
+            report = train_drafter(model, rows, run, config, log=err.print)
+            trained = load_model(str(run / "model"))
+            save_standalone(trained.model, trained.draft_vocab or [], run / "compact")
+            drafter = load_standalone(run / "compact", model)
+        report["minutes"] = (time.time() - t1) / 60
+        held = [encode_prompt(model.tokenizer, r["prompt"]) for r in split_rows(rows, config)[1][:20]]
+        report["acceptance"] = acceptance_at_k(model, drafter, held)
+        report["total_minutes"] = (time.time() - t0) / 60
+        (run / "train_report.json").write_text(json.dumps(report, indent=1))
+        Console().print(f"{name}: report {write_training_report(run, report)}; "
+                        f"{report['acceptance']['tokens_per_forward']:.2f} tokens per target forward at k=5")
+        if ship is not None:
+            source = run / ("model" if name == "eagle" else "compact")
+            shutil.copytree(source, ship / name, dirs_exist_ok=True)
+            shutil.copy(run / "report.md", ship / name / "TRAINING.md")
+            Console().print(f"shipped {name} to {ship / name}")
+    Console().print(f"total {(time.time() - t0) / 60:.1f} min")
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -18,12 +19,15 @@ from adaspec.backends import TorchBackend
 from adaspec.config import DEFAULT_DRAFT_LENGTH, GenerationConfig
 from adaspec.decode import GenerationResult, Step, StopCriteria, generate
 from adaspec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from adaspec.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
+from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
 from adaspec.errors import AdaspecError
 from adaspec.models import LoadedModel, check_same_tokenizer
 from adaspec.policies import FixedLength
 
 LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
-DEFAULT_DRAFTER = LOOKUP
+EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (drafters/shipped/)
+DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens
 
 # method -> {option: (type, default)}
@@ -31,7 +35,7 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "ar": {},
     "sd": {"k": (int, DEFAULT_DRAFT_LENGTH), "drafter": (str, None), "ngram": (int, 3)},
     "hf": {},
-    "hf-assisted": {"k": (int, None)},
+    "hf-assisted": {"k": (int, None), "drafter": (str, None)},
     "hf-lookup": {"k": (int, HF_LOOKUP_TOKENS), "ngram": (int, 2)},
 }
 PEERS = ("hf", "hf-assisted", "hf-lookup")
@@ -142,14 +146,14 @@ def build_runner(
         if k < 1:
             raise AdaspecError(f"sd:k must be >= 1, got {k}")
         backend = TorchBackend(target.model)
-        return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend), k)
+        return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target), k)
     eos = stop.eos_ids
     if spec.name == "hf":
         return HFRunner(spec.label, target, eos)
     if spec.name == "hf-assisted":
-        if not isinstance(drafter, LoadedModel):
-            raise AdaspecError("hf-assisted needs a model drafter: pass --drafter PATH (a local HF model)")
-        extra: dict = {"assistant_model": drafter.model}
+        option = spec.get("drafter")
+        model = standalone_drafter(load_drafter(str(option), target) if option else drafter, target)
+        extra: dict = {"assistant_model": model.model}
         if spec.get("k") is not None:
             extra.update(num_assistant_tokens=int(spec.get("k")), num_assistant_tokens_schedule="constant")
         return HFRunner(spec.label, target, eos, extra)
@@ -159,25 +163,72 @@ def build_runner(
     raise AssertionError(spec.name)
 
 
-def make_drafter(spec: MethodSpec, drafter: LoadedModel | str | None, target: TorchBackend) -> Drafter:
-    """The drafter a method drafts with: its own `drafter=` option, else --drafter, else the default.
-    `target` is the method's target backend (drafters that read the target's hidden states need it)."""
-    chosen = spec.get("drafter") if "drafter" in OPTIONS[spec.name] else None
-    chosen = chosen or drafter or DEFAULT_DRAFTER
+DrafterChoice = LoadedModel | EagleArtifact | str  # a loaded model, an EAGLE head, or 'lookup'
+
+
+def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: TorchBackend,
+                 target_model: LoadedModel | None = None) -> Drafter:
+    """The drafter a method drafts with: its own `drafter=` option (loaded here, which needs
+    `target_model`), else `drafter` (what --drafter loaded), else prompt lookup. `target` is the method's
+    target backend: an EAGLE head reads its hidden states."""
+    option = spec.get("drafter") if "drafter" in OPTIONS[spec.name] else None
+    if option:
+        if target_model is None:
+            raise AdaspecError(f"{spec.label}: a drafter= option needs the target model to load it")
+        drafter = load_drafter(str(option), target_model)
+    chosen = drafter or LOOKUP
     if chosen == LOOKUP:
         ngram = int(spec.get("ngram")) if "ngram" in OPTIONS[spec.name] else 3
         return PromptLookupDrafter(max_ngram=ngram)
+    if isinstance(chosen, EagleArtifact):
+        return EagleDrafter(chosen, target)
     if isinstance(chosen, LoadedModel):
         return ModelDrafter(TorchBackend(chosen.model, chosen.draft_vocab), chosen.name)
-    raise AdaspecError(f"{spec.name}:drafter={chosen} is unknown; use --drafter PATH for a model, or 'lookup'")
+    raise AdaspecError(f"{spec.name}: drafter {chosen!r} is unknown; choose {', '.join(DRAFTER_NAMES)} or a directory")
 
 
-def load_drafter(spec: str | None, target: LoadedModel, dtype: str) -> LoadedModel | str:
-    """--drafter: 'lookup' (default) or a local HF model sharing the target's tokenizer."""
-    from adaspec.models import load_model
+def default_drafter(target_name: str) -> str:
+    """The target's shipped EAGLE head if it has one, else prompt lookup."""
+    return EAGLE if shipped(target_name, EAGLE) else LOOKUP
 
-    if spec is None or spec == LOOKUP:
+
+def has_standalone(drafter: str | None, target_name: str) -> bool:
+    """Whether --drafter (or the target's shipped `small` drafter) gives hf-assisted a model to draft with."""
+    return drafter not in (None, LOOKUP, EAGLE) or shipped(target_name, SMALL) is not None
+
+
+def load_drafter(spec: str | None, target: LoadedModel, dtype: str = "float32") -> DrafterChoice:
+    """--drafter: None (the target's default), 'lookup', 'eagle' / 'small' (the drafters shipped for the
+    target), or a directory: an EAGLE head, a compact shipped-format drafter, or any local Hugging Face
+    causal LM that shares the target's tokenizer."""
+    from adaspec.models import DTYPES, load_model
+
+    spec = spec or default_drafter(target.name)
+    if spec == LOOKUP:
         return LOOKUP
+    if spec in (EAGLE, SMALL):
+        path = shipped(target.name, spec)
+        if path is None:
+            raise AdaspecError(f"no '{spec}' drafter ships for target '{target.name}'; train one with "
+                               "`adaspec train-drafter` and pass --drafter DIR")
+    else:
+        path = Path(spec).expanduser()
+    if is_eagle_dir(path):
+        return EagleArtifact.load(path)
+    if is_standalone_dir(path):
+        return load_standalone(path, target, DTYPES[dtype])
     drafter = load_model(spec, dtype)
     check_same_tokenizer(target.tokenizer, drafter.tokenizer)
     return drafter
+
+
+def standalone_drafter(drafter: DrafterChoice | None, target: LoadedModel) -> LoadedModel:
+    """A standalone model drafter for peers that need one (hf-assisted): --drafter if it is a model, else
+    the target's shipped `small` drafter."""
+    if isinstance(drafter, LoadedModel):
+        return drafter
+    if shipped(target.name, SMALL) is None:
+        raise AdaspecError("hf-assisted needs a model drafter: pass --drafter PATH (a local HF model)")
+    chosen = load_drafter(SMALL, target)
+    assert isinstance(chosen, LoadedModel)
+    return chosen

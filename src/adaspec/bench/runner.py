@@ -21,8 +21,17 @@ from adaspec.bench.report import write_report
 from adaspec.bench.summary import load_records, summarize
 from adaspec.config import GenerationConfig
 from adaspec.errors import AdaspecError
-from adaspec.methods import Runner, build_runner, load_drafter, parse_method
-from adaspec.models import LoadedModel, encode_prompt, load_model
+from adaspec.methods import (
+    DrafterChoice,
+    Runner,
+    build_runner,
+    default_drafter,
+    has_standalone,
+    load_drafter,
+    make_drafter,
+    parse_method,
+)
+from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
 
 DEFAULT_METHODS = ("ar", "sd", "hf", "hf-assisted", "hf-lookup")
 
@@ -31,7 +40,7 @@ DEFAULT_METHODS = ("ar", "sd", "hf", "hf-assisted", "hf-lookup")
 class BenchOptions:
     data: Path
     out: Path
-    methods: list[str] | None = None  # None: DEFAULT_METHODS (hf-assisted only with a model drafter)
+    methods: list[str] | None = None  # None: DEFAULT_METHODS (hf-assisted only if a model drafter exists)
     categories: list[str] | None = None
     limit: int | None = None
     target: str | None = None
@@ -83,7 +92,9 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
 
 def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
-    methods = opts.methods or [m for m in DEFAULT_METHODS if m != "hf-assisted" or opts.drafter not in (None, "lookup")]
+    target_name = opts.target or BUNDLED
+    methods = opts.methods or [m for m in DEFAULT_METHODS
+                               if m != "hf-assisted" or has_standalone(opts.drafter, target_name)]
     specs = [parse_method(m) for m in methods]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
@@ -94,7 +105,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     gen = opts.generation
     config = {
         "data": str(opts.data), "categories": opts.categories, "limit": opts.limit, "methods": labels,
-        "target": opts.target or "smollm2", "drafter": opts.drafter or "lookup", "dtype": opts.dtype,
+        "target": target_name, "drafter": opts.drafter or default_drafter(target_name), "dtype": opts.dtype,
         "chat": opts.chat, "max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature,
         "top_k": gen.sampling.top_k, "top_p": gen.sampling.top_p, "seed": gen.seed,
         "questions": len(questions),
@@ -154,11 +165,11 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     return summary
 
 
-def measure_costs(target: LoadedModel, drafter: LoadedModel | str, prompt: list[int]) -> dict:
+def measure_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int]) -> dict:
     backend = TorchBackend(target.model)
     costs = verify_costs(backend, prompt)
-    if isinstance(drafter, LoadedModel):
-        costs.update(drafter_cost(TorchBackend(drafter.model), costs["verify_ms"]["1"], prompt))
+    d = make_drafter(parse_method("sd"), drafter, backend, target)
+    costs.update(drafter_cost(d, backend, costs["verify_ms"]["1"], prompt))
     return costs
 
 

@@ -100,7 +100,7 @@ class KV:
 
 
 class EagleHead(nn.Module):
-    """fc([feature; embedding]) -> one Llama decoder layer -> predicted next feature [B, T, H]."""
+    """fc([feature; embedding]) -> one Llama decoder layer -> final norm -> predicted next feature [B, T, H]."""
 
     def __init__(self, config: EagleConfig) -> None:
         super().__init__()
@@ -116,9 +116,16 @@ class EagleHead(nn.Module):
         self.gate_proj = nn.Linear(h, config.intermediate, bias=False)
         self.up_proj = nn.Linear(h, config.intermediate, bias=False)
         self.down_proj = nn.Linear(config.intermediate, h, bias=False)
+        self.norm = RMSNorm(h, config.eps)  # the target's features are normed: so is the prediction
+
+    def init_from_target(self, model: nn.Module, layer: int = -1) -> None:
+        """Start from one of the target's decoder layers and its final norm."""
+        self.init_from_layer(model.model.layers[layer])
+        with torch.no_grad():
+            self.norm.weight.copy_(model.model.norm.weight.float())
 
     def init_from_layer(self, layer: nn.Module) -> None:
-        """Start from one of the target's decoder layers (the fc starts as 'take the embedding' + feature)."""
+        """Start from one of the target's decoder layers (the fc keeps its random initialisation)."""
         with torch.no_grad():
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 getattr(self, name).weight.copy_(getattr(layer.self_attn, name).weight.float())
@@ -144,7 +151,7 @@ class EagleHead(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, heads, T, D]
         x = x + self.o_proj(a.transpose(1, 2).flatten(2))
         h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.norm(x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
 
     def step(self, features: torch.Tensor, embeds: torch.Tensor, start: int, cache: KV) -> torch.Tensor:
         """Run positions start .. start+T-1 on top of `cache` (which holds positions < start); [1, T, H]."""
@@ -195,7 +202,7 @@ def is_eagle_dir(path: Path) -> bool:
 
 
 class EagleDrafter:
-    """Drafts with an `EagleHead` from the features the target backend keeps (`keep_hidden=True`).
+    """Drafts with an `EagleHead` from the features the target backend keeps (it turns `keep_hidden` on).
 
     The head's KV cache holds only positions computed from true target features; positions drafted from
     predicted features are cropped after every proposal. The first step of a generation drafts nothing:
@@ -208,8 +215,7 @@ class EagleDrafter:
         model = target.model
         if artifact.head.config != EagleConfig.from_target(model.config):
             raise AdaspecError("this EAGLE head was trained for a different target (its shape does not match)")
-        if not target.keep_hidden:
-            raise AdaspecError("the EAGLE drafter needs a target backend built with keep_hidden=True")
+        target.keep_hidden = True  # the head drafts from the target's features: have the backend keep them
         self.head = artifact.head.eval()
         dtype = next(self.head.parameters()).dtype
         self.target = target

@@ -71,14 +71,15 @@ def init_drafter(target: PreTrainedModel, layers: tuple[int, ...]) -> PreTrained
     return draft
 
 
-def sequences(rows: list[dict], seq_len: int) -> list[tuple[list[int], int]]:
-    """(ids, first completion position) per row, cut to seq_len keeping the end of the prompt."""
+def sequences(rows: list[dict], seq_len: int, max_prompt: int = 256) -> list[tuple[list[int], int]]:
+    """(ids, first completion position) per row, cut to seq_len keeping the end of the prompt (at most
+    `max_prompt` of its tokens: the loss is on the completion, long passages only cost time)."""
     out = []
     for r in rows:
         prompt, completion = r["prompt_ids"], r["completion_ids"]
         if not completion:
             continue
-        keep_prompt = max(1, min(len(prompt), seq_len - len(completion)))
+        keep_prompt = max(1, min(len(prompt), seq_len - len(completion), max_prompt))
         ids = (prompt[-keep_prompt:] + completion)[:seq_len]
         out.append((ids, keep_prompt))
     return out
@@ -97,10 +98,10 @@ def batch_loss(draft: PreTrainedModel, batch: list[tuple[list[int], int]], head:
         target = torch.tensor(seq[start:])
         labels[i, start - 1: len(seq) - 1] = remap[target]  # position p predicts token p+1
     hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-    logits = hidden @ head.T  # [B, T, vocab]
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     valid = labels != -100
-    correct = (logits.argmax(-1) == labels) & valid
+    logits = hidden[valid] @ head.T  # [N, vocab]: the head runs only where there is a label
+    loss = torch.nn.functional.cross_entropy(logits, labels[valid])
+    correct = logits.argmax(-1) == labels[valid]
     return loss, correct.sum(), int(valid.sum())
 
 

@@ -1,6 +1,7 @@
 """Train an EAGLE-style draft head on the target's own features.
 
-1. `extract_features`: one batched target forward per group of corpus rows gives, per position, the final
+1. Features: captured while the corpus is generated (`train.data`, `items_from_corpus`), or for any rows
+   by `extract_features`: one batched target forward per group of rows gives, per position, the final
    hidden state f_t and the target's top-1 next token; written as resumable shards.
 2. `train_eagle`: the head learns f^_j ~ f_j (smooth L1) and the target's top-1 through the reduced LM head
    (cross-entropy), unrolled `depth` drafting steps deep ("training-time test", as EAGLE-3): at depth d the
@@ -35,7 +36,7 @@ class EagleTrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 50
-    epochs: float = 4.0
+    epochs: float = 2.0
     eval_every: int = 100
     holdout: float = 0.05
     init_layer: int = -1  # the target layer the head starts from
@@ -88,6 +89,25 @@ def extract_features(target: LoadedModel, rows: list[dict], out: Path, seq_len: 
         torch.save([done[g] for g in range(len(items))], path)
         log(f"features: shard {s + 1}/{math.ceil(len(rows) / rows_per_shard)} ({time.time() - t0:.0f}s)")
     return shards
+
+
+def items_from_corpus(rows: list[dict], features: list[torch.Tensor], seq_len: int = 512,
+                      max_prompt: int = 256) -> list[dict]:
+    """Training items from corpus rows and the features captured while generating them (`train.data`).
+
+    The completion is greedy, so the target's top-1 after position t is the token at t+1 there; prompt
+    positions carry no label (masked in training). Rows keep at most the last `max_prompt` prompt positions
+    (the features already carry the whole context) and the last `seq_len` positions in all."""
+    items = []
+    for row, f in zip(rows, features, strict=True):
+        ids = row["prompt_ids"] + row["completion_ids"]
+        if not row["completion_ids"] or len(f) != len(ids):
+            continue
+        cut = max(0, len(ids) - seq_len, len(row["prompt_ids"]) - max_prompt)
+        top1 = torch.tensor(ids[1:] + [ids[-1]], dtype=torch.int32)  # [T]; the last one is never used
+        items.append({"ids": ids[cut:], "start": max(1, len(row["prompt_ids"]) - cut), "feats": f[cut:],
+                      "top1": top1[cut:]})
+    return items
 
 
 # ---------------------------------------------------------------- training
@@ -143,14 +163,17 @@ def unrolled_loss(head: EagleHead, embed: torch.Tensor, lm_rows: torch.Tensor, b
         values.append(v)
         mask = unroll_mask(t, d)
         out = head.finish(x, q, torch.cat(keys, 2), torch.cat(values, 2), mask)  # [B, T, H]
-        lab = labels.clone()
-        lab[:, : d - 1] = -100
-        logits = out @ lm_rows.T  # [B, T, v]
-        ce = F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=-100)
-        valid = lab != -100
-        reg = F.smooth_l1_loss(out[valid], feats_out[valid]) if valid.any() else torch.zeros(())
-        total = total + config.depth_decay ** (d - 1) * (ce + config.reg_weight * reg)
-        correct.append(int(((logits.argmax(-1) == lab) & valid).sum()))
+        valid = labels != -100
+        valid[:, : d - 1] = False  # depth d starts at position d (it needs d-1 drafted predecessors)
+        if valid.any():
+            picked = out[valid]  # [N, H]: the head runs only where there is a label
+            logits = picked @ lm_rows.T  # [N, v]
+            ce = F.cross_entropy(logits, labels[valid])
+            reg = F.smooth_l1_loss(picked, feats_out[valid])
+            total = total + config.depth_decay ** (d - 1) * (ce + config.reg_weight * reg)
+            correct.append(int((logits.argmax(-1) == labels[valid]).sum()))
+        else:
+            correct.append(0)
         counted.append(int(valid.sum()))
         inputs = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)  # depth d+1 reads f^_{j-1}
     return total, correct, counted
@@ -176,7 +199,7 @@ def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: P
     embed = model.get_input_embeddings().weight.detach().float()
     lm_rows = model.get_output_embeddings().weight[torch.tensor(vocab)].detach().float()
     head = EagleHead(EagleConfig.from_target(model.config))
-    head.init_from_layer(model.model.layers[config.init_layer])
+    head.init_from_target(model, config.init_layer)
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
     train.sort(key=lambda it: len(it["ids"]))  # length buckets: little padding
     batches = [train[i: i + config.batch_size] for i in range(0, len(train), config.batch_size)]

@@ -9,16 +9,18 @@ from pathlib import Path
 from adaspec.backends import TorchBackend
 from adaspec.config import GenerationConfig
 from adaspec.decode import StopCriteria, generate
-from adaspec.drafters import ModelDrafter
 from adaspec.models import LoadedModel
 from adaspec.policies import FixedLength
 
 
-def acceptance_at_k(target: LoadedModel, drafter: LoadedModel, prompts: list[list[int]], k: int = 5,
+def acceptance_at_k(target: LoadedModel, drafter, prompts: list[list[int]], k: int = 5,
                     max_new_tokens: int = 64) -> dict:
-    """Greedy sd with the drafter: mean drafted tokens accepted per step and tokens per target forward."""
+    """Greedy sd with the drafter (anything `load_drafter` returns): mean drafted tokens accepted per step
+    and tokens per target forward (the first, prefill step included)."""
+    from adaspec.methods import make_drafter, parse_method
+
     backend = TorchBackend(target.model)
-    draft = ModelDrafter(TorchBackend(drafter.model, drafter.draft_vocab))
+    draft = make_drafter(parse_method("sd"), drafter, backend, target)
     stop = StopCriteria(target.eos_ids)
     steps = accepted = drafted = emitted = 0
     for ids in prompts:
@@ -56,10 +58,15 @@ def loss_plot(history: list[dict], path: Path) -> bool:
 def write_training_report(out: Path, report: dict) -> Path:
     plotted = loss_plot(report["history"], out / "loss.png")
     evals = [h for h in report["history"] if "heldout_top1" in h]
-    lines = ["# Drafter training report", "", "```json", json.dumps(report["config"], indent=1), "```", "",
+    title = {"eagle": "EAGLE-style head", "small": "standalone drafter"}.get(report.get("kind", ""), "drafter")
+    lines = [f"# Training report: {title}", "", "```json", json.dumps(report["config"], indent=1), "```", "",
              f"- training rows: {report['train_rows']}, held-out rows: {report['heldout_rows']}, "
              f"reduced vocabulary: {report['vocab']} tokens",
              f"- held-out top-1 agreement with the target: {evals[-1]['heldout_top1'] if evals else '–'}"]
+    if evals and "heldout_by_depth" in evals[-1]:
+        lines.append(f"- held-out top-1 agreement by drafting depth: {evals[-1]['heldout_by_depth']}")
+    if "minutes" in report:
+        lines.append(f"- training time: {report['minutes']:.1f} min")
     if "acceptance" in report:
         a = report["acceptance"]
         lines.append(f"- greedy sd at k={a['k']} on {a['prompts']} held-out prompts: {a['tokens_per_forward']:.2f} "
