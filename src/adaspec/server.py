@@ -262,10 +262,10 @@ class Worker:
         if not fut.cancelled():
             fut.exception()  # retrieved: a job whose client left must not log "never retrieved"
 
-    async def drain(self, grace_s: float) -> None:
-        """Let running and queued jobs finish for up to `grace_s`, then abort the rest."""
+    async def drain(self, grace_s: float, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Let running and queued jobs finish for up to `grace_s` (or until `hurry()`), then abort the rest."""
         deadline = time.monotonic() + grace_s
-        while self.jobs and time.monotonic() < deadline:
+        while self.jobs and time.monotonic() < deadline and not hurry():
             await asyncio.sleep(0.05)
         for job in list(self.jobs):
             job.abort("shutdown")
@@ -393,8 +393,8 @@ class Service:
                  build: Callable[..., Runner]) -> None:
         if target.tokenizer is None:
             raise AdaspecError("the server needs a target with a tokenizer")
-        self.target, self.tokenizer, self.drafter, self.options, self.build = target, target.tokenizer, drafter, \
-            options, build
+        self.target, self.tokenizer, self.drafter = target, target.tokenizer, drafter
+        self.options, self.build = options, build
         self.default = parse_method(method)
         self.context = int(getattr(target.model.config, "max_position_embeddings", 1 << 30))
         self.vocab = int(target.model.config.vocab_size)
@@ -471,13 +471,12 @@ class Service:
         self.check_model(body.model)
         if self.draining:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-        unsupported = [name for name, value in (("n", body.n not in (None, 1)), ("echo", getattr(body, "echo", None)),
-                       ("best_of", getattr(body, "best_of", None) not in (None, 1)),
-                       ("logprobs", body.logprobs not in (None, False)), ("suffix", getattr(body, "suffix", None)))
-                       if value]
-        if unsupported:
-            raise ApiError(400, f"'{unsupported[0]}' is not supported (n must be 1, no logprobs/echo/suffix)",
-                           param=unsupported[0], code="unsupported_parameter")
+        used = {"n": body.n not in (None, 1), "best_of": getattr(body, "best_of", None) not in (None, 1),
+                "logprobs": body.logprobs not in (None, False), "echo": bool(getattr(body, "echo", None)),
+                "suffix": bool(getattr(body, "suffix", None))}
+        if name := next((n for n, on in used.items() if on), None):
+            raise ApiError(400, f"'{name}' is not supported (n and best_of must be 1; no logprobs, echo or suffix)",
+                           param=name, code="unsupported_parameter")
         spec = self.method(body.speculative)
         ids = self.prompt_ids(body)
         if not ids:
@@ -770,7 +769,7 @@ class DrainingServer(uvicorn.Server):
         for server in self.servers:
             server.close()
         self.service.draining = True
-        await self.service.worker.drain(self.service.options.drain_s)
+        await self.service.worker.drain(self.service.options.drain_s, lambda: self.force_exit)  # 2nd Ctrl-C
         await super().shutdown(sockets)
 
 
