@@ -1,4 +1,8 @@
-"""Tiny randomly initialised Llama models, built in the tests (no files, no downloads)."""
+"""Tiny randomly initialised Llama models, built in the tests (no files, no downloads).
+
+Random Llama heads give near-uniform next-token distributions; `scale` multiplies the LM head so that
+the distributions are peaked (greedy outputs vary between prompts, sampled ones are far from uniform).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from adaspec.backends import TorchBackend
 
 
 def tiny_llama(seed: int, vocab: int = 64, layers: int = 2, scale: float = 1.0, context: int = 256):
-    """A tiny Llama; `scale` multiplies the LM head so next-token distributions are far from uniform."""
+    """A tiny Llama (hidden 32, 4 heads, 2 kv heads); `scale` multiplies the LM head weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
@@ -20,9 +24,35 @@ def tiny_llama(seed: int, vocab: int = 64, layers: int = 2, scale: float = 1.0, 
     return model
 
 
+def perturbed_llama(seed: int, noise: float, noise_seed: int = 99, **kwargs):
+    """`tiny_llama(seed, **kwargs)` with every weight jittered by `noise` times its own std: a drafter that
+    agrees with that target often but not always (accepts, partial accepts and rejections all happen)."""
+    model = tiny_llama(seed, **kwargs)
+    generator = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * p.std() * torch.randn(p.shape, generator=generator))
+    return model
+
+
 def tiny_backend(seed: int, **kwargs) -> TorchBackend:
     return TorchBackend(tiny_llama(seed, **kwargs))
 
 
 def random_prompt(seed: int, length: int = 8, vocab: int = 64) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Reference decoder: a full forward of the whole sequence per token, no cache, argmax of the last logits."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits [T, V] of a fresh, cache-free forward of `ids`."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
