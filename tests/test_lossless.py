@@ -169,7 +169,7 @@ def test_prompt_lookup_drafts_are_lossless(target, joints):
     assert fit_pvalue(draws.samples, joints[T1]) > PASS
 
 
-def resample_from_p(target_logits, draft_tokens, draft_probs, sampling, generator):
+def resample_from_p(target_logits, draft_tokens, draft_probs, sampling, generator, confidence=None):
     """Biased on purpose: on rejection draw the correction from p instead of norm(max(0, p - q))."""
     n, x = speculative_sampling(target_logits, draft_tokens, draft_probs, sampling, generator)
     if n < len(draft_tokens):
@@ -177,7 +177,7 @@ def resample_from_p(target_logits, draft_tokens, draft_probs, sampling, generato
     return n, x
 
 
-def accept_everything(target_logits, draft_tokens, draft_probs, sampling, generator):
+def accept_everything(target_logits, draft_tokens, draft_probs, sampling, generator, confidence=None):
     """Biased on purpose: keep every drafted token."""
     return len(draft_tokens), sample(probs_from_logits(target_logits[-1], sampling), generator)
 

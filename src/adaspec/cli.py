@@ -96,6 +96,8 @@ def generate(
 def bench(
     methods: Annotated[str | None, typer.Option(help="comma-separated method specs (default: ar,sd,hf,"
                                                      "hf-assisted,hf-lookup; hf-assisted needs --drafter)")] = None,
+    ablation: Annotated[bool, typer.Option(help="CM-ASD ablation: ar, sd, specdec, cmasd-k, cmasd-tau, cmasd, "
+                                                "cmasd's variants (then --methods); its table in report.md")] = False,
     data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
     categories: Annotated[str | None, typer.Option(help="comma-separated categories")] = None,
     limit: Annotated[int | None, typer.Option(help="at most N questions per category")] = None,
@@ -114,12 +116,13 @@ def bench(
     """Benchmark methods against `ar` and the transformers peers on the same prompts."""
     from adaspec.bench.data import DEFAULT_DATA
     from adaspec.bench.runner import BenchOptions, run_bench
+    from adaspec.methods import split_specs
 
     opts = BenchOptions(
-        data=data or DEFAULT_DATA, out=out, methods=methods.split(",") if methods else None,
+        data=data or DEFAULT_DATA, out=out, methods=split_specs(methods) if methods else None,
         categories=categories.split(",") if categories else None, limit=limit, target=target,
         drafter=drafter, dtype=dtype, chat=chat,
-        generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
+        generation=_generation(max_new_tokens, temperature, top_k, top_p, seed), ablation=ablation,
     )
     summary = run_bench(opts, err)
     table = Table(title=f"adaspec bench -> {out}")
@@ -135,6 +138,58 @@ def bench(
     if costs:
         ratios = ", ".join(f"{n}: {r}x" for n, r in costs["verify_ratio"].items())
         Console().print(f"target verify cost of n positions vs 1 step: {ratios}")
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise AdaspecError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+def sweep(
+    out: Annotated[Path, typer.Option(help="output directory (ar.jsonl, sweep.jsonl, pareto.json, plots/)")] = Path(
+        "runs/sweep"),
+    base: Annotated[str, typer.Option(help="method spec the grid is added to, e.g. cmasd:early_stop=0")] = "cmasd",
+    alpha: Annotated[str, typer.Option(help="comma-separated values ('' leaves the axis out)")] = "0.5,0.75,1.0",
+    gamma: Annotated[str, typer.Option(help="comma-separated values")] = "0.5,1.0,2.0",
+    tau_base: Annotated[str, typer.Option("--tau-base", help="comma-separated values")] = "0.05,0.1,0.2",
+    data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
+    categories: Annotated[str | None, typer.Option(help="comma-separated categories")] = "translation,summarization",
+    limit: Annotated[int | None, typer.Option(help="at most N questions per category")] = None,
+    max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
+    temperature: Temperature = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = DEFAULT_SEED,
+    target: Target = None,
+    drafter: Drafter = None,
+    dtype: Dtype = "float32",
+    chat: bool = True,
+) -> None:
+    """Sweep CM-ASD hyperparameters over a grid against `ar` (measured once): sweep.jsonl (resumable), the Pareto
+    fronts of speedup vs alignment and vs task quality (pareto.json) and plots/pareto.png."""
+    from adaspec.bench.data import DEFAULT_DATA
+    from adaspec.bench.sweep import SweepOptions, run_sweep
+
+    grid = {"alpha": _floats(alpha, "--alpha"), "gamma": _floats(gamma, "--gamma"),
+            "tau_base": _floats(tau_base, "--tau-base")}
+    opts = SweepOptions(
+        data=data or DEFAULT_DATA, out=out, base=base, grid=grid,
+        categories=categories.split(",") if categories else None, limit=limit, target=target, drafter=drafter,
+        dtype=dtype, chat=chat, generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
+    )
+    result = run_sweep(opts, err)
+    ar = result["ar"]
+    for y in ("alignment", "quality"):
+        table = Table(title=f"Pareto front: speedup vs {y} (ar: {ar.get(y) or 0:.3g}) -> {out}/pareto.json")
+        for col in ("spec", "speedup_vs_ar", "alignment", "quality", "mean_accepted"):
+            table.add_column(col, justify="left" if col == "spec" else "right")
+        for p in result[f"front_{y}"]:
+            table.add_row(p["spec"], *("–" if p.get(c) is None else f"{p[c]:.3g}"
+                                       for c in ("speedup_vs_ar", "alignment", "quality", "mean_accepted")))
+        Console().print(table)
 
 
 @app.command("make-drafter")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adaspec.backends.base import Backend
+from adaspec.confidence import METRICS, ConfidenceEnsemble
 from adaspec.config import GenerationConfig
 from adaspec.drafters.base import Draft, DraftContext, Drafter
 from adaspec.errors import AdaspecError
@@ -30,6 +31,11 @@ class Step:
     tokens: list[int]  # tokens emitted: the accepted ones, then the correction/bonus (cut at a stop)
     confidence: list[float] = field(default_factory=list)  # drafter confidence per drafted token
     stop: str | None = None  # "eos" | "stop" when this step ended the generation on a stop
+    cut: int = 0  # tokens drafted (and paid for) but not verified: the length policy kept only `drafted`
+    # with a confidence estimator (CM-ASD methods), per drafted token: every confidence metric, and whether
+    # the exact criterion accepts it (it equals the target's argmax there), also past the first rejection
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    exact: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -91,10 +97,12 @@ def speculative_steps(
     rule: AcceptanceRule | None = None,
     stop: StopCriteria | None = None,
     generator: torch.Generator | None = None,
+    confidence: ConfidenceEnsemble | None = None,
 ) -> Iterator[Step]:
     """Yield one Step per target forward until EOS, a stop string or max_new_tokens.
 
-    drafter=None is plain autoregressive decoding.
+    drafter=None is plain autoregressive decoding. `confidence` (CM-ASD) rates each drafted token from the
+    drafter's logits; the policy and the rule then see it as the draft's confidence, and steps record it.
     """
     if not prompt_ids:
         raise AdaspecError("the prompt is empty: give at least one token")
@@ -107,6 +115,7 @@ def speculative_steps(
     rule = rule or rule_for(config.sampling)
     stop = stop or StopCriteria()
     sampling = config.sampling
+    score = None if confidence is None else lambda logits: float(confidence(logits))
     ids = list(prompt_ids)
     generated: list[int] = []
     target.reset()
@@ -117,11 +126,13 @@ def speculative_steps(
         k_max = min(policy.draft_length(), config.max_new_tokens - len(generated) - 1)
         draft = Draft()
         if drafter is not None and k_max > 0:
-            draft = drafter.propose(DraftContext(ids, k_max, sampling, generator), policy)
+            draft = drafter.propose(DraftContext(ids, k_max, sampling, generator, score), policy)
+        drafted = len(draft)
+        draft = draft.prefix(policy.verify_length(draft.confidence))  # CM-ASD's paper variant cuts to k_j
         # 2 verify: score [last token, d_1..d_k] in one forward -> logits [k+1, V]
         logits = target.sync(ids + draft.tokens, keep=len(draft) + 1)
         # 3 accept
-        n, x = rule(logits, draft.tokens, draft.probs, sampling, generator)
+        n, x = rule(logits, draft.tokens, draft.probs, sampling, generator, confidence=draft.confidence)
         # 4 roll the target cache back to the accepted length (ids[-1] and n drafted tokens stay)
         target.rollback(len(ids) + n)
         # 5 append the accepted tokens and the correction/bonus token
@@ -136,9 +147,23 @@ def speculative_steps(
         del generated[keep:]
         ids += emitted
         # 6 record
-        yield Step(len(draft), n, emitted, draft.confidence, reason)
+        yield Step(len(draft), n, emitted, draft.confidence, reason, drafted - len(draft),
+                   **calibration_fields(confidence, draft, logits))
         if reason is not None:
             return
+
+
+def calibration_fields(confidence: ConfidenceEnsemble | None, draft: Draft, target_logits: torch.Tensor) -> dict:
+    """Step.metrics and Step.exact for a verified draft (empty without an estimator or a draft). A drafter
+    without logits (prompt lookup: a copy, one-hot) rates every token with its own confidence in every metric."""
+    if confidence is None or not len(draft):
+        return {}
+    top1 = target_logits[: len(draft)].argmax(-1).tolist()  # [k]
+    if draft.logits is None:
+        metrics = {m: list(draft.confidence) for m in METRICS}
+    else:
+        metrics = {m: v.tolist() for m, v in confidence.components(draft.logits).items()}  # [k] each
+    return {"metrics": metrics, "exact": [d == t for d, t in zip(draft.tokens, top1, strict=True)]}
 
 
 def generate(
@@ -150,6 +175,7 @@ def generate(
     rule: AcceptanceRule | None = None,
     stop: StopCriteria | None = None,
     on_step: Callable[[Step], None] | None = None,
+    confidence: ConfidenceEnsemble | None = None,
 ) -> GenerationResult:
     """Run `speculative_steps` to the end with a generator seeded from config.seed."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -157,7 +183,7 @@ def generate(
     tokens: list[int] = []
     reason = "length"
     t0 = time.perf_counter()
-    for step in speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator):
+    for step in speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator, confidence):
         steps.append(step)
         tokens += step.tokens
         if on_step is not None:

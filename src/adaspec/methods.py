@@ -16,19 +16,42 @@ from typing import Protocol
 import torch
 
 from adaspec.backends import TorchBackend
-from adaspec.config import DEFAULT_DRAFT_LENGTH, GenerationConfig
+from adaspec.confidence import ConfidenceEnsemble
+from adaspec.config import (
+    CMASD_ALPHA,
+    CMASD_EARLY_STOP,
+    CMASD_GAMMA,
+    CMASD_K_MAX,
+    CMASD_K_MIN,
+    CMASD_TAU_BASE,
+    CMASD_TAU_MODE,
+    DEFAULT_DRAFT_LENGTH,
+    SPECDEC_BETA,
+    SPECDEC_TAU,
+    GenerationConfig,
+)
 from adaspec.decode import GenerationResult, Step, StopCriteria, generate
 from adaspec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
 from adaspec.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
 from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
 from adaspec.errors import AdaspecError
 from adaspec.models import LoadedModel, check_same_tokenizer
-from adaspec.policies import FixedLength
+from adaspec.policies import ConfidenceLength, FixedLength, LengthPolicy
+from adaspec.verify import AcceptanceRule, TopBetaTau
 
 LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
 EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (drafters/shipped/)
 DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens
+
+# CM-ASD / SpecDec option groups (README "CM-ASD"): drafter, adaptive length, relaxed verification, confidence
+_DRAFTING = {"drafter": (str, None), "ngram": (int, 3)}
+_LENGTH = {"alpha": (float, CMASD_ALPHA), "k_min": (int, CMASD_K_MIN), "k_max": (int, CMASD_K_MAX),
+           "early_stop": (int, CMASD_EARLY_STOP)}
+_TAU = {"beta": (int, SPECDEC_BETA), "tau_base": (float, CMASD_TAU_BASE), "gamma": (float, CMASD_GAMMA),
+        "tau_mode": (str, CMASD_TAU_MODE)}
+_CONFIDENCE = {"l1": (float, 1 / 3), "l2": (float, 1 / 3), "l3": (float, 1 / 3), "scale": (float, 1.0),
+               "metric": (str, None)}
 
 # method -> {option: (type, default)}
 OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
@@ -37,8 +60,14 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "hf": {},
     "hf-assisted": {"k": (int, None), "drafter": (str, None)},
     "hf-lookup": {"k": (int, HF_LOOKUP_TOKENS), "ngram": (int, 2)},
+    "specdec": {"k": (int, DEFAULT_DRAFT_LENGTH), "beta": (int, SPECDEC_BETA), "tau": (float, SPECDEC_TAU),
+                **_DRAFTING},
+    "cmasd": {**_LENGTH, **_TAU, **_CONFIDENCE, **_DRAFTING},
+    "cmasd-k": {**_LENGTH, **_CONFIDENCE, **_DRAFTING},
+    "cmasd-tau": {"k": (int, DEFAULT_DRAFT_LENGTH), **_TAU, **_CONFIDENCE, **_DRAFTING},
 }
 PEERS = ("hf", "hf-assisted", "hf-lookup")
+CMASD_METHODS = ("specdec", "cmasd", "cmasd-k", "cmasd-tau")
 
 
 @dataclass(frozen=True)
@@ -69,7 +98,65 @@ def parse_method(spec: str) -> MethodSpec:
             options[key] = kind(value)
         except ValueError:
             raise AdaspecError(f"option {key}={value!r} of '{name}' must be {kind.__name__}") from None
-    return MethodSpec(name, options, spec.strip())
+    method = MethodSpec(name, options, spec.strip())
+    if name in CMASD_METHODS:
+        cmasd_parts(method)  # bad values fail here, before any model loads
+    return method
+
+
+@dataclass(frozen=True)
+class CMASDParts:
+    policy: LengthPolicy
+    rule: AcceptanceRule | None  # None: the exact rule (greedy, or lossless sampling)
+    confidence: ConfidenceEnsemble | None  # None: the method does not rate its drafts
+
+
+def cmasd_parts(spec: MethodSpec) -> CMASDParts:
+    """The length policy, acceptance rule and confidence estimator of `specdec` and the CM-ASD methods:
+    specdec = fixed k + top-beta/tau; cmasd-k = adaptive k + exact; cmasd-tau = fixed k + modulated tau;
+    cmasd = both adaptations."""
+    options = OPTIONS[spec.name]
+    get = spec.get
+    try:
+        confidence = None
+        if "metric" in options:
+            weights = [w for w in ("l1", "l2", "l3") if w in spec.options]
+            if 0 < len(weights) < 3:
+                raise AdaspecError(f"give the confidence weights l1, l2 and l3 together (they sum to 1), got only "
+                                   f"{', '.join(weights)}")
+            metric = get("metric")
+            confidence = ConfidenceEnsemble(float(get("l1")), float(get("l2")), float(get("l3")), float(get("scale")),
+                                            None if metric is None else str(metric))
+        if "alpha" in options:
+            early = int(get("early_stop"))
+            if early not in (0, 1):
+                raise AdaspecError(f"early_stop must be 0 (draft k_max, verify k_j) or 1 (stop at k_j), got {early}")
+            policy: LengthPolicy = ConfidenceLength(float(get("alpha")), int(get("k_min")), int(get("k_max")),
+                                                    bool(early))
+        else:
+            policy = FixedLength(int(get("k")))
+        rule = None
+        if spec.name == "specdec":
+            rule = TopBetaTau(int(get("beta")), float(get("tau")))
+        elif "gamma" in options:
+            rule = TopBetaTau(int(get("beta")), float(get("tau_base")), float(get("gamma")), str(get("tau_mode")))
+    except AdaspecError as e:
+        raise AdaspecError(f"{spec.label or spec.name}: {e}") from None
+    return CMASDParts(policy, rule, confidence)
+
+
+def split_specs(text: str) -> list[str]:
+    """Comma-separated method specs whose options are comma-separated too: a piece that is key=value and does
+    not name a method continues the spec before it ('ar,cmasd:alpha=0.8,gamma=1,sd' -> 3 specs)."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if specs and "=" in piece and ":" not in piece and piece.partition("=")[0] not in OPTIONS:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
 
 
 class Runner(Protocol):
@@ -89,10 +176,14 @@ class EngineRunner:
     stop: StopCriteria
     drafter: Drafter | None = None
     k: int = 1
+    policy: LengthPolicy | None = None  # None: FixedLength(k)
+    rule: AcceptanceRule | None = None  # None: exact (greedy, or lossless sampling)
+    confidence: ConfidenceEnsemble | None = None  # rates drafts (CM-ASD); steps then record calibration data
 
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
-        policy = FixedLength(self.k)
-        return generate(self.target, prompt_ids, config, self.drafter, policy, stop=self.stop, on_step=on_step)
+        policy = self.policy or FixedLength(self.k)
+        return generate(self.target, prompt_ids, config, self.drafter, policy, self.rule, self.stop, on_step,
+                        self.confidence)
 
 
 @dataclass
@@ -129,6 +220,11 @@ class HFRunner:
         return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
 
 
+def drafting_backend(target: LoadedModel) -> TorchBackend:
+    """The target backend of a method that drafts (an EAGLE drafter turns its `keep_hidden` on)."""
+    return TorchBackend(target.model)
+
+
 def stop_criteria(target: LoadedModel, config: GenerationConfig) -> StopCriteria:
     eos = target.eos_ids if config.stop_on_eos else frozenset()
     return StopCriteria(eos, tuple(config.stop), lambda ids: target.tokenizer.decode(ids))
@@ -145,8 +241,13 @@ def build_runner(
         k = int(spec.get("k"))
         if k < 1:
             raise AdaspecError(f"sd:k must be >= 1, got {k}")
-        backend = TorchBackend(target.model)
+        backend = drafting_backend(target)
         return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target), k)
+    if spec.name in CMASD_METHODS:
+        parts = cmasd_parts(spec)
+        backend = drafting_backend(target)
+        return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target),
+                            policy=parts.policy, rule=parts.rule, confidence=parts.confidence)
     eos = stop.eos_ids
     if spec.name == "hf":
         return HFRunner(spec.label, target, eos)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from adaspec.config import CMASD_ALPHA, CMASD_EARLY_STOP, CMASD_K_MAX, CMASD_K_MIN
 from adaspec.errors import AdaspecError
 
 
@@ -14,6 +16,9 @@ class LengthPolicy(Protocol):
 
     def keep_drafting(self, confidences: list[float]) -> bool:
         """Asked by the drafter after each drafted token: draft another one?"""
+
+    def verify_length(self, confidences: list[float]) -> int:
+        """How many of the drafted tokens the target verifies (the rest are cut unverified)."""
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Told the outcome of each verification."""
@@ -32,6 +37,53 @@ class FixedLength:
 
     def keep_drafting(self, confidences: list[float]) -> bool:
         return True
+
+    def verify_length(self, confidences: list[float]) -> int:
+        return len(confidences)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+def adaptive_length(confidence: list[float], alpha: float, k_min: int, k_max: int) -> int:
+    """CM-ASD's draft length k_j = clamp(floor(alpha * mean(C) * k_max), k_min, k_max); no confidence: k_min."""
+    mean = sum(confidence) / len(confidence) if confidence else 0.0
+    return max(k_min, min(k_max, math.floor(alpha * mean * k_max + 1e-9)))  # 1e-9: 0.75*1.0*8 is 6, not 5
+
+
+@dataclass(frozen=True)
+class ConfidenceLength:
+    """CM-ASD's adaptive draft length over the drafter's per-token confidence C (Sen et al., arXiv 2508.15371).
+
+    early_stop=False (the paper): draft k_max tokens, then verify the first k_j = adaptive_length(C_1..C_kmax);
+    the other k_max - k_j were paid for and are cut (recorded as `cut`).
+    early_stop=True: stop drafting after the t-th token once t >= adaptive_length(C_1..C_t), the same rule on
+    the running mean, and verify every drafted token: nothing is paid for and cut. Whether a token is verified
+    then depends only on the tokens before it, so exact verification stays exact (lossless when sampling).
+    """
+
+    alpha: float = CMASD_ALPHA
+    k_min: int = CMASD_K_MIN
+    k_max: int = CMASD_K_MAX
+    early_stop: bool = bool(CMASD_EARLY_STOP)
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise AdaspecError(f"alpha must be > 0, got {self.alpha}")
+        if not 1 <= self.k_min <= self.k_max:
+            raise AdaspecError(f"draft lengths need 1 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
+
+    def length(self, confidences: list[float]) -> int:
+        return adaptive_length(confidences, self.alpha, self.k_min, self.k_max)
+
+    def draft_length(self) -> int:
+        return self.k_max
+
+    def keep_drafting(self, confidences: list[float]) -> bool:
+        return not self.early_stop or len(confidences) < self.length(confidences)
+
+    def verify_length(self, confidences: list[float]) -> int:
+        return len(confidences) if self.early_stop else min(len(confidences), self.length(confidences))
 
     def observe(self, drafted: int, accepted: int) -> None:
         pass

@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from adaspec.bench import calibration as calib
+
 COLUMNS = [
     ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("mean accepted", "mean_accepted"),
     ("acceptance rate", "acceptance_rate"), ("mean draft len", "mean_draft_len"), ("exact match", "exact_match"),
@@ -13,6 +15,12 @@ COLUMNS = [
     ("ROUGE-L", "rougeL"), ("GSM8K acc", "gsm8k_acc"),
 ]
 PLOT = Path("plots") / "acceptance_hist.png"
+# --ablation: the columns of CM-ASD's Table III, plus what explains the speed
+ABLATION_COLUMNS = [
+    ("speedup", "speedup_vs_ar"), ("mean accepted", "mean_accepted"), ("mean draft len", "mean_draft_len"),
+    ("cut per step", "mean_cut"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"),
+    ("ROUGE-L", "rougeL"), ("alignment", "alignment"), ("exact match", "exact_match"),
+]
 
 
 def _fmt(v: object) -> str:
@@ -73,9 +81,41 @@ def acceptance_plot(records: list[dict], path: Path) -> bool:
     return True
 
 
+def _ablation(summary: dict) -> list[str]:
+    methods = summary["methods"]
+    order = [m for m in summary.get("config", {}).get("methods", []) if m in methods]
+    lines = ["## Ablation (CM-ASD, cf. the paper's Table III)", "",
+             "Speedup vs `ar` in this run; BLEU on translation and ROUGE on summarization against the references; "
+             "alignment (BLEU vs `ar`'s text) and exact match against `ar`.", ""]
+    return lines + _table(["method"] + [c for c, _ in ABLATION_COLUMNS],
+                          [[name] + [_fmt(methods[name].get(k)) for _, k in ABLATION_COLUMNS] for name in order])
+
+
+def _calibration(calibration: dict, out_dir: Path) -> list[str]:
+    lines = ["## Confidence calibration", "",
+             f"Exact acceptance (drafted token == target argmax) per confidence bin; Spearman over bins with >= "
+             f"{calib.MIN_COUNT} tokens, and over tokens.", ""]
+    rows = [[name, metric, str(c["tokens"]), _fmt(c["acceptance"]), _fmt(c["spearman"]), _fmt(c["spearman_tokens"])]
+            for name, per_metric in calibration.items() for metric, c in per_metric.items()]
+    lines += _table(["method", "metric", "tokens", "acceptance", "Spearman (bins)", "Spearman (tokens)"], rows)
+    bins = next(iter(calibration.values()))[calib.ENSEMBLE]["bins"]
+    header = ["ensemble: count / acceptance"] + [f"{b['lo']:.1f}-{b['hi']:.1f}" for b in bins]
+    lines += ["", *_table(header, [[name] + [f"{b['count']} / {_fmt(b['acceptance'])}"
+                                            for b in per_metric[calib.ENSEMBLE]["bins"]]
+                                   for name, per_metric in calibration.items()]), ""]
+    try:
+        calib.calibration_plot(calibration, out_dir / calib.PLOT)
+    except ImportError:
+        lines.append("(matplotlib is not installed: no calibration plot; `pip install adaspec[plots]`)")
+    else:
+        lines.append(f"![calibration]({calib.PLOT.as_posix()})")
+    return lines
+
+
 def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
-    """Write out_dir/report.md (config, method table, speedup per category, costs) and the acceptance
-    histogram out_dir/plots/acceptance_hist.png; return the report's path."""
+    """Write out_dir/report.md (config, method table, speedup per category, the ablation table with
+    --ablation, confidence calibration, costs), the acceptance histogram out_dir/plots/acceptance_hist.png and
+    the calibration plot out_dir/plots/calibration.png; return the report's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = summary["methods"]
     lines = ["# adaspec bench report", "", "## Configuration", "", "```json",
@@ -88,6 +128,10 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     lines += _table(["method"] + categories,
                     [[name] + [_fmt(pc.get(c, {}).get("speedup_vs_ar")) for c in categories]
                      for name, pc in per_category.items()])
+    if summary.get("config", {}).get("ablation"):
+        lines += [""] + _ablation(summary)
+    if summary.get("calibration"):
+        lines += [""] + _calibration(summary["calibration"], out_dir)
     if summary.get("costs"):
         lines += [""] + _costs(summary["costs"])
     if summary.get("skipped"):

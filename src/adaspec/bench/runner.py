@@ -19,7 +19,8 @@ from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.report import write_report
 from adaspec.bench.summary import load_records, summarize
-from adaspec.config import GenerationConfig
+from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, GenerationConfig
+from adaspec.decode import Step
 from adaspec.errors import AdaspecError
 from adaspec.methods import (
     DrafterChoice,
@@ -34,6 +35,10 @@ from adaspec.methods import (
 from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
 
 DEFAULT_METHODS = ("ar", "sd", "hf", "hf-assisted", "hf-lookup")
+# --ablation (CM-ASD, the paper's Table III), plus the variants of cmasd's defaults it asks to compare: the
+# other drafting variant (early_stop) and the other reading of tau (tau_mode)
+ABLATION = ("ar", "sd", "specdec", "cmasd-k", "cmasd-tau", "cmasd", f"cmasd:early_stop={1 - CMASD_EARLY_STOP}",
+            f"cmasd:tau_mode={'literal' if CMASD_TAU_MODE == 'intent' else 'intent'}")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class BenchOptions:
     dtype: str = "float32"
     chat: bool = True
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ablation: bool = False  # run ABLATION (then `methods` are added after it) and write its table
 
 
 def environment() -> dict:
@@ -79,8 +85,7 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
         texts.append(text)
         wall += result.wall_s
         if result.steps and steps is not None:
-            steps += [{"drafted": s.drafted, "accepted": s.accepted, "confidence": [round(c, 4) for c in s.confidence]}
-                      for s in result.steps]
+            steps += [step_record(s) for s in result.steps]
         else:
             steps = None  # a peer: its steps are not visible
     return {
@@ -90,11 +95,29 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
     }
 
 
+def step_record(s: Step) -> dict:
+    """A step in records.jsonl: drafted, accepted, confidence; `cut`, `metrics` and `exact` (0/1) when present."""
+    record: dict = {"drafted": s.drafted, "accepted": s.accepted, "confidence": [round(c, 4) for c in s.confidence]}
+    if s.cut:
+        record["cut"] = s.cut
+    if s.metrics:
+        record["metrics"] = {m: [round(c, 3) for c in v] for m, v in s.metrics.items()}
+    if s.exact:
+        record["exact"] = [int(e) for e in s.exact]
+    return record
+
+
+def bench_methods(opts: BenchOptions, target_name: str) -> list[str]:
+    if opts.ablation:
+        return list(ABLATION) + [m for m in opts.methods or [] if m not in ABLATION]
+    return opts.methods or [m for m in DEFAULT_METHODS
+                            if m != "hf-assisted" or has_standalone(opts.drafter, target_name)]
+
+
 def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     target_name = opts.target or BUNDLED
-    methods = opts.methods or [m for m in DEFAULT_METHODS
-                               if m != "hf-assisted" or has_standalone(opts.drafter, target_name)]
+    methods = bench_methods(opts, target_name)
     specs = [parse_method(m) for m in methods]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
@@ -110,6 +133,8 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
         "top_k": gen.sampling.top_k, "top_p": gen.sampling.top_p, "seed": gen.seed,
         "questions": len(questions),
     }
+    if opts.ablation:
+        config["ablation"] = True
     opts.out.mkdir(parents=True, exist_ok=True)
     records_path = opts.out / "records.jsonl"
     config_path = opts.out / "config.json"

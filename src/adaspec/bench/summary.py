@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adaspec.bench.calibration import calibration
 from adaspec.bench.metrics import ROUGE_KEYS, corpus_bleu, gsm8k_accuracy, rouge
 from adaspec.errors import AdaspecError
 
@@ -35,6 +36,7 @@ class MethodFields:
     rouge2: float | None = None
     rougeL: float | None = None
     gsm8k_acc: float | None = None  # math_reasoning, final number vs reference's
+    mean_cut: float | None = None  # drafted but not verified per target forward (CM-ASD's paper variant)
 
     def to_json(self) -> dict:
         return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -85,6 +87,7 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
         mean_accepted=_ratio(sum(r["new_tokens"] for r in with_steps), len(steps)),
         acceptance_rate=_ratio(sum(s["accepted"] for s in steps), drafted),
         mean_draft_len=_ratio(drafted, len(steps)),
+        mean_cut=_ratio(sum(s.get("cut", 0) for s in steps), len(steps)),
     )
     paired = [(r, baseline[r["question_id"]]) for r in records if r["question_id"] in baseline]
     if paired:
@@ -101,7 +104,8 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
 
 
 def summarize(records: list[dict], config: dict) -> dict:
-    """{"config": config, "methods": {name: fields and "per_category": {category: fields}}} from records."""
+    """{"config": config, "methods": {name: fields and "per_category": {category: fields}}, "calibration":
+    {name: {metric: bins and Spearman}} (methods that record confidence, see bench/calibration.py)} from records."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_method[r["method"]].append(r)
@@ -114,4 +118,4 @@ def summarize(records: list[dict], config: dict) -> dict:
         methods[name] = method_fields(rs, baseline).to_json()
         methods[name]["per_category"] = {c: method_fields(crs, baseline).to_json()
                                          for c, crs in sorted(by_category.items())}
-    return {"config": config, "methods": methods}
+    return {"config": config, "methods": methods, "calibration": calibration(records)}

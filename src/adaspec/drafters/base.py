@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -10,6 +11,8 @@ import torch
 from adaspec.config import SamplingConfig
 from adaspec.policies import LengthPolicy
 
+Scorer = Callable[[torch.Tensor], float]  # a drafted position's logits [V] -> its confidence in [0, 1]
+
 
 @dataclass
 class DraftContext:
@@ -17,16 +20,28 @@ class DraftContext:
     k_max: int  # most tokens to draft (policy length, capped by the remaining budget)
     sampling: SamplingConfig
     generator: torch.Generator | None = None
+    score: Scorer | None = None  # the method's confidence (CM-ASD ensemble); None: the drafter's own, p(token)
 
 
 @dataclass
 class Draft:
     tokens: list[int] = field(default_factory=list)  # [k]
     probs: torch.Tensor | None = None  # q [k, V] the tokens were drawn from; None: deterministic (one-hot)
-    confidence: list[float] = field(default_factory=list)  # [k] the drafter's own confidence per token
+    confidence: list[float] = field(default_factory=list)  # [k] ctx.score per token, else the drafter's own
+    # [k, V] the drafter's logits, full vocabulary (-inf outside a reduced head); None: no distribution (prompt
+    # lookup) or not built (an EAGLE head builds full-size rows only when sampling or scoring needs them)
+    logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def prefix(self, n: int) -> Draft:
+        """The first n drafted tokens (what a length policy keeps for verification)."""
+        if n >= len(self.tokens):
+            return self
+        cut = slice(0, n)
+        return Draft(self.tokens[cut], None if self.probs is None else self.probs[cut], self.confidence[cut],
+                     None if self.logits is None else self.logits[cut])
 
 
 class Drafter(Protocol):

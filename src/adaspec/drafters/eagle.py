@@ -253,25 +253,30 @@ class EagleDrafter:
         self.consumed += ids[c + 1: n_feat + 1]
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []  # full-vocabulary logits, built only when sampling or a scorer needs them
         confidence: list[float] = []
         while True:
             logits = (out[0, -1] @ self.lm_rows.T).float()  # [v]
             p_reduced = torch.softmax(logits, -1)
+            if not ctx.sampling.greedy or ctx.score is not None:
+                full = torch.full((self.vocab_size,), float("-inf"))
+                full[self.vocab] = logits
+                rows.append(full)  # [V]
             if ctx.sampling.greedy:
                 j = int(logits.argmax())
             else:
-                full = torch.full((self.vocab_size,), float("-inf"))
-                full[self.vocab] = logits
                 q = probs_from_logits(full, ctx.sampling)  # [V]
                 probs.append(q)
                 j = int(torch.searchsorted(self.vocab, sample(q, ctx.generator)))
             tokens.append(int(self.vocab[j]))
-            confidence.append(float(p_reduced[j]))
+            # every confidence metric of the reduced logits equals that of the full row (-inf elsewhere)
+            confidence.append(ctx.score(logits) if ctx.score else float(p_reduced[j]))
             if len(tokens) >= ctx.k_max or not policy.keep_drafting(confidence):
                 break
             out = self.head.step(out, self._embed(tokens[-1:]), n_feat + len(tokens), self.cache)  # [1, 1, H]
         self.cache.crop(len(self.consumed))  # forget positions drafted from predicted features
-        return Draft(tokens, None if ctx.sampling.greedy else torch.stack(probs), confidence)
+        return Draft(tokens, None if ctx.sampling.greedy else torch.stack(probs), confidence,
+                     torch.stack(rows) if rows else None)  # logits [k, V]
 
 
 def param_count(head: EagleHead) -> int:

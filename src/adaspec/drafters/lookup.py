@@ -1,5 +1,9 @@
 """Prompt lookup decoding (Saxena 2023): copy what followed the latest earlier occurrence of the
-last n tokens. No model, no cost; strong on summarization, extraction and code editing."""
+last n tokens. No model, no cost; strong on summarization, extraction and code editing.
+
+A copy has no distribution: a draft carries no logits, and its confidence is 1.0 per token, what every
+CM-ASD metric gives a one-hot. CM-ASD over prompt lookup therefore drafts floor(alpha * k_max) tokens (clamped)
+and verifies with tau at C = 1: a fixed-length, fixed-tau method, said here rather than dressed up."""
 
 from __future__ import annotations
 

@@ -23,18 +23,20 @@ class ModelDrafter:
         logits = self.backend.sync(ctx.ids)[-1]  # [V]
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
         confidence: list[float] = []
         while True:
             q = probs_from_logits(logits, ctx.sampling)  # [V]
             x = int(q.argmax()) if ctx.sampling.greedy else sample(q, ctx.generator)
             tokens.append(x)
             probs.append(q)
-            confidence.append(float(torch.softmax(logits, -1)[x]))
+            rows.append(logits)
+            confidence.append(ctx.score(logits) if ctx.score else float(torch.softmax(logits, -1)[x]))
             if len(tokens) >= ctx.k_max or not policy.keep_drafting(confidence):
                 break
             logits = self.backend.extend([x])[-1]
         draft_probs = None if ctx.sampling.greedy else torch.stack(probs)  # [k, V]
-        return Draft(tokens, draft_probs, confidence)
+        return Draft(tokens, draft_probs, confidence, torch.stack(rows))  # logits [k, V]
 
     def observe(self, accepted: int, ids: list[int]) -> None:
         pass  # rejected positions are dropped by the next `sync`, which compares token ids

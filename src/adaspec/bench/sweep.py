@@ -1,0 +1,253 @@
+"""`adaspec sweep`: CM-ASD hyperparameters over a grid, each point one method spec run through the bench
+runner on the same prompts, against `ar` measured once on those prompts and reused for every point.
+
+Writes into --out: `ar.jsonl` (the baseline's records), `sweep.jsonl` (one line per grid point: its spec,
+grid values and the bench fields; a rerun skips points already there), `pareto.json` (the points no other
+point beats on both speedup and alignment, and on both speedup and task quality) and `plots/pareto.png`.
+`sweep_point` is a pure function of (spec, options, baseline records) so it can run on other workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from adaspec.bench.data import Question, load_questions
+from adaspec.bench.summary import BASELINE, load_records, method_fields
+from adaspec.config import GenerationConfig
+from adaspec.errors import AdaspecError
+from adaspec.methods import OPTIONS, DrafterChoice, build_runner, default_drafter, load_drafter, parse_method
+from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
+
+GRID: dict[str, tuple[float, ...]] = {"alpha": (0.5, 0.75, 1.0), "gamma": (0.5, 1.0, 2.0), "tau_base": (0.05, 0.1, 0.2)}
+QUALITY = ("bleu", "rougeL", "gsm8k_acc")  # task quality: the mean of those that apply (gsm8k_acc x 100)
+PLOT = Path("plots") / "pareto.png"
+
+
+@dataclass
+class SweepOptions:
+    data: Path
+    out: Path
+    base: str = "cmasd"  # the method spec the grid's options are added to, e.g. cmasd:early_stop=0,beta=3
+    grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(GRID))
+    categories: list[str] | None = None
+    limit: int | None = None
+    target: str | None = None
+    drafter: str | None = None
+    dtype: str = "float32"
+    chat: bool = True
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class Models:
+    target: LoadedModel
+    drafter: DrafterChoice
+
+
+def load_models(opts: SweepOptions) -> Models:
+    target = load_model(opts.target, opts.dtype)
+    return Models(target, load_drafter(opts.drafter, target, opts.dtype))
+
+
+def _number(v: float) -> str:
+    return f"{v:g}"
+
+
+def point_specs(base: str, grid: dict[str, tuple[float, ...]]) -> list[tuple[str, dict[str, float]]]:
+    """(spec, grid values) for every grid point, specs in one canonical spelling (they key sweep.jsonl)."""
+    spec = parse_method(base)
+    clash = sorted(set(grid) & set(spec.options))
+    if clash:
+        raise AdaspecError(f"--base {base} sets {', '.join(clash)}, which the grid sweeps; drop it from one of them")
+    unknown = [k for k in grid if k not in OPTIONS[spec.name]]
+    if unknown:
+        raise AdaspecError(f"method '{spec.name}' has no option {', '.join(unknown)} to sweep; "
+                           f"options: {', '.join(OPTIONS[spec.name])}")
+    fixed = [f"{k}={v}" for k, v in spec.options.items()]
+    axes = {k: v for k, v in grid.items() if v}
+    points = []
+    for values in itertools.product(*axes.values()):
+        point = dict(zip(axes, values, strict=True))
+        label = f"{spec.name}:" + ",".join(fixed + [f"{k}={_number(v)}" for k, v in point.items()])
+        parse_method(label)  # every point's values must be valid
+        points.append((label.rstrip(":"), point))
+    return points
+
+
+def questions_of(opts: SweepOptions) -> list[Question]:
+    questions = load_questions(opts.data, opts.categories, opts.limit)
+    if not questions:
+        raise AdaspecError("no questions selected")
+    return questions
+
+
+def run_method(spec: str, opts: SweepOptions, models: Models, questions: list[Question],
+               progress: Callable[[], None] | None = None) -> Iterator[dict]:
+    """Bench records of one method on `questions`, as they finish (after a short warm-up); prompts that fail
+    (e.g. beyond the context) are skipped."""
+    from adaspec.bench.runner import answer
+
+    if not questions:
+        return
+    gen = opts.generation
+    runner = build_runner(parse_method(spec), models.target, models.drafter, gen)
+    warm = encode_prompt(models.target.tokenizer, questions[0].turns[0], opts.chat)[:64]
+    runner(warm, GenerationConfig(max_new_tokens=8, sampling=gen.sampling, seed=gen.seed))
+    for q in questions:
+        try:
+            yield answer(runner, models.target, q, gen, opts.chat)
+        except AdaspecError:
+            pass
+        finally:
+            if progress is not None:
+                progress()
+
+
+def quality(fields: dict) -> float | None:
+    """Task quality of a point: the mean of BLEU, ROUGE-L and GSM8K accuracy x 100 where they apply."""
+    values = [fields[k] * (100 if k == "gsm8k_acc" else 1) for k in QUALITY if fields.get(k) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def sweep_point(spec: str, opts: SweepOptions, baseline: list[dict], models: Models | None = None,
+                progress: Callable[[], None] | None = None) -> dict:
+    """One grid point: run `spec` on the questions `ar` answered in `baseline`; its sweep.jsonl record (the
+    bench summary fields against that baseline, and `quality`). Loads the models unless given them."""
+    models = models or load_models(opts)
+    answered = {r["question_id"] for r in baseline}
+    questions = [q for q in questions_of(opts) if q.question_id in answered]
+    records = list(run_method(spec, opts, models, questions, progress))
+    fields = method_fields(records, {r["question_id"]: r for r in baseline}).to_json()
+    point = {k: v for k, v in parse_method(spec).options.items() if isinstance(v, int | float)}
+    q = quality(fields)
+    return {"key": spec, "spec": spec, **point, **fields, "quality": None if q is None else round(q, 4)}
+
+
+def pareto_front(points: list[dict], x: str, y: str) -> list[dict]:
+    """Points that no other point beats on both x and y (>= on both, > on one), by x descending; points
+    missing either are left out."""
+    scored = [p for p in points if p.get(x) is not None and p.get(y) is not None]
+    front = [p for p in scored
+             if not any(o[x] >= p[x] and o[y] >= p[y] and (o[x] > p[x] or o[y] > p[y]) for o in scored)]
+    return sorted(front, key=lambda p: (-p[x], -p[y]))
+
+
+def append_line(path: Path, record: dict) -> None:
+    """Append one JSON line, first ending a line an interrupted run left unfinished."""
+    with path.open("ab+") as f:
+        f.seek(0, 2)
+        if f.tell():
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def read_points(path: Path) -> list[dict]:
+    """sweep.jsonl's points; a line cut short by an interrupted run is dropped (it reruns)."""
+    points = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            point = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(point, dict) and "key" in point:
+            points.append(point)
+    return points
+
+
+def pareto_plot(points: list[dict], fronts: dict[str, list[dict]], ar: dict, path: Path) -> bool:
+    """Speedup against alignment and against task quality: every point, its front joined, `ar` marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not points:
+        return False
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    for ax, (y, front) in zip(fig.subplots(1, 2), fronts.items(), strict=True):
+        scored = [p for p in points if p.get("speedup_vs_ar") is not None and p.get(y) is not None]
+        ax.scatter([p["speedup_vs_ar"] for p in scored], [p[y] for p in scored], s=14, color="0.6", label="grid point")
+        ax.plot([p["speedup_vs_ar"] for p in front], [p[y] for p in front], "o-", color="C3", label="Pareto front")
+        for p in front:
+            short = ",".join(f"{k[0]}={_number(p[k])}" for k in GRID if p.get(k) is not None)
+            ax.annotate(short, (p["speedup_vs_ar"], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if ar.get(y) is not None:
+            ax.scatter([1.0], [ar[y]], marker="*", s=90, color="k", label="ar")
+        ax.set_xlabel("speedup vs ar")
+        ax.set_ylabel({"alignment": "alignment with ar (BLEU)", "quality": "task quality (BLEU / ROUGE-L)"}[y])
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return True
+
+
+def sweep_config(opts: SweepOptions, target_name: str) -> dict:
+    gen = opts.generation
+    return {
+        "data": str(opts.data), "categories": opts.categories, "limit": opts.limit, "base": opts.base,
+        "grid": {k: list(v) for k, v in opts.grid.items()}, "target": target_name,
+        "drafter": opts.drafter or default_drafter(target_name), "dtype": opts.dtype, "chat": opts.chat,
+        "max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature, "top_k": gen.sampling.top_k,
+        "top_p": gen.sampling.top_p, "seed": gen.seed,
+    }
+
+
+def summarize_sweep(points: list[dict], baseline: list[dict], out: Path) -> dict:
+    """pareto.json and plots/pareto.png from the sweep's records alone."""
+    ar = method_fields(baseline, {r["question_id"]: r for r in baseline}).to_json() if baseline else {}
+    ar["quality"] = quality(ar) if ar else None
+    fronts = {"alignment": pareto_front(points, "speedup_vs_ar", "alignment"),
+              "quality": pareto_front(points, "speedup_vs_ar", "quality")}
+    summary = {"points": len(points), "ar": ar, "front_alignment": fronts["alignment"],
+               "front_quality": fronts["quality"]}
+    (out / "pareto.json").write_text(json.dumps(summary, indent=1))
+    try:
+        pareto_plot(points, fronts, ar, out / PLOT)
+    except ImportError:
+        pass  # matplotlib is an optional extra: pareto.json still says it all
+    return summary
+
+
+def run_sweep(opts: SweepOptions, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    specs = point_specs(opts.base, opts.grid)
+    questions = questions_of(opts)
+    target_name = opts.target or BUNDLED
+    config = sweep_config(opts, target_name)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    config_path, ar_path, sweep_path = opts.out / "config.json", opts.out / "ar.jsonl", opts.out / "sweep.jsonl"
+    if config_path.exists() and json.loads(config_path.read_text()) != config:
+        raise AdaspecError(f"{opts.out} holds a sweep with another configuration; choose a new --out")
+    config_path.write_text(json.dumps(config, indent=2))
+    baseline = load_records(ar_path) if ar_path.exists() else []
+    done = {p["key"] for p in read_points(sweep_path)}
+    todo = [s for s, _ in specs if s not in done]
+    ar_todo = [q for q in questions if q.question_id not in {r["question_id"] for r in baseline}]
+    console.print(f"sweep: {len(specs)} points ({len(specs) - len(todo)} done) x {len(questions)} questions")
+    if todo or ar_todo:
+        console.print(f"loading target {target_name} ({opts.dtype})")
+        models = load_models(opts)
+        columns = (TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"))
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("", total=(len(todo) + bool(ar_todo)) * len(questions))
+            if ar_todo:
+                progress.update(task, description=BASELINE)
+                progress.advance(task, len(questions) - len(ar_todo))
+                for r in run_method(BASELINE, opts, models, ar_todo, lambda: progress.advance(task)):
+                    append_line(ar_path, r)
+                baseline = load_records(ar_path)
+            for spec in todo:
+                progress.update(task, description=spec)
+                append_line(sweep_path, sweep_point(spec, opts, baseline, models, lambda: progress.advance(task)))
+    keys = {s for s, _ in specs}
+    points = [p for p in read_points(sweep_path) if p["key"] in keys]
+    return summarize_sweep(points, baseline, opts.out)
