@@ -36,7 +36,7 @@ class EagleTrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 50
-    epochs: float = 2.0
+    epochs: float = 8.0
     eval_every: int = 100
     holdout: float = 0.05
     init_layer: int = -1  # the target layer the head starts from
