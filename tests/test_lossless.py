@@ -7,7 +7,8 @@ for ar, for model drafters and for prompt lookup; the same statistic must reject
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from adaspec.backends import TorchBackend
 from adaspec.config import GenerationConfig, SamplingConfig
 from adaspec.decode import generate
 from adaspec.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.methods import cmasd_parts, parse_method
 from adaspec.policies import FixedLength
 from adaspec.sampling import probs_from_logits, sample
 from adaspec.verify import speculative_sampling
@@ -101,15 +103,17 @@ class Draws:
     accepted: int = 0
     rejections: int = 0  # steps that kept fewer tokens than drafted
     full_accepts: int = 0  # steps that kept every drafted token (a bonus token was drawn)
+    first_lengths: Counter = field(default_factory=Counter)  # tokens the first step drafted
 
 
-def draw(target, sampling, drafter=None, k=2, max_new=TOKENS, rule=None) -> Draws:
+def draw(target, sampling, drafter=None, k=2, max_new=TOKENS, rule=None, policy=None, confidence=None) -> Draws:
     """N generations, seeds 0..N-1; the first TOKENS tokens of each."""
     out = Draws([])
     for seed in range(N):
         config = GenerationConfig(max_new_tokens=max_new, sampling=sampling, seed=seed)
-        result = generate(target, PROMPT, config, drafter, FixedLength(k), rule=rule)
+        result = generate(target, PROMPT, config, drafter, policy or FixedLength(k), rule=rule, confidence=confidence)
         out.samples.append(tuple(result.token_ids[:TOKENS]))
+        out.first_lengths[result.steps[0].drafted] += 1
         for s in result.steps:
             if s.drafted:
                 out.drafted += s.drafted
@@ -159,6 +163,16 @@ def test_reduced_vocabulary_drafter_is_lossless(target, joints):
     reduced = ModelDrafter(TorchBackend(tiny_llama(11, vocab=V, layers=1, scale=SCALE), vocab_ids=[0, 2, 3, 5, 6]))
     draws = draw(target, T1, reduced, k=2)
     assert_both_paths_ran(draws)
+    assert fit_pvalue(draws.samples, joints[T1]) > PASS
+
+
+def test_cmasd_k_early_stop_is_lossless(target, drafter, joints):
+    # the early stop decides after the t-th token from C_1..C_t, confidences of positions whose distributions
+    # depend only on earlier tokens: whether a token is verified never depends on that token or later ones
+    parts = cmasd_parts(parse_method("cmasd-k:k_max=3,alpha=3.4"))
+    draws = draw(target, T1, drafter, max_new=TOKENS + 1, policy=parts.policy, confidence=parts.confidence)
+    assert_both_paths_ran(draws)
+    assert min(draws.first_lengths[2], draws.first_lengths[3]) > N // 10  # the sampled token moves the stop
     assert fit_pvalue(draws.samples, joints[T1]) > PASS
 
 

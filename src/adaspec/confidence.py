@@ -61,8 +61,8 @@ class ConfidenceEnsemble:
     def __post_init__(self) -> None:
         if min(self.l1, self.l2, self.l3) < 0 or not math.isclose(self.l1 + self.l2 + self.l3, 1.0, abs_tol=1e-6):
             raise AdaspecError(f"confidence weights must be >= 0 and sum to 1, got {self.l1}, {self.l2}, {self.l3}")
-        if self.scale <= 0:
-            raise AdaspecError(f"the logit-margin scale s must be > 0, got {self.scale}")
+        if not 0 < self.scale < math.inf:
+            raise AdaspecError(f"the logit-margin scale s must be a finite number > 0, got {self.scale}")
         if self.only is not None and self.only not in METRICS:
             raise AdaspecError(f"unknown confidence metric '{self.only}'; choose one of {', '.join(METRICS)}")
 
@@ -75,3 +75,14 @@ class ConfidenceEnsemble:
         if self.only is not None:
             return parts[self.only]
         return self.l1 * parts["entropy"] + self.l2 * parts["margin"] + self.l3 * parts["softmax"]
+
+
+def annealed_temperature(layer: int, depth: int, a: float) -> float:
+    """SpecBound's calibration temperature of an exit after `layer` of `depth` layers: T_l = 1 + a (1 - l / L).
+    Shallow exits are softened (T > 1), the last layer is left as it is (T = 1)."""
+    return 1.0 + a * (1.0 - layer / depth)
+
+
+def annealed_confidence(logits: torch.Tensor, layer: int, depth: int, a: float) -> torch.Tensor:
+    """max softmax(z / T_l): an exit's confidence in its top token, calibrated by depth (SpecBound)."""
+    return torch.softmax(logits.float() / annealed_temperature(layer, depth, a), dim=-1).amax(-1)

@@ -6,7 +6,18 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from adaspec.config import CMASD_ALPHA, CMASD_EARLY_STOP, CMASD_K_MAX, CMASD_K_MIN
+import torch
+
+from adaspec.confidence import annealed_confidence, annealed_temperature
+from adaspec.config import (
+    CMASD_ALPHA,
+    CMASD_EARLY_STOP,
+    CMASD_K_MAX,
+    CMASD_K_MIN,
+    SPECBOUND_A,
+    SPECBOUND_D_MAX,
+    SPECBOUND_THRESHOLD,
+)
 from adaspec.errors import AdaspecError
 
 
@@ -68,8 +79,8 @@ class ConfidenceLength:
     early_stop: bool = bool(CMASD_EARLY_STOP)
 
     def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise AdaspecError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:  # nan and inf too: floor(alpha * mean * k_max) needs a number
+            raise AdaspecError(f"alpha must be a finite number > 0, got {self.alpha}")
         if not 1 <= self.k_min <= self.k_max:
             raise AdaspecError(f"draft lengths need 1 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
 
@@ -84,6 +95,65 @@ class ConfidenceLength:
 
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences) if self.early_stop else min(len(confidences), self.length(confidences))
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ExitBound:
+    """SpecBound's exit rule and speculation bound (arXiv 2604.12247), for an early-exit drafter over a target of
+    `depth` layers.
+
+    A drafted token exits after the first layer l of `exits` where its annealed confidence
+    max softmax(z_l / T_l), T_l = 1 + a (1 - l / L), reaches `threshold`; a token that reaches the deepest exit
+    (the bound layer) without exiting ends the draft; at most `d_max` tokens are drafted a step. The exit rule
+    runs inside the drafter (it alone sees the layers); as a length policy this is a fixed bound of d_max.
+    Every decision depends only on the draft side, so exact verification stays exact (lossless when sampling).
+    """
+
+    exits: tuple[int, ...]  # layers after which a token may exit (layers run), increasing, each in 1..depth-1
+    depth: int  # L, the target's layer count
+    threshold: float = SPECBOUND_THRESHOLD
+    a: float = SPECBOUND_A  # temperature slope
+    d_max: int = SPECBOUND_D_MAX
+
+    def __post_init__(self) -> None:
+        if not self.exits or list(self.exits) != sorted(set(self.exits)):
+            raise AdaspecError(f"exits must be increasing layer numbers, got {list(self.exits)}")
+        if not 1 <= self.exits[0] <= self.exits[-1] < self.depth:
+            raise AdaspecError(f"exits must lie in 1..{self.depth - 1} (the target has {self.depth} layers; an exit "
+                               f"after the last one is the full model), got {list(self.exits)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise AdaspecError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.a < math.inf:
+            raise AdaspecError(f"the temperature slope a must be a finite number >= 0, got {self.a}")
+        if self.d_max < 1:
+            raise AdaspecError(f"d_max (the most tokens drafted a step) must be >= 1, got {self.d_max}")
+
+    @property
+    def bound(self) -> int:
+        """The deepest exit: a token still unsure there ends the draft."""
+        return self.exits[-1]
+
+    def temperature(self, layer: int) -> float:
+        return annealed_temperature(layer, self.depth, self.a)
+
+    def confidence(self, logits: torch.Tensor, layer: int) -> float:
+        """The annealed confidence of an exit's logits [V] after `layer` layers."""
+        return float(annealed_confidence(logits, layer, self.depth, self.a))
+
+    def exits_at(self, confidence: float) -> bool:
+        return confidence >= self.threshold
+
+    def draft_length(self) -> int:
+        return self.d_max
+
+    def keep_drafting(self, confidences: list[float]) -> bool:
+        return True
+
+    def verify_length(self, confidences: list[float]) -> int:
+        return len(confidences)
 
     def observe(self, drafted: int, accepted: int) -> None:
         pass

@@ -22,6 +22,9 @@ from adaspec.errors import AdaspecError
 from adaspec.sampling import probs_from_logits, sample
 
 TAU_MODES = ("intent", "literal")
+# tau is capped here in the sampled rule: e^80 * p >= 1 >= q wherever p > 2e-35, so a larger tau changes nothing,
+# while math.exp(tau) overflows beyond ~709
+MAX_LOG_SLACK = 80.0
 
 
 class AcceptanceRule(Protocol):
@@ -153,7 +156,8 @@ def lenient_speculative_sampling(
             q = draft_probs[t]  # [V]
         top = torch.zeros_like(p[t], dtype=torch.bool)
         top[torch.topk(p[t], min(beta, p.shape[-1])).indices] = True
-        a = torch.where(top, torch.minimum(q, math.exp(tau[t]) * p[t]), torch.zeros_like(q))  # [V]
+        slack = math.exp(min(tau[t], MAX_LOG_SLACK))
+        a = torch.where(top, torch.minimum(q, slack * p[t]), torch.zeros_like(q))  # [V]
         if float(torch.rand((), generator=generator)) * float(q[x]) < float(a[x]):
             continue
         residual = (p[t] - a).clamp_min(0.0)
@@ -176,8 +180,9 @@ class TopBetaTau:
     def __post_init__(self) -> None:
         if self.beta < 1:
             raise AdaspecError(f"beta (top-beta) must be >= 1, got {self.beta}")
-        if self.tau_base < 0 or self.gamma < 0:
-            raise AdaspecError(f"tau_base and gamma must be >= 0, got {self.tau_base}, {self.gamma}")
+        if not (0 <= self.tau_base < math.inf and 0 <= self.gamma < math.inf):  # nan would accept every top-beta
+            raise AdaspecError(f"tau (tau_base) and gamma must be finite numbers >= 0, got {self.tau_base}, "
+                               f"{self.gamma}")
         if self.tau_mode not in TAU_MODES:
             raise AdaspecError(f"unknown tau_mode '{self.tau_mode}'; choose one of {', '.join(TAU_MODES)}")
 

@@ -33,7 +33,10 @@ class PromptLookupDrafter:
                 if ids[start : start + n] == tail:
                     follow = ids[start + n : start + n + ctx.k_max]
                     if follow:
-                        return Draft(follow, None, [1.0] * len(follow))
+                        # the policy may stop early (CM-ASD's early stop), as after a model drafter's token
+                        k = next(t for t in range(1, len(follow) + 1)
+                                 if t == len(follow) or not policy.keep_drafting([1.0] * t))
+                        return Draft(follow[:k], None, [1.0] * k)
         return Draft()
 
     def observe(self, accepted: int, ids: list[int]) -> None:
