@@ -1,0 +1,170 @@
+"""The analytic bound (Leviathan et al. 2023): the speedup a method should reach given its measured per-token
+acceptance and the measured costs (costs.json), its efficiency (measured / expected), and where its time goes.
+
+Under the i.i.d. assumption (each drafted token is accepted with probability alpha once the ones before it
+were), a target forward that verifies k drafted tokens emits in expectation
+
+    E(k) = (1 - alpha^(k+1)) / (1 - alpha)            tokens (the correction/bonus token included)
+
+and costs draft(k) + verify(k + 1) target steps, so a method drafting k tokens per forward should reach
+
+    expected speedup = E(k) / (draft(k) + verify(k + 1)).
+
+- alpha: the measured per-token acceptance, accepted / (accepted + rejections), a forward that keeps fewer
+  drafted tokens than it verified ending in one rejection (the estimate of alpha under this model; it is above
+  accepted / drafted, which also counts drafted tokens left unexamined behind a rejection).
+- verify(n): the target's measured time to score n positions over its time for one (costs' verify_ms), linear
+  between the measured sizes and beyond the largest.
+- draft(k): the drafter's measured first token (one-token proposal) plus k - 1 marginal tokens, over one target
+  step (with only the marginal cost measured, as in older runs: k times it). Tokens drafted but cut before
+  verification (CM-ASD's paper variant) are paid for here.
+- draft lengths that vary (adaptive policies, prompt lookup finding no match): E and the cost are averaged over
+  the lengths of the method's recorded forwards, expected speedup = mean E(k_s) / mean cost(k_s). For a fixed
+  k this is the formula above; plugging the mean length into it instead would overstate E (concave in k).
+
+Approximations: the costs are measured at one context length (costs' context_tokens) while contexts grow; real
+acceptance is not i.i.d. (compare expected and measured tokens per forward); both speedups count one bare
+target forward as the unit, so `ar`'s own per-step overhead (sampling, Python) shows as efficiency != 1.
+The measured time per forward splits into draft, verify (both from the costs) and overhead (the rest:
+acceptance, cache rollback, sampling, Python).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adaspec.errors import AdaspecError
+
+DIGITS = 4
+
+
+def expected_tokens(alpha: float, k: float) -> float:
+    """E(k): expected tokens emitted by a forward verifying k drafted tokens, each accepted with prob. alpha."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def interpolate(table: dict[str, float], n: float) -> float:
+    """table {size: value} at n: linear between the measured sizes, extended linearly beyond them."""
+    points = sorted((float(k), float(v)) for k, v in table.items())
+    if len(points) == 1:
+        return points[0][1]
+    i = next((i for i in range(1, len(points)) if n <= points[i][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Measured costs in ms: the target scoring n positions (verify_ms), a drafter's first and marginal token."""
+
+    verify_ms: dict[str, float]
+    draft_first_ms: float = 0.0
+    draft_step_ms: float = 0.0
+
+    @property
+    def step_ms(self) -> float:
+        """One target step: scoring one position."""
+        return interpolate(self.verify_ms, 1)
+
+    def verify(self, n: float) -> float:
+        return interpolate(self.verify_ms, n)
+
+    def draft(self, k: float) -> float:
+        return 0.0 if k <= 0 else self.draft_first_ms + (k - 1) * self.draft_step_ms
+
+
+def token_acceptance(steps: list[dict]) -> float | None:
+    """alpha: accepted / (accepted + rejections) over the forwards that verified drafted tokens; None if none did."""
+    drafting = [s for s in steps if s["drafted"]]
+    accepted = sum(s["accepted"] for s in drafting)
+    examined = accepted + sum(s["accepted"] < s["drafted"] for s in drafting)
+    return accepted / examined if examined else None
+
+
+def expected_speedup(alpha: float | None, lengths: list[tuple[int, int]], costs: Costs) -> tuple[float, float, float]:
+    """(mean E, mean cost in target steps, expected speedup) over forwards given as (verified, paid-for drafted)
+    token counts."""
+    if not lengths:
+        raise ValueError("no forwards to average over")
+    a = alpha if alpha is not None else 0.0  # alpha is only None when nothing is drafted: E = 1 then
+    tokens = sum(expected_tokens(a, k) for k, _ in lengths) / len(lengths)
+    cost = sum(costs.draft(paid) + costs.verify(k + 1) for k, paid in lengths) / len(lengths) / costs.step_ms
+    return tokens, cost, tokens / cost
+
+
+def method_costs(method: str, costs: dict) -> Costs | None:
+    """The costs that apply to `method` (`ar`, `sd` and the CM-ASD family: the methods that draft with a Drafter):
+    its drafter= option's entry in costs["drafters"], else the run's drafter. None for the other methods (the peers;
+    SpecBound's early exits and R-Stitch's routing, whose costs costs.json does not hold), for a label that does
+    not parse, and when the drafter's cost was not measured."""
+    from adaspec.methods import CMASD_METHODS, OPTIONS, parse_method
+
+    if "verify_ms" not in costs:
+        return None
+    try:
+        spec = parse_method(method)
+    except AdaspecError:
+        return None
+    if spec.name not in ("ar", "sd", *CMASD_METHODS):
+        return None
+    if spec.name == "ar":
+        return Costs(costs["verify_ms"])
+    option = spec.options.get("drafter") if "drafter" in OPTIONS[spec.name] else None
+    drafter = costs.get("drafters", {}).get(str(option)) if option else costs
+    if not drafter or "drafter_step_ms" not in drafter:
+        return None
+    step = float(drafter["drafter_step_ms"])
+    return Costs(costs["verify_ms"], float(drafter.get("drafter_first_ms", step)), step)
+
+
+def _round(d: dict) -> dict:
+    return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def method_bound(records: list[dict], costs: Costs, measured_speedup: float | None) -> dict | None:
+    """The bound, efficiency and time split of one method's records (those with steps); None without steps
+    (the peers) or when its steps are per-token routing decisions rather than target forwards (R-Stitch)."""
+    records = [r for r in records if r.get("steps") and "source" not in r["steps"][0]]
+    steps = [s for r in records for s in r["steps"]]
+    if not steps:
+        return None
+    alpha = token_acceptance(steps)
+    lengths = [(s["drafted"], s["drafted"] + s.get("cut", 0)) for s in steps]
+    tokens, cost, expected = expected_speedup(alpha, lengths, costs)
+    ms_per_step = 1000 * sum(r["wall_s"] for r in records) / len(steps)
+    draft_ms = sum(costs.draft(paid) for _, paid in lengths) / len(lengths)
+    verify_ms = sum(costs.verify(k + 1) for k, _ in lengths) / len(lengths)
+    return _round({
+        "alpha": alpha,
+        "mean_draft_len": sum(k for k, _ in lengths) / len(lengths),
+        "expected_tokens_per_step": tokens,
+        "measured_tokens_per_step": sum(r["new_tokens"] for r in records) / len(steps),
+        "expected_step_cost": cost,  # target steps per forward
+        "measured_step_cost": ms_per_step / costs.step_ms,
+        "expected_speedup": expected,
+        "measured_speedup": measured_speedup,
+        "efficiency": measured_speedup / expected if measured_speedup is not None else None,
+        "ms_per_step": ms_per_step, "draft_ms": draft_ms, "verify_ms": verify_ms,
+        "overhead_ms": ms_per_step - draft_ms - verify_ms,
+    })
+
+
+def bound(records: list[dict], costs: dict | None, methods: dict) -> dict:
+    """{method: method_bound(...)} for every method with recorded steps and measured costs; `methods` is the
+    summary's, for the measured speedups."""
+    if not costs:
+        return {}
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    out = {}
+    for name, rs in by_method.items():
+        c = method_costs(name, costs)
+        result = method_bound(rs, c, methods.get(name, {}).get("speedup_vs_ar")) if c else None
+        if result is not None:
+            out[name] = result
+    return out

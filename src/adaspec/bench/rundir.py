@@ -1,0 +1,87 @@
+"""A bench run directory as a whole: summary.json, report.md and plots/ rebuilt from its files
+(`adaspec report DIR`), and several runs side by side (`adaspec compare DIR...`).
+
+`adaspec bench --out DIR` leaves the raw material there: records.jsonl (one line per question and method, each
+carrying the environment it ran in), config.json (the run's options), costs.json (the measured costs) and
+skipped.json (what its last invocation skipped). Everything else is derived from them by `rebuild`, which the
+bench itself calls, so `adaspec report DIR` reproduces summary.json and report.md byte for byte. Runs written
+before costs.json existed keep their costs, environment and skipped list only in summary.json, read for them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from adaspec.bench.bound import bound
+from adaspec.bench.report import compare_markdown, write_report
+from adaspec.bench.specbench import write_answers
+from adaspec.bench.summary import load_records, summarize
+from adaspec.errors import AdaspecError
+
+RECORDS, CONFIG, COSTS, SKIPPED, SUMMARY, REPORT = (
+    "records.jsonl", "config.json", "costs.json", "skipped.json", "summary.json", "report.md")
+
+
+def _read_json(path: Path, default: object = None) -> object:
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdaspecError(f"{path}: not valid JSON ({e.msg}); fix or delete it") from None
+
+
+def environments(records: list[dict]) -> list[dict]:
+    """The distinct environments the records ran in, most records first: [{"environment", "records"}]."""
+    counts = Counter(json.dumps(r["environment"], sort_keys=True) for r in records if r.get("environment"))
+    return [{"environment": json.loads(e), "records": n} for e, n in counts.most_common()]
+
+
+def build_summary(run: Path) -> tuple[dict, list[dict]]:
+    """(summary, records) of a run directory, from its files alone; writes nothing."""
+    if not (run / RECORDS).is_file():
+        raise AdaspecError(f"{run} has no {RECORDS}: a report is built from the records of `adaspec bench --out "
+                           f"{run}`")
+    records = load_records(run / RECORDS)
+    legacy = _read_json(run / SUMMARY, {})  # runs from before costs.json
+    summary = summarize(records, _read_json(run / CONFIG, legacy.get("config", {})))
+    summary["costs"] = _read_json(run / COSTS, legacy.get("costs"))
+    envs = environments(records)
+    summary["environment"] = envs[0]["environment"] if envs else legacy.get("environment")
+    if len(envs) > 1:  # e.g. a run resumed on another machine: every environment, with its record count
+        summary["environments"] = envs
+    summary["skipped"] = _read_json(run / SKIPPED, legacy.get("skipped", []))
+    summary["bound"] = bound(records, summary["costs"], summary["methods"])
+    return summary, records
+
+
+def rebuild(run: Path, answers: bool = False) -> dict:
+    """Write run/summary.json, run/report.md and run/plots/ from the run's files (and, with `answers`, the
+    Spec-Bench answer files run/model_answer/*.jsonl); return the summary."""
+    summary, records = build_summary(run)
+    (run / SUMMARY).write_text(json.dumps(summary, indent=2))
+    write_report(summary, records, run)
+    if answers:
+        target = Path(str(summary["config"].get("target") or "model"))  # a name, a directory or a .gguf file
+        write_answers(records, target.stem if target.suffix == ".gguf" else target.name, run,
+                      (run / RECORDS).stat().st_mtime)
+    return summary
+
+
+def load_summary(run: Path) -> dict:
+    """A run's summary: rebuilt from its records (nothing written), or its summary.json when it has no records
+    (a published run such as benchmarks/foundation)."""
+    if (run / RECORDS).is_file():
+        return build_summary(run)[0]
+    if (run / SUMMARY).is_file():
+        return _read_json(run / SUMMARY)
+    raise AdaspecError(f"{run} is not a bench run: it has neither {RECORDS} nor {SUMMARY}")
+
+
+def compare(runs: list[Path]) -> str:
+    """Markdown putting runs side by side (see report.compare_markdown); a run is named as given."""
+    if not runs:
+        raise AdaspecError("name at least one run directory to compare")
+    return compare_markdown([str(r) for r in runs], [load_summary(r) for r in runs])
