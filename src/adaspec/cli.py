@@ -12,14 +12,28 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adaspec.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, GenerationConfig, SamplingConfig
+from adaspec.config import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SEED,
+    ROUTER_LAMBDA,
+    RSTITCH_TAU_GRID,
+    RSTITCH_TAU_UP,
+    SPECBOUND_RANK,
+    SPECBOUND_SWEEP,
+    SPECBOUND_TRAIN_EXITS,
+    SPECBOUND_VOCAB,
+    GenerationConfig,
+    SamplingConfig,
+)
 from adaspec.errors import AdaspecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
 err = Console(stderr=True)
 
 Target = Annotated[str | None, typer.Option(help="'smollm2' (bundled default), a local HF model dir or a .gguf")]
-Drafter = Annotated[str | None, typer.Option(help="'lookup' (prompt lookup, default) or a local HF model dir")]
+Drafter = Annotated[str | None, typer.Option(help="eagle | small (the drafters shipped for the target; eagle is the "
+                                                  "default where shipped) | lookup (prompt lookup, the default "
+                                                  "otherwise) | a drafter or HF model dir")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless speculative sampling)")]
 Dtype = Annotated[str, typer.Option(help="float32 (greedy sd == ar exactly) or bfloat16 (faster)")]
@@ -76,7 +90,8 @@ def generate(
     table = Table(title=f"{spec.label} on {model.name}", show_header=True)
     for col in ("method", "new tokens", "tokens/s", "mean accepted", "speedup vs ar"):
         table.add_column(col, justify="right")
-    accepted = f"{result.mean_accepted:.2f}" if result.steps else "–"
+    routed = bool(result.steps) and result.steps[0].source is not None  # R-Stitch: no drafts, one step per token
+    accepted = f"{result.mean_accepted:.2f}" if result.steps and not routed else "–"
     row = [spec.label, str(result.new_tokens), f"{result.tokens_per_s:.1f}", accepted]
     if compare and spec.name != "ar":
         base = build_runner(parse_method("ar"), model, draft_model, config)(ids, config)
@@ -90,12 +105,16 @@ def generate(
     out.print(table)
     if note:
         out.print(note)
+    if routed:
+        large = sum(s.source == "large" for s in result.steps)
+        out.print(f"the large model produced {large} of {result.new_tokens} tokens ({large / result.new_tokens:.0%})")
 
 
 @app.command()
 def bench(
     methods: Annotated[str | None, typer.Option(help="comma-separated method specs (default: ar,sd,hf,"
-                                                     "hf-assisted,hf-lookup; hf-assisted needs --drafter)")] = None,
+                                                     "hf-assisted,hf-lookup; hf-assisted where a standalone "
+                                                     "drafter is shipped or given)")] = None,
     ablation: Annotated[bool, typer.Option(help="CM-ASD ablation: ar, sd, specdec, cmasd-k, cmasd-tau, cmasd, "
                                                 "cmasd's variants (then --methods); its table in report.md")] = False,
     data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
@@ -112,6 +131,8 @@ def bench(
     drafter: Drafter = None,
     dtype: Dtype = "float32",
     chat: bool = True,
+    answers: Annotated[bool, typer.Option(help="also write Spec-Bench answer files: OUT/model_answer/"
+                                               "<target>-<method>.jsonl")] = False,
 ) -> None:
     """Benchmark methods against `ar` and the transformers peers on the same prompts."""
     from adaspec.bench.data import DEFAULT_DATA
@@ -123,6 +144,7 @@ def bench(
         categories=categories.split(",") if categories else None, limit=limit, target=target,
         drafter=drafter, dtype=dtype, chat=chat,
         generation=_generation(max_new_tokens, temperature, top_k, top_p, seed), ablation=ablation,
+        answers=answers,
     )
     summary = run_bench(opts, err)
     table = Table(title=f"adaspec bench -> {out}")
@@ -140,6 +162,35 @@ def bench(
         Console().print(f"target verify cost of n positions vs 1 step: {ratios}")
 
 
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="a bench output directory (records.jsonl, config.json, costs.json)")],
+    answers: Annotated[bool, typer.Option(help="also write Spec-Bench answer files: RUN/model_answer/"
+                                               "<target>-<method>.jsonl")] = False,
+) -> None:
+    """Rebuild summary.json, report.md and plots/ of a bench run from its records alone."""
+    from adaspec.bench.rundir import rebuild
+
+    summary = rebuild(run, answers)
+    Console().print(f"{run}/report.md: {len(summary['methods'])} methods, "
+                    f"{sum(m['n'] for m in summary['methods'].values())} records")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="bench output directories")],
+    out: Annotated[Path | None, typer.Option(help="also write the comparison (markdown) to this file")] = None,
+) -> None:
+    """Put bench runs side by side: configurations, environments, speedups with their 95 % intervals, quality."""
+    from adaspec.bench.rundir import compare as compare_runs
+
+    text = compare_runs(runs)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(text, end="")
+
+
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
@@ -155,6 +206,15 @@ def sweep(
     alpha: Annotated[str, typer.Option(help="comma-separated values ('' leaves the axis out)")] = "0.5,0.75,1.0",
     gamma: Annotated[str, typer.Option(help="comma-separated values")] = "0.5,1.0,2.0",
     tau_base: Annotated[str, typer.Option("--tau-base", help="comma-separated values")] = "0.05,0.1,0.2",
+    tau_up: Annotated[str | None, typer.Option("--tau-up", help="--base rstitch: comma-separated tau_up values",
+                                               show_default=",".join(map(str, RSTITCH_TAU_GRID)))] = None,
+    tau_down: Annotated[str, typer.Option("--tau-down", help="--base rstitch: comma-separated tau_down values "
+                                                             "('': tau_down = tau_up)")] = "",
+    threshold: Annotated[str | None, typer.Option(
+        help="--base specbound: comma-separated exit thresholds",
+        show_default=",".join(map(str, SPECBOUND_SWEEP["threshold"])))] = None,
+    d_max: Annotated[str | None, typer.Option("--d-max", help="--base specbound: comma-separated d_max values",
+                                              show_default=",".join(map(str, SPECBOUND_SWEEP["d_max"])))] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
     categories: Annotated[str | None, typer.Option(help="comma-separated categories")] = "translation,summarization",
     limit: Annotated[int | None, typer.Option(help="at most N questions per category")] = None,
@@ -167,20 +227,49 @@ def sweep(
     drafter: Drafter = None,
     dtype: Dtype = "float32",
     chat: bool = True,
+    ray: Annotated[bool, typer.Option("--ray", help="run the grid points as Ray tasks (a local cluster unless "
+                                                    "--ray-address); needs the `ray` extra")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="join this Ray cluster ('auto', 'ray://host:10001'); "
+                                                         "implies --ray")] = None,
+    ray_cpus: Annotated[int, typer.Option(help="cores each Ray task reserves (and times with)")] = 1,
 ) -> None:
-    """Sweep CM-ASD hyperparameters over a grid against `ar` (measured once): sweep.jsonl (resumable), the Pareto
-    fronts of speedup vs alignment and vs task quality (pareto.json) and plots/pareto.png."""
+    """Sweep CM-ASD hyperparameters (with --base rstitch R-Stitch's thresholds, with --base specbound SpecBound's
+    threshold and d_max) over a grid against `ar` (measured once): sweep.jsonl (resumable), the Pareto fronts of
+    speedup vs alignment and vs task quality (pareto.json) and plots/pareto.png; for rstitch also
+    rstitch_report.md and plots/rstitch_curve.png."""
+    ray_opts = None
+    if ray or ray_address:
+        from adaspec.bench.ray_sweep import RayOptions, require_ray
+
+        require_ray()  # before any work: a clear error naming the extra to install
+        if ray_cpus < 1:
+            raise AdaspecError(f"--ray-cpus must be >= 1, got {ray_cpus}")
+        ray_opts = RayOptions(ray_address, ray_cpus)
+
     from adaspec.bench.data import DEFAULT_DATA
     from adaspec.bench.sweep import SweepOptions, run_sweep
+    from adaspec.methods import parse_method
 
-    grid = {"alpha": _floats(alpha, "--alpha"), "gamma": _floats(gamma, "--gamma"),
-            "tau_base": _floats(tau_base, "--tau-base")}
+    stitching = parse_method(base).name == "rstitch"  # R-Stitch: a threshold grid, and its curve (routing_sweep.py)
+    if stitching:
+        from adaspec.bench.routing_sweep import RSTITCH_GRID, write_threshold_report
+
+        grid = {"tau_up": RSTITCH_GRID["tau_up"] if tau_up is None else _floats(tau_up, "--tau-up"),
+                "tau_down": _floats(tau_down, "--tau-down")}
+    elif parse_method(base).name == "specbound":  # SpecBound: exit threshold x speculation bound
+        from adaspec.bench.sweep import SPECBOUND_GRID
+
+        grid = {"threshold": SPECBOUND_GRID["threshold"] if threshold is None else _floats(threshold, "--threshold"),
+                "d_max": SPECBOUND_GRID["d_max"] if d_max is None else _floats(d_max, "--d-max")}
+    else:
+        grid = {"alpha": _floats(alpha, "--alpha"), "gamma": _floats(gamma, "--gamma"),
+                "tau_base": _floats(tau_base, "--tau-base")}
     opts = SweepOptions(
         data=data or DEFAULT_DATA, out=out, base=base, grid=grid,
         categories=categories.split(",") if categories else None, limit=limit, target=target, drafter=drafter,
         dtype=dtype, chat=chat, generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
     )
-    result = run_sweep(opts, err)
+    result = run_sweep(opts, err, ray_opts)
     ar = result["ar"]
     for y in ("alignment", "quality"):
         table = Table(title=f"Pareto front: speedup vs {y} (ar: {ar.get(y) or 0:.3g}) -> {out}/pareto.json")
@@ -190,6 +279,8 @@ def sweep(
             table.add_row(p["spec"], *("–" if p.get(c) is None else f"{p[c]:.3g}"
                                        for c in ("speedup_vs_ar", "alignment", "quality", "mean_accepted")))
         Console().print(table)
+    if stitching:
+        Console().print(f"speed / quality / large-model share per threshold: {write_threshold_report(out)}")
 
 
 @app.command("make-drafter")
@@ -244,10 +335,10 @@ def train_drafter_cmd(
     kind: Annotated[str, typer.Option(help="eagle (head over the target's hidden states), small (standalone "
                                            "model) or both")] = "both",
     vocab: Annotated[int, typer.Option(help="reduced head size")] = 8192,
-    epochs: Annotated[float, typer.Option(help="EAGLE head: passes over the corpus")] = 2.0,
+    epochs: Annotated[float, typer.Option(help="EAGLE head: passes over the corpus")] = 8.0,
     depth: Annotated[int, typer.Option(help="EAGLE head: drafting steps unrolled in training")] = 3,
     layers: Annotated[str, typer.Option(help="small: target layers to copy, e.g. 0,1 or 0,-1")] = "0,-1",
-    steps: Annotated[int, typer.Option(help="small: optimizer steps")] = 150,
+    steps: Annotated[int, typer.Option(help="small: optimizer steps")] = 300,
     batch_size: int = 8,
     seq_len: int = 512,
     direct: Annotated[int, typer.Option(help="data: direct prompts (before removing repeats)")] = 1000,
@@ -310,6 +401,103 @@ def train_drafter_cmd(
             shutil.copy(run / "report.md", ship / name / "TRAINING.md")
             Console().print(f"shipped {name} to {ship / name}")
     Console().print(f"total {(time.time() - t0) / 60:.1f} min")
+
+
+@app.command("train-router")
+def train_router_cmd(
+    out: Annotated[Path, typer.Option(help="run directory: router.json, train_report.json, report.md")] = Path(
+        "runs/router"),
+    problems: Annotated[int, typer.Option(help="training problems (templated arithmetic, never Spec-Bench)")] = 64,
+    held_out: Annotated[int, typer.Option(help="problems to compare the learned router with its start on")] = 16,
+    rollouts: Annotated[int, typer.Option(help="episodes per problem (the reward baseline is their mean)")] = 4,
+    epochs: int = 2,
+    lam: Annotated[float, typer.Option(help="lambda in reward = acc - lambda * acc * latency")] = ROUTER_LAMBDA,
+    lr: float = 0.05,
+    max_new_tokens: MaxNew = 96,
+    tau_up: Annotated[float, typer.Option(help="initial thresholds (R-Stitch's)")] = RSTITCH_TAU_UP,
+    tau_down: Annotated[float | None, typer.Option(show_default="tau_up")] = None,
+    small_cost: Annotated[float | None, typer.Option(help="one small-model step in large-model steps",
+                                                     show_default="measured")] = None,
+    seed: int = DEFAULT_SEED,
+    target: Target = None,
+    drafter: Annotated[str | None, typer.Option(help="the small model: 'small' (shipped) or a local HF model dir",
+                                                show_default="small")] = None,
+    dtype: Dtype = "float32",
+    ship: Annotated[Path | None, typer.Option(help="also copy the router to SHIP/router/ (e.g. src/adaspec/"
+                                                   "drafters/shipped/smollm2: the rstitch+ default)")] = None,
+) -> None:
+    """R-Stitch+: train the router with reward = accuracy - lambda * accuracy * latency (REINFORCE, see
+    train/router.py); use it with --method rstitch+:router=OUT/router.json."""
+    from adaspec.backends import TorchBackend
+    from adaspec.methods import load_drafter, parse_method, small_model, stop_criteria
+    from adaspec.models import encode_prompt, load_model
+    from adaspec.routing import ROUTER_FILE, ROUTER_KIND
+    from adaspec.train.router import RouterTrainConfig, train_router
+
+    config = RouterTrainConfig(problems=problems, held_out=held_out, rollouts=rollouts, epochs=epochs, lam=lam, lr=lr,
+                               max_new_tokens=max_new_tokens, tau_up=tau_up, tau_down=tau_down, small_cost=small_cost,
+                               seed=seed)  # validated before any model loads
+    model = load_model(target, dtype)
+    small = small_model(parse_method("rstitch"), load_drafter(drafter, model, dtype) if drafter else None, model)
+    report = train_router(
+        TorchBackend(small.model, small.draft_vocab), TorchBackend(model.model),
+        lambda text: encode_prompt(model.tokenizer, text),
+        lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True), out, config,
+        stop_criteria(model, GenerationConfig()), log=err.print,
+    )
+    for name, m in report["held_out"].items():
+        Console().print(f"held-out, {name}: accuracy {m['accuracy']:.3f}, large share {m['large_share']:.3f}, "
+                        f"latency {m['latency']:.3f}, reward {m['reward']:.3f}")
+    Console().print(f"router: {report['router']}; report: {out / 'report.md'}")
+    if ship is not None:
+        (ship / ROUTER_KIND).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / ROUTER_FILE, ship / ROUTER_KIND / ROUTER_FILE)
+        shutil.copy(out / "report.md", ship / ROUTER_KIND / "TRAINING.md")
+        Console().print(f"shipped the router to {ship / ROUTER_KIND} (the rstitch+ default for this target)")
+
+
+@app.command("train-exits")
+def train_exits_cmd(
+    out: Annotated[Path, typer.Option(help="run directory (checkpoint, model/, report.md)")] = Path("runs/exits"),
+    data: Annotated[Path | None, typer.Option(help="distill-data work directory (never Spec-Bench) "
+                                                    "[default: <cache>/train/<target>]")] = None,
+    exits: Annotated[str | None, typer.Option(help="exit layers to train adapters for, comma-separated",
+                                              show_default=",".join(map(str, SPECBOUND_TRAIN_EXITS)))] = None,
+    rank: Annotated[int | None, typer.Option(help="adapter rank: 0 = a full affine map",
+                                             show_default=str(SPECBOUND_RANK))] = None,
+    vocab: Annotated[int | None, typer.Option(help="exit head size (most frequent target tokens)",
+                                              show_default=str(SPECBOUND_VOCAB))] = None,
+    epochs: Annotated[float | None, typer.Option(help="passes over the training positions; 0: zero adapters (raw "
+                                                      "exits over the reduced head)", show_default="2")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="positions per optimizer step", show_default="256")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="train on at most N corpus rows")] = None,
+    seed: int = DEFAULT_SEED,
+    target: Target = None,
+    ship: Annotated[Path | None, typer.Option(help="also copy the adapters to SHIP (e.g. "
+                                                    "src/adaspec/drafters/shipped/smollm2/exits)")] = None,
+) -> None:
+    """Train SpecBound's exit adapters on the self-distillation corpus: per exit layer a small map whose exit
+    distribution (the target's final norm and LM head) matches the final layer's (KL); report per exit."""
+    from adaspec.models import load_model
+    from adaspec.train.exits import ExitTrainConfig, read_corpus_dir, train_exits
+
+    given: dict = {"rank": rank, "vocab": vocab, "epochs": epochs, "batch_size": batch_size, "max_rows": max_rows}
+    if exits is not None:
+        try:
+            given["exits"] = tuple(int(x) for x in exits.replace("/", ",").split(","))
+        except ValueError:
+            raise AdaspecError(f"--exits must be comma-separated layer numbers, got {exits!r}") from None
+    config = ExitTrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
+    model = load_model(target)
+    rows = read_corpus_dir((data or default_data_dir(model.name)).expanduser())
+    report = train_exits(model, rows, out, config, log=err.print)
+    Console().print(f"exit adapters: {out / 'model'}; report {out / 'report.md'}")
+    for layer, r in report["heldout"].items():
+        Console().print(f"exit {layer}: held-out top-1 raw {r['raw']['top1']} -> adapted {r['adapted']['top1']}")
+    if ship is not None:
+        shutil.copytree(out / "model", ship, dirs_exist_ok=True)
+        shutil.copy(out / "report.md", ship / "TRAINING.md")
+        Console().print(f"shipped the exit adapters to {ship}")
 
 
 @app.command()

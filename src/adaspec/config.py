@@ -22,6 +22,29 @@ CMASD_EARLY_STOP = 1
 SPECDEC_BETA = 5
 SPECDEC_TAU = 0.1
 
+# R-Stitch (issue 8; README "R-Stitch"): thresholds on the normalised entropy H / log|V| of the model that is
+# generating. The small model hands a token to the large one when its entropy is above RSTITCH_TAU_UP; the large
+# one hands back when its own entropy is below tau_down (None: the same value, the paper's single threshold).
+# Starting points, to be tuned on the dev split with `adaspec sweep --base rstitch`.
+RSTITCH_TAU_UP = 0.05
+RSTITCH_TAU_DOWN: float | None = None
+RSTITCH_TAU_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # `adaspec sweep --base rstitch`: tau_up values
+# R-Stitch+: reward = accuracy - lambda * accuracy * latency (latency relative to the large model alone)
+ROUTER_LAMBDA = 0.5
+
+# SpecBound (issue 7; README "SpecBound"): early exits of the target itself. A drafted token exits after the first
+# layer of SPECBOUND_EXITS whose annealed confidence max softmax(z / T_l), T_l = 1 + a (1 - l / L), reaches the
+# threshold; a token that reaches the deepest exit without exiting ends the draft; at most d_max tokens a step.
+# `adaspec train-exits` trains adapters for SPECBOUND_TRAIN_EXITS over a SPECBOUND_VOCAB-token exit head.
+SPECBOUND_EXITS = (8, 12, 16, 20)
+SPECBOUND_THRESHOLD = 0.8
+SPECBOUND_A = 1.0
+SPECBOUND_D_MAX = 4
+SPECBOUND_TRAIN_EXITS = (8, 12, 16, 20, 24)
+SPECBOUND_VOCAB = 8192
+SPECBOUND_SWEEP = {"threshold": (0.5, 0.6, 0.7, 0.8, 0.9), "d_max": (2, 3, 4, 6)}  # `adaspec sweep --base specbound`
+SPECBOUND_RANK = 0  # exit adapter: 0 = a full affine map (as the tuned lens), r > 0 = a rank-r residual update
+
 
 @dataclass(frozen=True)
 class SamplingConfig:

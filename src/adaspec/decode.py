@@ -36,6 +36,14 @@ class Step:
     # the exact criterion accepts it (it equals the target's argmax there), also past the first rejection
     metrics: dict[str, list[float]] = field(default_factory=dict)
     exact: list[bool] = field(default_factory=list)
+    # routing methods (R-Stitch, routing.py): one step per token, produced by "small" or "large", and the
+    # normalised entropy H / log|V| of that model's distribution there
+    source: str | None = None
+    entropy: float | None = None
+    # early-exit drafting (SpecBound): the layer each drafted token exited after, and why the draft ended
+    # ("bound": a token reached the deepest exit unsure, "d_max": the length bound, "budget", "policy")
+    exit_layers: list[int] = field(default_factory=list)
+    draft_stop: str | None = None
 
 
 @dataclass
@@ -148,7 +156,8 @@ def speculative_steps(
         ids += emitted
         # 6 record
         yield Step(len(draft), n, emitted, draft.confidence, reason, drafted - len(draft),
-                   **calibration_fields(confidence, draft, logits))
+                   **calibration_fields(confidence, draft, logits), exit_layers=draft.exit_layers,
+                   draft_stop=draft.stop)
         if reason is not None:
             return
 

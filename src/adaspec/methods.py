@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from adaspec.backends import TorchBackend
+from adaspec.backends.layered import LayeredBackend
 from adaspec.confidence import ConfidenceEnsemble
 from adaspec.config import (
     CMASD_ALPHA,
@@ -26,6 +27,12 @@ from adaspec.config import (
     CMASD_TAU_BASE,
     CMASD_TAU_MODE,
     DEFAULT_DRAFT_LENGTH,
+    RSTITCH_TAU_DOWN,
+    RSTITCH_TAU_UP,
+    SPECBOUND_A,
+    SPECBOUND_D_MAX,
+    SPECBOUND_EXITS,
+    SPECBOUND_THRESHOLD,
     SPECDEC_BETA,
     SPECDEC_TAU,
     GenerationConfig,
@@ -33,10 +40,12 @@ from adaspec.config import (
 from adaspec.decode import GenerationResult, Step, StopCriteria, generate
 from adaspec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
 from adaspec.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
+from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits_dir
 from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
 from adaspec.errors import AdaspecError
 from adaspec.models import LoadedModel, check_same_tokenizer
-from adaspec.policies import ConfidenceLength, FixedLength, LengthPolicy
+from adaspec.policies import ConfidenceLength, ExitBound, FixedLength, LengthPolicy
+from adaspec.routing import LearnedRouter, Router, RStitchRunner, ThresholdRouter, router_path
 from adaspec.verify import AcceptanceRule, TopBetaTau
 
 LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
@@ -65,9 +74,20 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "cmasd": {**_LENGTH, **_TAU, **_CONFIDENCE, **_DRAFTING},
     "cmasd-k": {**_LENGTH, **_CONFIDENCE, **_DRAFTING},
     "cmasd-tau": {"k": (int, DEFAULT_DRAFT_LENGTH), **_TAU, **_CONFIDENCE, **_DRAFTING},
+    # R-Stitch (routing.py): `drafter` is the small model (`small`, the shipped one, or DIR; default: --drafter
+    # if it is a model, else the target's shipped `small`); tau_down None: the same as tau_up
+    "rstitch": {"drafter": (str, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN)},
+    "rstitch+": {"drafter": (str, None), "router": (str, None)},  # router: a router.json (default: the shipped one)
+    # SpecBound (drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default SPECBOUND_EXITS),
+    # adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
+    "specbound": {"exits": (str, None), "threshold": (float, SPECBOUND_THRESHOLD), "a": (float, SPECBOUND_A),
+                  "d_max": (int, SPECBOUND_D_MAX), "adapters": (str, None)},
 }
+LIST_OPTIONS = ("exits",)  # list values continue over the bare items after them: exits=8,12,16,threshold=0.8
+EXITS = "exits"  # the kind of the shipped exit adapters (drafters/shipped/<target>/exits/)
 PEERS = ("hf", "hf-assisted", "hf-lookup")
 CMASD_METHODS = ("specdec", "cmasd", "cmasd-k", "cmasd-tau")
+ROUTING_METHODS = ("rstitch", "rstitch+")
 
 
 @dataclass(frozen=True)
@@ -86,7 +106,11 @@ def parse_method(spec: str) -> MethodSpec:
         raise AdaspecError(f"unknown method '{name}'; choose one of: {', '.join(OPTIONS)}")
     allowed = OPTIONS[name]
     options: dict[str, object] = {}
+    key = ""
     for item in filter(None, (s.strip() for s in rest.split(","))):
+        if "=" not in item and key in LIST_OPTIONS and key in options:
+            options[key] = f"{options[key]},{item}"  # exits=8,12,16: the list goes on
+            continue
         key, eq, value = item.partition("=")
         if not eq:
             raise AdaspecError(f"method option '{item}' in '{spec}' is not key=value")
@@ -101,7 +125,56 @@ def parse_method(spec: str) -> MethodSpec:
     method = MethodSpec(name, options, spec.strip())
     if name in CMASD_METHODS:
         cmasd_parts(method)  # bad values fail here, before any model loads
+    if name == "rstitch" or method.options.get("router") is not None:
+        make_router(method)  # bad thresholds or router files fail here, before any model loads
+    if name == "specbound":
+        specbound_bound(method)  # bad exits, thresholds, lengths or adapter directories fail here too
     return method
+
+
+def specbound_bound(spec: MethodSpec, depth: int | None = None) -> ExitBound:
+    """SpecBound's exit rule and speculation bound for a target of `depth` layers (None: check the values
+    before the model is known, exits against nothing but themselves)."""
+    try:
+        text = spec.get("exits")
+        try:
+            exits = SPECBOUND_EXITS if text is None else tuple(int(x) for x in str(text).replace("/", ",").split(","))
+        except ValueError:
+            raise AdaspecError(f"exits must be layer numbers separated by ',' or '/', got {text!r}") from None
+        adapters = spec.get("adapters")
+        if adapters not in (None, "none", "shipped") and not is_exits_dir(Path(str(adapters)).expanduser()):
+            raise AdaspecError(f"adapters={adapters}: not a directory of exit adapters; give none, shipped or a "
+                               "directory written by `adaspec train-exits`")
+        return ExitBound(exits, depth or max(exits, default=0) + 1, float(spec.get("threshold")),
+                         float(spec.get("a")), int(spec.get("d_max")))
+    except AdaspecError as e:
+        raise AdaspecError(f"{spec.label or spec.name}: {e}") from None
+
+
+def exit_adapters(spec: MethodSpec, target_name: str) -> ExitArtifact | None:
+    """SpecBound's exit adapters: adapters=none, shipped (an error if none ship), DIR, or by default the target's
+    shipped ones if any."""
+    option = spec.get("adapters")
+    if option == "none":
+        return None
+    if option in (None, "shipped"):
+        path = shipped(target_name, EXITS)
+        if path is None and option == "shipped":
+            raise AdaspecError(f"{spec.label}: no exit adapters ship for target '{target_name}'; train them with "
+                               "`adaspec train-exits` and pass adapters=DIR")
+        return None if path is None else ExitArtifact.load(path)
+    return ExitArtifact.load(Path(str(option)).expanduser())
+
+
+def make_router(spec: MethodSpec, target_name: str | None = None) -> Router:
+    """The router of `rstitch` (the two thresholds) or `rstitch+` (router=, else the one shipped for the target)."""
+    try:
+        if spec.name == "rstitch":
+            up, down = float(spec.get("tau_up")), spec.get("tau_down")
+            return ThresholdRouter(up, up if down is None else float(down))
+        return LearnedRouter.load(router_path(spec.get("router"), target_name))
+    except AdaspecError as e:
+        raise AdaspecError(f"{spec.label or spec.name}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -152,8 +225,9 @@ def split_specs(text: str) -> list[str]:
     for piece in (p.strip() for p in text.split(",")):
         if not piece:
             continue
-        if specs and "=" in piece and ":" not in piece and piece.partition("=")[0] not in OPTIONS:
-            specs[-1] += "," + piece
+        key = piece.partition("=")[0]
+        if specs and ":" not in piece and key not in OPTIONS and ("=" in piece or key.isdigit()):
+            specs[-1] += "," + piece  # an option of the spec before, or a further item of a list (exits=8,12)
         else:
             specs.append(piece)
     return specs
@@ -248,6 +322,16 @@ def build_runner(
         backend = drafting_backend(target)
         return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target),
                             policy=parts.policy, rule=parts.rule, confidence=parts.confidence)
+    if spec.name == "specbound":  # the target drafts for itself: early exits x bound x the exact rule
+        backend = LayeredBackend(target.model)
+        bound = specbound_bound(spec, backend.depth)
+        drafter = EarlyExitDrafter(backend, bound, exit_adapters(spec, target.name))
+        return EngineRunner(spec.label, backend, stop, drafter, policy=bound)
+    if spec.name in ROUTING_METHODS:
+        router = make_router(spec, target.name)
+        small = small_model(spec, drafter, target)
+        return RStitchRunner(spec.label, TorchBackend(small.model, small.draft_vocab), TorchBackend(target.model),
+                             stop, router)
     eos = stop.eos_ids
     if spec.name == "hf":
         return HFRunner(spec.label, target, eos)
@@ -330,6 +414,25 @@ def standalone_drafter(drafter: DrafterChoice | None, target: LoadedModel) -> Lo
         return drafter
     if shipped(target.name, SMALL) is None:
         raise AdaspecError("hf-assisted needs a model drafter: pass --drafter PATH (a local HF model)")
+    chosen = load_drafter(SMALL, target)
+    assert isinstance(chosen, LoadedModel)
+    return chosen
+
+
+def small_model(spec: MethodSpec, drafter: DrafterChoice | None, target: LoadedModel) -> LoadedModel:
+    """R-Stitch's small model: the method's `drafter=` option, else --drafter if it is a model, else the target's
+    shipped standalone `small` drafter."""
+    option = spec.get("drafter")
+    chosen = load_drafter(str(option), target) if option else drafter
+    if isinstance(chosen, LoadedModel):
+        return chosen
+    if option:
+        raise AdaspecError(f"{spec.label}: drafter={option} is not a language model; R-Stitch needs a small causal LM "
+                           f"(`{SMALL}` or a local Hugging Face model directory sharing the target's tokenizer)")
+    if shipped(target.name, SMALL) is None:
+        raise AdaspecError(f"{spec.label} needs a small model and none ships for target '{target.name}': pass "
+                           f"--drafter DIR or {spec.name}:drafter=DIR (a local Hugging Face causal LM sharing the "
+                           "target's tokenizer), or train one with `adaspec train-drafter --kind small`")
     chosen = load_drafter(SMALL, target)
     assert isinstance(chosen, LoadedModel)
     return chosen

@@ -440,6 +440,13 @@ class Service:
             raise ApiError(400, f"drafter={chosen!r}: a request may name only {', '.join(REQUEST_DRAFTERS)}; "
                                 "start the server with --drafter for another", param="speculative",
                            code="invalid_method")
+        if "router" in parsed.options:  # a file path, like a drafter directory: the server's choice only
+            raise ApiError(400, "router=: a request may not name a router file; start the server with "
+                                "--method rstitch+:router=PATH", param="speculative", code="invalid_method")
+        adapters = parsed.options.get("adapters")  # SpecBound's exit adapters: a directory is the server's choice too
+        if adapters is not None and adapters not in ("none", "shipped"):
+            raise ApiError(400, f"adapters={adapters!r}: a request may name only none or shipped, never a directory",
+                           param="speculative", code="invalid_method")
         return parsed
 
     def prompt_ids(self, body: CompletionBody | ChatBody) -> list[int]:

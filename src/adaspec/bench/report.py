@@ -12,7 +12,7 @@ COLUMNS = [
     ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("mean accepted", "mean_accepted"),
     ("acceptance rate", "acceptance_rate"), ("mean draft len", "mean_draft_len"), ("exact match", "exact_match"),
     ("alignment", "alignment"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"),
-    ("ROUGE-L", "rougeL"), ("GSM8K acc", "gsm8k_acc"),
+    ("ROUGE-L", "rougeL"), ("GSM8K acc", "gsm8k_acc"), ("large share", "large_share"),
 ]
 PLOT = Path("plots") / "acceptance_hist.png"
 # --ablation: the columns of CM-ASD's Table III, plus what explains the speed
@@ -39,7 +39,10 @@ def _key_order(key: str) -> tuple[int, float | str]:
 
 
 def _costs(costs: dict) -> list[str]:
-    """Per-size entries ({"verify_ms": {"1": 36.1, ...}}) as one table; scalar entries as bullets."""
+    """Per-size entries ({"verify_ms": {"1": 36.1, ...}}) as one table; scalar entries as bullets; the costs of
+    the drafters named by methods' drafter= options ("drafters") as one bullet each."""
+    drafters = costs.get("drafters") or {}
+    costs = {k: v for k, v in costs.items() if k != "drafters"}
     tables = {k: v for k, v in costs.items() if isinstance(v, dict)}
     sizes = sorted({n for v in tables.values() for n in v}, key=_key_order)
     lines = ["## Measured costs", ""]
@@ -47,6 +50,7 @@ def _costs(costs: dict) -> list[str]:
         rows = [[k] + [_fmt(v.get(n)) for n in sizes] for k, v in tables.items()]
         lines += _table(["positions scored"] + sizes, rows) + [""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in costs.items() if k not in tables]
+    lines += [f"- drafter={name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in c.items()) for name, c in drafters.items()]
     return lines if lines[-1] else lines[:-1]
 
 
@@ -91,6 +95,22 @@ def _ablation(summary: dict) -> list[str]:
                           [[name] + [_fmt(methods[name].get(k)) for _, k in ABLATION_COLUMNS] for name in order])
 
 
+SPECBOUND_COLUMNS = [
+    ("speedup", "speedup_vs_ar"), ("mean accepted", "mean_accepted"), ("mean draft len", "mean_draft_len"),
+    ("mean exit layer", "mean_exit_layer"), ("stopped at the bound layer", "bound_stop_share"),
+    ("stopped at d_max", "d_max_stop_share"), ("exact match", "exact_match"),
+]
+
+
+def _specbound(methods: dict) -> list[str]:
+    """SpecBound's early exits: where drafted tokens exited and why drafts ended, per method that exits early."""
+    rows = [[name] + [_fmt(m.get(k)) for _, k in SPECBOUND_COLUMNS] for name, m in methods.items()
+            if m.get("bound_stop_share") is not None]
+    return ["## Early exits (SpecBound)", "", "Mean exit layer over drafted tokens; shares of drafting steps whose "
+            "draft ended at a token still unsure at the deepest exit, or at d_max tokens.", "",
+            *_table(["method"] + [c for c, _ in SPECBOUND_COLUMNS], rows)]
+
+
 def _calibration(calibration: dict, out_dir: Path) -> list[str]:
     lines = ["## Confidence calibration", "",
              f"Exact acceptance (drafted token == target argmax) per confidence bin; Spearman over bins with >= "
@@ -119,17 +139,23 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = summary["methods"]
     lines = ["# adaspec bench report", "", "## Configuration", "", "```json",
-             json.dumps(summary.get("config", {}), indent=1), "```", "", "## Methods", ""]
+             json.dumps(summary.get("config", {}), indent=1), "```", ""] + _environment(summary) + ["## Methods", ""]
     lines += _table(["method"] + [c for c, _ in COLUMNS],
                     [[name] + [_fmt(m.get(k)) for _, k in COLUMNS] for name, m in methods.items()])
     per_category = {name: m.get("per_category", {}) for name, m in methods.items()}
     categories = sorted({c for pc in per_category.values() for c in pc})
-    lines += ["", "## Speedup vs ar per category", ""]
-    lines += _table(["method"] + categories,
-                    [[name] + [_fmt(pc.get(c, {}).get("speedup_vs_ar")) for c in categories]
+    lines += ["", "## Speedup vs ar per category", "", "With its 95 % bootstrap interval over prompts (paired with "
+              "`ar` per question, fixed seed; none with fewer than 2 questions).", ""]
+    lines += _table(["method", "all"] + categories,
+                    [[name, speedup_cell(methods[name])] + [speedup_cell(pc.get(c, {})) for c in categories]
                      for name, pc in per_category.items()])
+    lines += [""] + _per_category(methods, categories)
+    if summary.get("bound"):
+        lines += [""] + _bound(summary["bound"], summary.get("costs") or {})
     if summary.get("config", {}).get("ablation"):
         lines += [""] + _ablation(summary)
+    if any(m.get("bound_stop_share") is not None for m in methods.values()):
+        lines += [""] + _specbound(methods)
     if summary.get("calibration"):
         lines += [""] + _calibration(summary["calibration"], out_dir)
     if summary.get("costs"):
@@ -145,6 +171,159 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     else:
         lines.append(f"![acceptance histogram]({PLOT.as_posix()})" if plotted
                      else "(no method shows drafting steps: no acceptance histogram)")
+    if summary.get("histograms"):
+        lines += [""] + _histograms(summary["histograms"], out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# issue 6: the speedup's interval, environment, per-category tables, analytic bound, histograms, compare
+BOUND_COLUMNS = [
+    ("alpha", "alpha"), ("mean draft len", "mean_draft_len"), ("tokens/forward expected", "expected_tokens_per_step"),
+    ("tokens/forward measured", "measured_tokens_per_step"), ("cost/forward expected", "expected_step_cost"),
+    ("cost/forward measured", "measured_step_cost"), ("speedup expected", "expected_speedup"),
+    ("speedup measured", "measured_speedup"), ("efficiency", "efficiency"),
+]
+HIST_PLOTS = {"emitted": (Path("plots") / "acceptance_by_category.png", "tokens emitted per target forward"),
+              "drafted": (Path("plots") / "draft_len_hist.png", "drafted tokens verified per target forward")}
+
+
+def speedup_cell(fields: dict) -> str:
+    """'1.26 [1.10, 1.41]': a speedup and its 95 % bootstrap interval ('–' where it does not apply)."""
+    s = fields.get("speedup_vs_ar")
+    if s is None:
+        return "–"
+    lo, hi = fields.get("speedup_ci_lo"), fields.get("speedup_ci_hi")
+    return f"{s:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+
+
+def environment_line(env: dict | None) -> str:
+    """'AMD EPYC ..., 2 threads, torch 2.13.0+cpu, transformers 5.24.0' ('–' without one)."""
+    if not env:
+        return "–"
+    parts = [env.get("cpu_model") or env.get("cpu"), env.get("torch_threads") and f"{env['torch_threads']} threads",
+             env.get("torch") and f"torch {env['torch']}",
+             env.get("transformers") and f"transformers {env['transformers']}"]
+    return ", ".join(str(p) for p in parts if p)
+
+
+def _environment(summary: dict) -> list[str]:
+    env = summary.get("environment")
+    if not env:
+        return []
+    lines = ["## Environment", "", "Where the numbers come from (recorded with every record).", ""]
+    lines += _table(["key", "value"], [[k, _fmt(v)] for k, v in env.items()])
+    for e in summary.get("environments") or []:
+        lines.append(f"- {e['records']} records: {environment_line(e['environment'])}")
+    return lines + [""]
+
+
+def _per_category(methods: dict, categories: list[str]) -> list[str]:
+    lines = ["## Per category"]
+    for c in categories:
+        cells = {name: m["per_category"][c] for name, m in methods.items() if c in m.get("per_category", {})}
+        rows = [[name] + [speedup_cell(f) if k == "speedup_vs_ar" else _fmt(f.get(k)) for _, k in COLUMNS]
+                for name, f in cells.items()]
+        lines += ["", f"### {c}", ""] + _table(["method"] + [col for col, _ in COLUMNS], rows)
+    return lines
+
+
+def _bound(bounds: dict, costs: dict) -> list[str]:
+    context = f" at a {costs['context_tokens']}-token context" if "context_tokens" in costs else ""
+    lines = ["## Analytic bound and where the time goes", "",
+             "Expected speedup (Leviathan et al.) from each method's measured per-token acceptance alpha and the "
+             f"measured costs{context}: a forward verifying k drafted tokens emits E = (1 - alpha^(k+1)) / (1 - alpha) "
+             "tokens and costs draft(k) + verify(k+1) target steps; E and the cost are averaged over the method's "
+             "recorded draft lengths (i.i.d. acceptance assumed; see `adaspec/bench/bound.py`). Efficiency = "
+             "measured / expected.", ""]
+    lines += _table(["method"] + [c for c, _ in BOUND_COLUMNS],
+                    [[name] + [_fmt(b.get(k)) for _, k in BOUND_COLUMNS] for name, b in bounds.items()])
+    lines += ["", "Time per target forward (ms): draft and verify from the measured costs, overhead the rest "
+              "(acceptance, rollback, sampling, Python).", ""]
+
+    def share(b: dict, k: str) -> str:
+        return f"{b[k]:.2f} ({100 * b[k] / b['ms_per_step']:.0f} %)" if b["ms_per_step"] else _fmt(b[k])
+
+    lines += _table(["method", "ms per forward", "draft", "verify", "overhead"],
+                    [[name, f"{b['ms_per_step']:.2f}", *(share(b, k) for k in ("draft_ms", "verify_ms", "overhead_ms"))]
+                     for name, b in bounds.items()])
+    return lines
+
+
+def histogram_plot(hists: dict, kind: str, path: Path) -> bool:
+    """Bars of the share of target forwards per value of `kind` ('emitted' or 'drafted'), one panel for all
+    categories and one per category, a bar group per method that drafts. False if there is nothing to plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    hists = {m: h for m, h in hists.items() if any(n != "0" for n in h.get("drafted", {}))}  # not `ar`
+    if not hists:
+        return False
+    panels = ["all"] + sorted({c for h in hists.values() for c in h.get("per_category", {})})
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        counts = {m: (h if panel == "all" else h.get("per_category", {}).get(panel, {})).get(kind, {})
+                  for m, h in hists.items()}
+        counts = {m: c for m, c in counts.items() if c}
+        if not counts:
+            continue
+        xs = sorted({int(x) for c in counts.values() for x in c})
+        width = 0.8 / len(counts)
+        for i, (m, c) in enumerate(counts.items()):
+            total = sum(c.values())
+            ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], [c.get(str(x), 0) / total for x in xs], width, label=m)
+        ax.set_xticks(xs)
+        ax.set_title(panel)
+        ax.set_xlabel(HIST_PLOTS[kind][1])
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("share of target forwards")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return True
+
+
+def _histograms(hists: dict, out_dir: Path) -> list[str]:
+    lines = ["Per category: tokens emitted per target forward, and the draft length verified per forward."]
+    for kind, (path, label) in HIST_PLOTS.items():
+        try:
+            plotted = histogram_plot(hists, kind, out_dir / path)
+        except ImportError:
+            return lines + ["(matplotlib is not installed: no histograms per category; `pip install adaspec[plots]`)"]
+        if plotted:
+            lines += ["", f"![{label}]({path.as_posix()})"]
+    return lines
+
+
+def compare_markdown(names: list[str], summaries: list[dict]) -> str:
+    """Runs side by side: their configurations (what differs), environments, one row per (method, run) with the
+    speedup's interval, the expected speedup and efficiency, and the speedup per category."""
+    configs = [s.get("config") or {} for s in summaries]
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    lines = ["# adaspec compare", "", "## Runs", ""]
+    lines += _table(["run", "target", "drafter", "dtype", "questions", "max new tokens", "environment"],
+                    [[n, *(_fmt(c.get(k)) for k in ("target", "drafter", "dtype", "questions", "max_new_tokens")),
+                      environment_line(s.get("environment"))]
+                     for n, c, s in zip(names, configs, summaries, strict=True)])
+    if differ and len(names) > 1:
+        lines += ["", "Options that differ:", ""]
+        lines += _table(["option", *names], [[k, *(json.dumps(c.get(k)) for c in configs)] for k in differ])
+    methods = list(dict.fromkeys(m for s in summaries for m in s["methods"]))
+    columns = [c for c in COLUMNS if c[1] != "speedup_vs_ar"]
+    lines += ["", "## Methods", "", "Speedup vs `ar` of the same run, with its 95 % bootstrap interval over prompts; "
+              "expected speedup and efficiency from the analytic bound (see each run's report.md).", ""]
+    rows = [[m, n, speedup_cell(s["methods"][m]), *(_fmt(s["methods"][m].get(k)) for _, k in columns),
+             *(_fmt((s.get("bound") or {}).get(m, {}).get(k)) for k in ("expected_speedup", "efficiency"))]
+            for m in methods for n, s in zip(names, summaries, strict=True) if m in s["methods"]]
+    lines += _table(["method", "run", "speedup vs ar [95 % CI]", *(c for c, _ in columns), "expected speedup",
+                     "efficiency"], rows)
+    categories = sorted({c for s in summaries for f in s["methods"].values() for c in f.get("per_category", {})})
+    if categories:
+        lines += ["", "## Speedup vs ar per category", ""]
+        rows = [[m, n, *(speedup_cell(s["methods"][m].get("per_category", {}).get(c, {})) for c in categories)]
+                for m in methods for n, s in zip(names, summaries, strict=True) if m in s["methods"]]
+        lines += _table(["method", "run", *categories], rows)
+    return "\n".join(lines) + "\n"

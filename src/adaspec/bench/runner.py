@@ -5,8 +5,11 @@ and report.md computed from the records alone."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +20,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from adaspec.backends import TorchBackend
 from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
-from adaspec.bench.report import write_report
-from adaspec.bench.summary import load_records, summarize
+from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
+from adaspec.bench.summary import load_records
 from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, GenerationConfig
 from adaspec.decode import Step
 from adaspec.errors import AdaspecError
 from adaspec.methods import (
+    PEERS,
     DrafterChoice,
+    MethodSpec,
     Runner,
     build_runner,
     default_drafter,
@@ -54,27 +59,58 @@ class BenchOptions:
     chat: bool = True
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ablation: bool = False  # run ABLATION (then `methods` are added after it) and write its table
+    answers: bool = False  # also write Spec-Bench answer files, out/model_answer/<target>-<method>.jsonl
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo, else what platform knows), None if nothing says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def environment() -> dict:
-    import transformers
+    """Where the numbers come from, carried by every record: package versions, torch threads, the CPU."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     return {
         "python": sys.version.split()[0],
+        "adaspec": installed("adaspec"),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": installed("transformers"),
+        "numpy": installed("numpy"),
         "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpus": len(cpus) if cpus is not None else os.cpu_count(),
+        "os": platform.platform(),
     }
 
 
 def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationConfig, chat: bool) -> dict:
-    """Run every turn of a question (earlier answers become assistant turns, as Spec-Bench does)."""
+    """Run every turn of a question (earlier answers become assistant turns, as Spec-Bench does); the record
+    keeps the totals and, per turn, the text, new tokens, seconds and target forwards (None for a peer)."""
     messages: list[dict] = []
     token_ids: list[int] = []
     texts: list[str] = []
     steps: list[dict] | None = []
     wall = 0.0
+    turn_tokens: list[int] = []
+    turn_wall: list[float] = []
+    turn_steps: list[int | None] = []
     for turn in q.turns:
         messages.append({"role": "user", "content": turn})
         prompt = encode_prompt(target.tokenizer, messages, chat)
@@ -84,6 +120,9 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
         token_ids += result.token_ids
         texts.append(text)
         wall += result.wall_s
+        turn_tokens.append(len(result.token_ids))
+        turn_wall.append(round(result.wall_s, 5))
+        turn_steps.append(len(result.steps) if result.steps else None)
         if result.steps and steps is not None:
             steps += [step_record(s) for s in result.steps]
         else:
@@ -92,11 +131,13 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
         "question_id": q.question_id, "category": q.category, "method": runner.label,
         "new_tokens": len(token_ids), "wall_s": round(wall, 5), "token_ids": token_ids,
         "text": "\n\n".join(texts), "turns": texts, "reference": q.reference, "steps": steps,
+        "turn_new_tokens": turn_tokens, "turn_wall_s": turn_wall, "turn_steps": turn_steps,
     }
 
 
 def step_record(s: Step) -> dict:
-    """A step in records.jsonl: drafted, accepted, confidence; `cut`, `metrics` and `exact` (0/1) when present."""
+    """A step in records.jsonl: drafted, accepted, confidence; `cut`, `metrics`, `exact` (0/1), `source` and
+    `entropy`, `exit_layers` and `draft_stop` when present."""
     record: dict = {"drafted": s.drafted, "accepted": s.accepted, "confidence": [round(c, 4) for c in s.confidence]}
     if s.cut:
         record["cut"] = s.cut
@@ -104,6 +145,12 @@ def step_record(s: Step) -> dict:
         record["metrics"] = {m: [round(c, 3) for c in v] for m, v in s.metrics.items()}
     if s.exact:
         record["exact"] = [int(e) for e in s.exact]
+    if s.source is not None:  # routing methods (R-Stitch): which model produced the token, and its entropy
+        record["source"] = s.source
+        record["entropy"] = s.entropy
+    if s.draft_stop is not None:  # early-exit drafting (SpecBound): exit layer per drafted token, why the draft ended
+        record["exit_layers"] = s.exit_layers
+        record["draft_stop"] = s.draft_stop
     return record
 
 
@@ -149,6 +196,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     target = load_model(opts.target, opts.dtype)
     drafter = load_drafter(opts.drafter, target, opts.dtype)
     runners = [build_runner(s, target, drafter, gen) for s in specs]
+    env = environment()
 
     # warm-up: every method once on a short prompt, not recorded
     warm = encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat)[:64]
@@ -174,27 +222,33 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
                     skipped.append({"question_id": q.question_id, "method": runner.label, "error": str(e)})
                     progress.advance(task)
                     continue
+                record.update(environment=env, tstamp=round(time.time(), 3))
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 progress.advance(task)
     for s in skipped:
         console.print(f"[yellow]skipped[/] #{s['question_id']} {s['method']}: {s['error']}")
 
-    costs = measure_costs(target, drafter, encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat))
-    summary = summarize(load_records(records_path), config)
-    summary["costs"] = costs
-    summary["environment"] = environment()
-    summary["skipped"] = skipped
-    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(summary, load_records(records_path), opts.out)
-    return summary
+    costs = measure_costs(target, drafter, encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat), specs)
+    (opts.out / COSTS).write_text(json.dumps(costs, indent=2))
+    (opts.out / SKIPPED).write_text(json.dumps(skipped, indent=2))
+    return rebuild(opts.out, opts.answers)  # summary.json, report.md: from these files alone, as `adaspec report`
 
 
-def measure_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int]) -> dict:
+def measure_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int],
+                  specs: Sequence[MethodSpec] = ()) -> dict:
+    """The target's verify costs and the run's drafter's cost per token; under "drafters", the cost of every
+    other drafter a method names with drafter= (the analytic bound needs each method's own)."""
     backend = TorchBackend(target.model)
     costs = verify_costs(backend, prompt)
     d = make_drafter(parse_method("sd"), drafter, backend, target)
     costs.update(drafter_cost(d, backend, costs["verify_ms"]["1"], prompt))
+    named = sorted({str(s.options["drafter"]) for s in specs if s.name not in PEERS and s.options.get("drafter")})
+    if named:
+        costs["drafters"] = {
+            name: drafter_cost(make_drafter(MethodSpec("sd", {"drafter": name}), drafter, backend, target), backend,
+                               costs["verify_ms"]["1"], prompt)
+            for name in named}
     return costs
 
 

@@ -4,12 +4,13 @@ with `ar`, and task quality. A field that does not apply is None (null), never a
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adaspec.bench.calibration import calibration
 from adaspec.bench.metrics import ROUGE_KEYS, corpus_bleu, gsm8k_accuracy, rouge
+from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
 from adaspec.errors import AdaspecError
 
 BASELINE = "ar"
@@ -26,6 +27,8 @@ class MethodFields:
     wall_s: float
     tokens_per_s: float | None = None
     speedup_vs_ar: float | None = None  # on the questions `ar` also answered
+    speedup_ci_lo: float | None = None  # its 95 % bootstrap interval over those questions (bench/stats.py)
+    speedup_ci_hi: float | None = None
     mean_accepted: float | None = None  # tokens emitted per target forward, bonus included
     acceptance_rate: float | None = None  # accepted / drafted
     mean_draft_len: float | None = None  # drafted per target forward
@@ -37,6 +40,12 @@ class MethodFields:
     rougeL: float | None = None
     gsm8k_acc: float | None = None  # math_reasoning, final number vs reference's
     mean_cut: float | None = None  # drafted but not verified per target forward (CM-ASD's paper variant)
+    large_share: float | None = None  # routing methods (R-Stitch): share of tokens the large model produced
+    # early-exit drafting (SpecBound): mean layer a drafted token exited after, and the share of drafting steps whose
+    # draft ended at a token unsure at the deepest exit (the bound layer), or at d_max drafted tokens
+    mean_exit_layer: float | None = None
+    bound_stop_share: float | None = None
+    d_max_stop_share: float | None = None
 
     def to_json(self) -> dict:
         return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -79,7 +88,10 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
     """Fields for one method's records; `baseline` maps question_id -> the `ar` record (empty: no `ar`)."""
     new_tokens = sum(r["new_tokens"] for r in records)
     wall = sum(r["wall_s"] for r in records)
-    with_steps = [r for r in records if r.get("steps")]
+    # routing methods record one step per token and which model produced it, never a target forward that
+    # verifies drafts: their drafting fields are null, `large_share` says how much the target did
+    routed = [s for r in records for s in r.get("steps") or [] if "source" in s]
+    with_steps = [r for r in records if r.get("steps") and "source" not in r["steps"][0]]
     steps = [s for r in with_steps for s in r["steps"]]
     drafted = sum(s["drafted"] for s in steps)
     fields = MethodFields(
@@ -88,12 +100,18 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
         acceptance_rate=_ratio(sum(s["accepted"] for s in steps), drafted),
         mean_draft_len=_ratio(drafted, len(steps)),
         mean_cut=_ratio(sum(s.get("cut", 0) for s in steps), len(steps)),
+        large_share=_ratio(sum(s["source"] == "large" for s in routed), len(routed)),
     )
+    exits = [layer for s in steps for layer in s.get("exit_layers", [])]
+    stops = [s["draft_stop"] for s in steps if s.get("draft_stop") is not None]
+    fields.mean_exit_layer = _ratio(sum(exits), len(exits))
+    fields.bound_stop_share = _ratio(sum(x == "bound" for x in stops), len(stops))
+    fields.d_max_stop_share = _ratio(sum(x == "d_max" for x in stops), len(stops))
     paired = [(r, baseline[r["question_id"]]) for r in records if r["question_id"] in baseline]
     if paired:
-        tps = _ratio(sum(r["new_tokens"] for r, _ in paired), sum(r["wall_s"] for r, _ in paired))
-        base_tps = _ratio(sum(b["new_tokens"] for _, b in paired), sum(b["wall_s"] for _, b in paired))
-        fields.speedup_vs_ar = _ratio(tps, base_tps) if tps is not None and base_tps is not None else None
+        pairs = [(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) for r, b in paired]
+        fields.speedup_vs_ar = paired_speedup(pairs)
+        fields.speedup_ci_lo, fields.speedup_ci_hi = bootstrap_speedup_ci(pairs) or (None, None)
         fields.exact_match = sum(r["token_ids"] == b["token_ids"] for r, b in paired) / len(paired)
         fields.alignment = corpus_bleu([r["text"] for r, _ in paired], [b["text"] for _, b in paired])
     fields.bleu = corpus_bleu(*_with_reference(records, "translation"))
@@ -103,9 +121,35 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
     return fields
 
 
+def _histogram(steps: list[dict]) -> dict[str, dict[str, int]]:
+    """{"emitted": {n: target forwards that emitted n tokens (accepted + 1)}, "drafted": {n: forwards that
+    verified n drafted tokens}}, keys as strings (JSON), in increasing order."""
+    emitted = Counter(s["accepted"] + 1 for s in steps)
+    drafted = Counter(s["drafted"] for s in steps)
+    return {"emitted": {str(n): emitted[n] for n in sorted(emitted)},
+            "drafted": {str(n): drafted[n] for n in sorted(drafted)}}
+
+
+def histograms(records: list[dict]) -> dict:
+    """{method: {"emitted", "drafted", "per_category": {category: {"emitted", "drafted"}}}} for every method
+    whose target forwards are recorded (not the peers', nor the per-token steps of routing methods)."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("steps") and "source" not in r["steps"][0]:
+            by_method[r["method"]].append(r)
+    out = {}
+    for name, rs in by_method.items():
+        out[name] = _histogram([s for r in rs for s in r["steps"]])
+        categories = sorted({r["category"] for r in rs})
+        out[name]["per_category"] = {c: _histogram([s for r in rs if r["category"] == c for s in r["steps"]])
+                                     for c in categories}
+    return out
+
+
 def summarize(records: list[dict], config: dict) -> dict:
     """{"config": config, "methods": {name: fields and "per_category": {category: fields}}, "calibration":
-    {name: {metric: bins and Spearman}} (methods that record confidence, see bench/calibration.py)} from records."""
+    {name: {metric: bins and Spearman}} (methods that record confidence, see bench/calibration.py),
+    "histograms": {name: tokens emitted and drafted per target forward}} from records."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_method[r["method"]].append(r)
@@ -118,4 +162,5 @@ def summarize(records: list[dict], config: dict) -> dict:
         methods[name] = method_fields(rs, baseline).to_json()
         methods[name]["per_category"] = {c: method_fields(crs, baseline).to_json()
                                          for c, crs in sorted(by_category.items())}
-    return {"config": config, "methods": methods, "calibration": calibration(records)}
+    return {"config": config, "methods": methods, "calibration": calibration(records),
+            "histograms": histograms(records)}

@@ -14,18 +14,23 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.summary import BASELINE, load_records, method_fields
-from adaspec.config import GenerationConfig
+from adaspec.config import SPECBOUND_SWEEP, GenerationConfig
 from adaspec.errors import AdaspecError
 from adaspec.methods import OPTIONS, DrafterChoice, build_runner, default_drafter, load_drafter, parse_method
 from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
 
+if TYPE_CHECKING:
+    from adaspec.bench.ray_sweep import RayOptions
+
 GRID: dict[str, tuple[float, ...]] = {"alpha": (0.5, 0.75, 1.0), "gamma": (0.5, 1.0, 2.0), "tau_base": (0.05, 0.1, 0.2)}
+SPECBOUND_GRID: dict[str, tuple[float, ...]] = dict(SPECBOUND_SWEEP)
 QUALITY = ("bleu", "rougeL", "gsm8k_acc")  # task quality: the mean of those that apply (gsm8k_acc x 100)
 PLOT = Path("plots") / "pareto.png"
 
@@ -63,15 +68,15 @@ def _number(v: float) -> str:
 def point_specs(base: str, grid: dict[str, tuple[float, ...]]) -> list[tuple[str, dict[str, float]]]:
     """(spec, grid values) for every grid point, specs in one canonical spelling (they key sweep.jsonl)."""
     spec = parse_method(base)
-    clash = sorted(set(grid) & set(spec.options))
+    axes = {k: v for k, v in grid.items() if v}  # an empty axis is left out, so it neither clashes nor must exist
+    clash = sorted(set(axes) & set(spec.options))
     if clash:
         raise AdaspecError(f"--base {base} sets {', '.join(clash)}, which the grid sweeps; drop it from one of them")
-    unknown = [k for k in grid if k not in OPTIONS[spec.name]]
+    unknown = [k for k in axes if k not in OPTIONS[spec.name]]
     if unknown:
         raise AdaspecError(f"method '{spec.name}' has no option {', '.join(unknown)} to sweep; "
-                           f"options: {', '.join(OPTIONS[spec.name])}")
+                           f"options: {', '.join(OPTIONS[spec.name])} (pass '' to leave an axis out)")
     fixed = [f"{k}={v}" for k, v in spec.options.items()]
-    axes = {k: v for k, v in grid.items() if v}
     points = []
     for values in itertools.product(*axes.values()):
         point = dict(zip(axes, values, strict=True))
@@ -177,7 +182,7 @@ def pareto_plot(points: list[dict], fronts: dict[str, list[dict]], ar: dict, pat
         ax.scatter([p["speedup_vs_ar"] for p in scored], [p[y] for p in scored], s=14, color="0.6", label="grid point")
         ax.plot([p["speedup_vs_ar"] for p in front], [p[y] for p in front], "o-", color="C3", label="Pareto front")
         for p in front:
-            short = ",".join(f"{k[0]}={_number(p[k])}" for k in GRID if p.get(k) is not None)
+            short = ",".join(f"{k[0]}={_number(p[k])}" for k in (*GRID, *SPECBOUND_GRID) if p.get(k) is not None)
             ax.annotate(short, (p["speedup_vs_ar"], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if ar.get(y) is not None:
             ax.scatter([1.0], [ar[y]], marker="*", s=90, color="k", label="ar")
@@ -216,7 +221,9 @@ def summarize_sweep(points: list[dict], baseline: list[dict], out: Path) -> dict
     return summary
 
 
-def run_sweep(opts: SweepOptions, console: Console | None = None) -> dict:
+def run_sweep(opts: SweepOptions, console: Console | None = None, ray: RayOptions | None = None) -> dict:
+    """Run (or resume) the sweep into opts.out; with `ray`, the baseline and the points as Ray tasks
+    (bench/ray_sweep.py), writing the same files."""
     console = console or Console(stderr=True)
     specs = point_specs(opts.base, opts.grid)
     questions = questions_of(opts)
@@ -232,7 +239,11 @@ def run_sweep(opts: SweepOptions, console: Console | None = None) -> dict:
     todo = [s for s, _ in specs if s not in done]
     ar_todo = [q for q in questions if q.question_id not in {r["question_id"] for r in baseline}]
     console.print(f"sweep: {len(specs)} points ({len(specs) - len(todo)} done) x {len(questions)} questions")
-    if todo or ar_todo:
+    if (todo or ar_todo) and ray is not None:
+        from adaspec.bench.ray_sweep import run_on_ray
+
+        baseline = run_on_ray(opts, ray, todo, ar_todo, len(questions), ar_path, sweep_path, console)
+    elif todo or ar_todo:
         console.print(f"loading target {target_name} ({opts.dtype})")
         models = load_models(opts)
         columns = (TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

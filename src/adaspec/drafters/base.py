@@ -31,6 +31,10 @@ class Draft:
     # [k, V] the drafter's logits, full vocabulary (-inf outside a reduced head); None: no distribution (prompt
     # lookup) or not built (an EAGLE head builds full-size rows only when sampling or scoring needs them)
     logits: torch.Tensor | None = None
+    # an early-exit drafter (SpecBound): the layer each token exited after, and why the draft ended ("bound": a
+    # token reached the deepest exit without exiting, "d_max": the length bound, "budget", "policy")
+    exit_layers: list[int] = field(default_factory=list)
+    stop: str | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -41,7 +45,7 @@ class Draft:
             return self
         cut = slice(0, n)
         return Draft(self.tokens[cut], None if self.probs is None else self.probs[cut], self.confidence[cut],
-                     None if self.logits is None else self.logits[cut])
+                     None if self.logits is None else self.logits[cut], self.exit_layers[cut], self.stop)
 
 
 class Drafter(Protocol):
