@@ -12,11 +12,11 @@ DEFAULT_SEED = 0
 
 # CM-ASD and SpecDec (issue 5; README "CM-ASD" says how they were chosen). tau is in nats of the target's
 # log-probabilities; beta is SpecDec's top-beta.
-CMASD_ALPHA = 1.0
+CMASD_ALPHA = 0.5
 CMASD_K_MIN = 1
 CMASD_K_MAX = 8
 CMASD_GAMMA = 0.5
-CMASD_TAU_BASE = 0.05
+CMASD_TAU_BASE = 0.2
 CMASD_TAU_MODE = "intent"
 CMASD_EARLY_STOP = 1
 SPECDEC_BETA = 5
