@@ -31,9 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive spe
 err = Console(stderr=True)
 
 Target = Annotated[str | None, typer.Option(help="'smollm2' (bundled default), a local HF model dir or a .gguf")]
-Drafter = Annotated[str | None, typer.Option(help="eagle | small (the drafters shipped for the target; eagle is the "
-                                                  "default where shipped) | lookup (prompt lookup, the default "
-                                                  "otherwise) | a drafter or HF model dir")]
+Drafter = Annotated[str | None, typer.Option(help="lookup (prompt lookup, the default) | eagle | small (the drafters "
+                                                  "shipped for the target) | a drafter or HF model dir")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless speculative sampling)")]
 Dtype = Annotated[str, typer.Option(help="float32 (greedy sd == ar exactly) or bfloat16 (faster)")]
