@@ -92,6 +92,20 @@ def test_eagle_speculative_decoding_equals_greedy():
         assert any(s.drafted > 0 for s in result.steps)
 
 
+def test_a_repeated_proposal_on_the_same_ids_drafts_the_same_tokens():
+    """bench's drafter cost proposes again on unchanged ids: nothing new to catch up on must still draft."""
+    from adaspec.drafters.base import DraftContext
+
+    _, backend, drafter = eagle_pair()
+    prompt = random_prompt(2)
+    backend.sync(prompt[:-1])  # as after a step: features for every position but the last token
+    drafter.observe(0, prompt)
+    ctx = DraftContext(prompt, 4, GenerationConfig().sampling)
+    first = drafter.propose(ctx, FixedLength(4))
+    again = drafter.propose(ctx, FixedLength(4))
+    assert len(first) == 4 and again.tokens == first.tokens
+
+
 def test_eagle_sampling_runs_and_is_reproducible():
     _, backend, drafter = eagle_pair()
     config = GenerationConfig(max_new_tokens=16, sampling=SamplingConfig(temperature=1.0), seed=5)

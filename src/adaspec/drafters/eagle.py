@@ -236,7 +236,7 @@ class EagleDrafter:
         self.features = torch.cat([self.features[:start], hidden.float()])[: len(self.target.tokens)]
 
     def _embed(self, tokens: list[int]) -> torch.Tensor:
-        return self.embed[torch.tensor(tokens)].to(self.dtype)[None]  # [1, T, H]
+        return self.embed[torch.tensor(tokens, dtype=torch.long)].to(self.dtype)[None]  # [1, T, H]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
@@ -245,7 +245,9 @@ class EagleDrafter:
         if n_feat == 0 or n_feat != len(ids) - 1 or ids[: n_feat] != self.target.tokens[: n_feat]:
             return Draft()  # no features for this sequence yet (the first step is the target's prefill)
         # catch up: positions C+1 .. F from true features, F = n_feat
-        c = common_prefix(self.consumed, ids[1: n_feat + 1])
+        # recompute at least the last position: its output is where drafting starts (a repeated proposal on the
+        # same ids has nothing new to catch up on)
+        c = min(common_prefix(self.consumed, ids[1: n_feat + 1]), n_feat - 1)
         self.cache.crop(c)
         del self.consumed[c:]
         feats = self.features[c: n_feat].to(self.dtype)[None]  # [1, F-C, H]
