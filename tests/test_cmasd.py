@@ -18,7 +18,7 @@ from adaspec.bench.report import write_report
 from adaspec.bench.runner import ABLATION, BenchOptions, bench_methods
 from adaspec.bench.summary import summarize
 from adaspec.bench.sweep import point_specs
-from adaspec.config import CMASD_EARLY_STOP, CMASD_K_MAX, GenerationConfig, SamplingConfig
+from adaspec.config import CMASD_EARLY_STOP, CMASD_K_MAX, CMASD_K_MIN, GenerationConfig, SamplingConfig
 from adaspec.decode import generate
 from adaspec.drafters import Draft, DraftContext, ModelDrafter, PromptLookupDrafter
 from adaspec.errors import AdaspecError
@@ -279,7 +279,7 @@ def test_exact_greedy_configurations_equal_ar_token_for_token(target, drafter, a
 def test_cmasd_k_adapts_the_draft_length_to_the_drafters_confidence(target, drafter):
     lengths = set()
     for prompt in PROMPTS[:6]:
-        result = run("cmasd-k", target, drafter, prompt)
+        result = run("cmasd-k:alpha=1", target, drafter, prompt)  # alpha 1: lengths spread over 1..k_max
         emitted = 0
         for s in result.steps:
             cap = min(CMASD_K_MAX, MAX_NEW - emitted - 1)  # the budget caps the last steps
@@ -287,7 +287,8 @@ def test_cmasd_k_adapts_the_draft_length_to_the_drafters_confidence(target, draf
             if not cap:
                 continue
             # early stop: the first t with t >= k_j of the running mean C_1..C_t
-            length = [adaptive_length(s.confidence[:t], 1.0, 1, CMASD_K_MAX) for t in range(1, s.drafted + 1)]
+            length = [adaptive_length(s.confidence[:t], 1.0, CMASD_K_MIN, CMASD_K_MAX)
+                      for t in range(1, s.drafted + 1)]
             assert s.drafted == cap or s.drafted >= length[-1]
             assert all(t < length[t - 1] for t in range(1, s.drafted))
             assert len(s.confidence) == len(s.exact) == s.drafted and s.cut == 0
