@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from adaspec.models import DRAFT_VOCAB_FILE, LoadedModel
+from adaspec.train import checkpoint
 
 
 @dataclass(frozen=True)
@@ -128,12 +129,7 @@ def train_drafter(target: LoadedModel, rows: list[dict], out: Path, config: Draf
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
-    step, history = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        draft.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, history = state["step"], state["history"]
+    step, history = checkpoint.resume(ckpt, draft, opt)
     data = sequences(train, config.seq_len)
     held_data = sequences(held, config.seq_len)
     t0 = time.time()
@@ -156,8 +152,7 @@ def train_drafter(target: LoadedModel, rows: list[dict], out: Path, config: Draf
             history[-1]["heldout_top1"] = round(agreement, 4)
             log(f"step {step}/{config.steps} loss {loss.item():.3f} held-out top-1 {agreement:.3f} "
                 f"({time.time() - t0:.0f}s)")
-            torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step, "history": history},
-                       ckpt)
+            checkpoint.save(ckpt, draft, opt, step, history)
     draft.eval()
     draft.save_pretrained(out / "model")
     if target.tokenizer is not None:

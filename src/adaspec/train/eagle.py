@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from adaspec.drafters.eagle import EagleArtifact, EagleConfig, EagleHead
 from adaspec.models import LoadedModel
+from adaspec.train import checkpoint
 from adaspec.train.drafter import frequent_tokens, split_rows
 
 
@@ -206,12 +207,7 @@ def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: P
     steps = max(1, int(config.epochs * len(batches)))
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
-    step, history = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        head.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, history = state["step"], state["history"]
+    step, history = checkpoint.resume(ckpt, head, opt)
     order: list[int] = []
     t0 = time.time()
     head.train()
@@ -236,8 +232,7 @@ def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: P
             history[-1]["heldout_by_depth"] = acc
             log(f"eagle step {step}/{steps} loss {loss.item():.3f} held-out top-1 by depth "
                 f"{' '.join(f'{a:.3f}' for a in acc)} ({time.time() - t0:.0f}s)")
-            torch.save({"model": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": history},
-                       ckpt)
+            checkpoint.save(ckpt, head, opt, step, history)
     head.eval()
     report = {"kind": "eagle", "config": asdict(config), "train_rows": len(train_rows), "heldout_rows": len(held_rows),
               "train_tokens": sum(len(it["ids"]) for it in train), "vocab": len(vocab), "history": history}

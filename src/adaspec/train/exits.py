@@ -38,6 +38,7 @@ from adaspec.config import (
 from adaspec.drafters.early_exit import ExitArtifact, ExitHeads
 from adaspec.errors import AdaspecError
 from adaspec.models import LoadedModel
+from adaspec.train import checkpoint
 from adaspec.train.data import read_corpus
 from adaspec.train.drafter import frequent_tokens, split_rows
 from adaspec.train.eagle import row_ids
@@ -204,12 +205,7 @@ def train_exits(target: LoadedModel, rows: list[dict], out: Path, config: ExitTr
     steps = math.ceil(config.epochs * len(train) / config.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
-    step, history = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        heads.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, history = state["step"], state["history"]
+    step, history = checkpoint.resume(ckpt, heads, opt)
     order: list[int] = []
     heads.train()
     while step < steps:
@@ -236,7 +232,7 @@ def train_exits(target: LoadedModel, rows: list[dict], out: Path, config: ExitTr
                     + " ".join(f"{e}:{a['adapted']['top1']}" for e, a in agreement.items())
                     + f" ({time.time() - t0:.0f}s)")
             heads.train()
-            torch.save({"model": heads.state_dict(), "opt": opt.state_dict(), "step": step, "history": history}, ckpt)
+            checkpoint.save(ckpt, heads, opt, step, history)
     heads.eval()
     after = evaluate(heads, norm, rows_w, vocab_t, full_w, held, config, depth)
     report = {"kind": "exits", "config": asdict(config), "train_rows": len(train_rows), "heldout_rows": len(held_rows),
