@@ -10,6 +10,11 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_DRAFT_LENGTH = 5
 DEFAULT_SEED = 0
 
+# The torch backend's preallocated KV cache (backends/lean.py): positions per sequence, capped by the model's context.
+# Keys and values take 2 * layers * kv_heads * head_dim * this * bytes per value (SmolLM2-135M, bf16: 94 MB; the
+# pages are committed only as positions are written).
+TORCH_CACHE_LEN = 4096
+
 # CM-ASD and SpecDec (issue 5; README "CM-ASD" says how they were chosen). tau is in nats of the target's
 # log-probabilities; beta is SpecDec's top-beta.
 CMASD_ALPHA = 0.5

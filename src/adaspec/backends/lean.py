@@ -1,0 +1,158 @@
+"""A lean forward for Llama-architecture models on a preallocated KV cache.
+
+transformers' forward pays a fixed cost per step (mask and cache plumbing, a dozen Python calls per layer,
+`DynamicCache` growth by concatenation) that dwarfs the arithmetic of a one-token step on a small model.
+`LeanLlama` computes the same logits with the fewest ops: it reads the Hugging Face model's weights (no
+copy beyond an optional dtype cast and the fused QKV and gate-up matrices), takes RoPE from a table
+precomputed by the model's own rotary embedding, and writes keys and values into a `StaticKV`.
+
+One decoder layer (pre-norm, as `LlamaDecoderLayer`):
+    x = x + o(attention(rope(q), rope(k), v))      q, k, v = split(qkv @ rms_norm(x))
+    x = x + down(silu(gate) * up)                  gate, up = split(gate_up @ rms_norm(x))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from adaspec.cache import StaticKV
+
+LEAN_MODEL_TYPES = ("llama",)
+LEAN_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # one table for every position (no dynamic scaling)
+
+
+def lean_unsupported(model: PreTrainedModel) -> str | None:
+    """Why the lean forward cannot run `model` (None: it can)."""
+    config = model.config
+    checks = {
+        f"model type '{config.model_type}' is not one of {', '.join(LEAN_MODEL_TYPES)}":
+            config.model_type not in LEAN_MODEL_TYPES,
+        "attention or MLP biases": getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False),
+        f"activation '{config.hidden_act}' (only silu)": config.hidden_act != "silu",
+        "pretraining_tp > 1": getattr(config, "pretraining_tp", 1) != 1,
+        f"RoPE type '{model.model.rotary_emb.rope_type}'": model.model.rotary_emb.rope_type not in LEAN_ROPE_TYPES,
+    }
+    return next((reason for reason, failed in checks.items() if failed), None)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) D, H]: q, k, v projections stacked
+    o: torch.Tensor  # [H, heads D]
+    mlp_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2 I, H]: gate, up projections stacked
+    down: torch.Tensor  # [H, I]
+
+
+class LeanLlama:
+    """The forward of a Hugging Face `LlamaForCausalLM` (same logits), over a `StaticKV`.
+
+    `dtype` casts the weights (None: the model's dtype); `capacity` is the most positions a cache holds."""
+
+    def __init__(self, model: PreTrainedModel, capacity: int, dtype: torch.dtype | None = None) -> None:
+        reason = lean_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the lean forward does not support this model: {reason}")
+        config, body = model.config, model.model
+        self.dtype = dtype or body.embed_tokens.weight.dtype
+        attn = body.layers[0].self_attn
+        self.heads, self.kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+        self.head_dim, self.scaling = int(attn.head_dim), float(attn.scaling)
+        self.eps = float(body.norm.variance_epsilon)
+        self.capacity = capacity
+        cast = {}  # data_ptr -> cast tensor: tied weights are cast once
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() not in cast:
+                cast[t.data_ptr()] = t.detach().to(self.dtype)
+            return cast[t.data_ptr()]
+
+        self.layers = [LayerWeights(
+            w(layer.input_layernorm.weight),
+            torch.cat([w(a.q_proj.weight), w(a.k_proj.weight), w(a.v_proj.weight)]),
+            w(a.o_proj.weight),
+            w(layer.post_attention_layernorm.weight),
+            torch.cat([w(layer.mlp.gate_proj.weight), w(layer.mlp.up_proj.weight)]),
+            w(layer.mlp.down_proj.weight),
+        ) for layer in body.layers for a in [layer.self_attn]]
+        self.embed = w(body.embed_tokens.weight)  # [V, H]
+        self.norm = w(body.norm.weight)  # [H]
+        self.head = w(model.get_output_embeddings().weight)  # [V, H] (the embedding itself when tied)
+        self.cos, self.sin = rope_table(model, capacity, self.dtype)  # [T, D] each; sin sign-folded
+
+    def new_cache(self, batch: int = 1) -> StaticKV:
+        return StaticKV(len(self.layers), self.kv_heads, self.head_dim, self.capacity, self.dtype, batch)
+
+    def hidden(self, ids: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """ids [B, n] at positions cache.length.. -> final hidden states [B, n, H] (after the final norm);
+        the cache grows by n."""
+        b, n = ids.shape
+        cache.check_room(b, n)
+        start = cache.length
+        cos, sin = self.cos[start: start + n, None], self.sin[start: start + n, None]  # [n, 1, D]
+        mask = causal_mask(start, n, self.heads // self.kv_heads)  # [g n, T] or None
+        x = F.embedding(ids, self.embed)  # [B, n, H]
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.eps), cos, sin, mask, cache)
+            x = x + mlp(layer, rms_norm(x, layer.mlp_norm, self.eps))
+        cache.advance(n)
+        return rms_norm(x, self.norm, self.eps)
+
+    def attention(self, i: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  mask: torch.Tensor | None, cache: StaticKV) -> torch.Tensor:
+        """Normed x [B, n, H] -> attention output [B, n, H]; layer i's keys and values go into the cache.
+
+        The g = heads / kv_heads query heads sharing a kv head attend as one head with g n queries (query
+        head j uses kv head j // g, as transformers' `repeat_kv`): no repeated keys."""
+        b, n, _ = x.shape
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        g = h // kv
+        qkv = F.linear(x, layer.qkv).view(b, n, h + 2 * kv, d)  # [B, n, h + 2kv, D]
+        qk = rope(qkv[:, :, : h + kv], cos, sin)  # [B, n, h + kv, D]
+        q = qk[:, :, :h].view(b, n, kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv, g * n, d)  # [B, kv, g n, D]
+        keys, values = cache.write(i, qk[:, :, h:].transpose(1, 2), qkv[:, :, h + kv:].transpose(1, 2))  # [B, kv, T, D]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)  # [B, kv, g n, D]
+        out = out.view(b, kv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, h * d)  # [B, n, h D]
+        return F.linear(out, layer.o)
+
+
+def mlp(layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)  # [B, n, I] each
+    return F.linear(F.silu(gate) * up, layer.down)  # [B, n, H]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`LlamaRMSNorm`: normalise in float32, cast back, then scale."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, n, heads, D] rotated: x cos + rotate_half(x) sin, with rotate_half(x) sin = roll(x) sin' where
+    sin' is sin with its first half negated (so the products equal transformers' exactly)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def rope_table(model: PreTrainedModel, capacity: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin' [capacity, D] from the model's own rotary embedding (scaling included); sin' has its first
+    half negated (see `rope`)."""
+    dummy = torch.empty(0, dtype=dtype)
+    with torch.inference_mode():
+        cos, sin = model.model.rotary_emb(dummy, position_ids=torch.arange(capacity)[None])  # [1, T, D] each
+    half = cos.shape[-1] // 2
+    sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+    return cos[0].clone(), sin
+
+
+def causal_mask(start: int, n: int, groups: int = 1) -> torch.Tensor | None:
+    """Boolean mask [groups n, start + n] (True: attend) for n queries at positions start.., repeated for
+    `groups` query heads; None for one query (it sees every key)."""
+    if n == 1:
+        return None
+    keys = torch.arange(start + n)[None, :]  # [1, T]
+    queries = torch.arange(start, start + n)[:, None]  # [n, 1]
+    return (keys <= queries).repeat(groups, 1)
