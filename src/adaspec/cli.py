@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from adaspec.config import (
+    DEFAULT_BACKEND,
+    DEFAULT_LLAMACPP_FORMAT,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SEED,
     ROUTER_LAMBDA,
@@ -22,6 +24,7 @@ from adaspec.config import (
     SPECBOUND_SWEEP,
     SPECBOUND_TRAIN_EXITS,
     SPECBOUND_VOCAB,
+    BackendChoice,
     GenerationConfig,
     SamplingConfig,
 )
@@ -36,6 +39,11 @@ Drafter = Annotated[str | None, typer.Option(help="lookup (prompt lookup, the de
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless speculative sampling)")]
 Dtype = Annotated[str, typer.Option(help="float32 (greedy sd == ar exactly) or bfloat16 (faster)")]
+BackendKind = Annotated[str, typer.Option("--backend", help="where methods run unless their spec says (sd:backend="
+                                                       "llamacpp): torch | llamacpp (the target's GGUF on llama.cpp,"
+                                                       " the `llamacpp` extra)")]
+WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: shipped (the GGUF as it is) | "
+                                                         "q4_0 | q4_1 | q8_0 | f16 | bf16 | f32 (converted once)")]
 
 
 def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> GenerationConfig:
@@ -57,6 +65,8 @@ def generate(
     chat: Annotated[bool, typer.Option(help="apply the tokenizer's chat template")] = True,
     compare: Annotated[bool, typer.Option(help="also run plain `ar` decoding and report the speedup")] = True,
     dtype: Dtype = "float32",
+    backend: BackendKind = DEFAULT_BACKEND,
+    weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
 ) -> None:
     """Generate text, streaming it, then print tokens/s, mean accepted tokens and the speedup over `ar`."""
     from adaspec.methods import build_runner, load_drafter, parse_method
@@ -66,7 +76,8 @@ def generate(
     spec = parse_method(method)
     model = load_model(target, dtype)
     draft_model = load_drafter(drafter, model, dtype)
-    runner = build_runner(spec, model, draft_model, config)
+    choice = BackendChoice(backend, weights)
+    runner = build_runner(spec, model, draft_model, config, choice)
     ids = encode_prompt(model.tokenizer, prompt, chat)
     runner(ids[-32:], GenerationConfig(max_new_tokens=4, sampling=config.sampling))  # warm-up
 
@@ -93,7 +104,7 @@ def generate(
     accepted = f"{result.mean_accepted:.2f}" if result.steps and not routed else "–"
     row = [spec.label, str(result.new_tokens), f"{result.tokens_per_s:.1f}", accepted]
     if compare and spec.name != "ar":
-        base = build_runner(parse_method("ar"), model, draft_model, config)(ids, config)
+        base = build_runner(parse_method("ar"), model, draft_model, config, choice)(ids, config)
         table.add_row(*row, f"{result.tokens_per_s / base.tokens_per_s:.2f}x")
         table.add_row("ar", str(base.new_tokens), f"{base.tokens_per_s:.1f}", "1.00", "1.00x")
         same = "identical to" if base.token_ids == result.token_ids else "differs from"
@@ -132,6 +143,8 @@ def bench(
     chat: bool = True,
     answers: Annotated[bool, typer.Option(help="also write Spec-Bench answer files: OUT/model_answer/"
                                                "<target>-<method>.jsonl")] = False,
+    backend: BackendKind = DEFAULT_BACKEND,
+    weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
 ) -> None:
     """Benchmark methods against `ar` and the transformers peers on the same prompts."""
     from adaspec.bench.data import DEFAULT_DATA
@@ -143,7 +156,7 @@ def bench(
         categories=categories.split(",") if categories else None, limit=limit, target=target,
         drafter=drafter, dtype=dtype, chat=chat,
         generation=_generation(max_new_tokens, temperature, top_k, top_p, seed), ablation=ablation,
-        answers=answers,
+        answers=answers, backend=BackendChoice(backend, weights),
     )
     summary = run_bench(opts, err)
     table = Table(title=f"adaspec bench -> {out}")
@@ -513,6 +526,8 @@ def serve(
     drain: Annotated[float | None, typer.Option(help="shutdown grace for in-flight work, s", show_default="30")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", show_default="torch's")] = None,
     log_level: str = "info",
+    backend: BackendKind = DEFAULT_BACKEND,
+    weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE too), /v1/models, /health, /metrics."""
     try:
@@ -531,7 +546,8 @@ def serve(
 
         torch.set_num_threads(threads)
     given = dict(queue_size=queue_size, timeout_s=timeout, max_tokens=max_tokens, drain_s=drain)
-    options = ServerOptions(**{k: v for k, v in given.items() if v is not None})
+    options = ServerOptions(**{k: v for k, v in given.items() if v is not None},
+                            backend=BackendChoice(backend, weights, threads))
     model = load_model(target, dtype)
     server = make_server(create_app(model, method, load_drafter(drafter, model, dtype), options), host, port, log_level)
     err.print(f"serving {model.name} ({method}) on http://{host}:{port}/v1")

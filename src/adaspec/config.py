@@ -51,6 +51,14 @@ SPECBOUND_SWEEP = {"threshold": (0.5, 0.6, 0.7, 0.8, 0.9), "d_max": (2, 3, 4, 6)
 SPECBOUND_RANK = 0  # exit adapter: 0 = a full affine map (as the tuned lens), r > 0 = a rank-r residual update
 
 
+# Backends (issue 11; README "Backends and weight formats"): where a method's models run. `torch` runs the Hugging
+# Face model; `llamacpp` runs the target's GGUF through llama.cpp (the optional extra `adaspec[llamacpp]`) in a
+# weight format requantized once into the cache ("shipped": the GGUF file as it is).
+BACKENDS = ("torch", "llamacpp")
+DEFAULT_BACKEND = "torch"
+LLAMACPP_FORMATS = ("shipped", "q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
+DEFAULT_LLAMACPP_FORMAT = "shipped"
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How a next token is chosen from logits. temperature == 0 means greedy."""
@@ -85,3 +93,24 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise AdaspecError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Where a method's models run unless its spec says otherwise (`sd:backend=llamacpp,format=q8_0`)."""
+
+    kind: str = DEFAULT_BACKEND  # one of BACKENDS
+    format: str = DEFAULT_LLAMACPP_FORMAT  # llama.cpp weight format, one of LLAMACPP_FORMATS
+    threads: int | None = None  # llama.cpp threads (None: torch's thread count)
+
+    def __post_init__(self) -> None:
+        if self.kind not in BACKENDS:
+            raise AdaspecError(f"unknown backend '{self.kind}'; choose one of {', '.join(BACKENDS)}")
+        if self.format not in LLAMACPP_FORMATS:
+            raise AdaspecError(f"unknown llama.cpp weight format '{self.format}'; choose one of "
+                               f"{', '.join(LLAMACPP_FORMATS)}")
+
+    @property
+    def label(self) -> str:
+        """'torch', or 'llamacpp:FORMAT': the key of this backend's measured costs."""
+        return self.kind if self.kind == "torch" else f"{self.kind}:{self.format}"

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from adaspec.backends import TorchBackend
+from adaspec.backends import Backend, TorchBackend
 from adaspec.backends.layered import LayeredBackend
 from adaspec.confidence import ConfidenceEnsemble
 from adaspec.config import (
@@ -35,6 +35,7 @@ from adaspec.config import (
     SPECBOUND_THRESHOLD,
     SPECDEC_BETA,
     SPECDEC_TAU,
+    BackendChoice,
     GenerationConfig,
 )
 from adaspec.decode import GenerationResult, Step, StopCriteria, generate
@@ -59,21 +60,24 @@ _LENGTH = {"alpha": (float, CMASD_ALPHA), "k_min": (int, CMASD_K_MIN), "k_max": 
            "early_stop": (int, CMASD_EARLY_STOP)}
 _TAU = {"beta": (int, SPECDEC_BETA), "tau_base": (float, CMASD_TAU_BASE), "gamma": (float, CMASD_GAMMA),
         "tau_mode": (str, CMASD_TAU_MODE)}
+# where the method runs (config.BackendChoice): backend torch | llamacpp, format: llama.cpp weights (shipped, q8_0, ...)
+_BACKEND = {"backend": (str, None), "format": (str, None)}
 _CONFIDENCE = {"l1": (float, 1 / 3), "l2": (float, 1 / 3), "l3": (float, 1 / 3), "scale": (float, 1.0),
                "metric": (str, None)}
 
 # method -> {option: (type, default)}
 OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
-    "ar": {},
-    "sd": {"k": (int, DEFAULT_DRAFT_LENGTH), "drafter": (str, None), "ngram": (int, 3)},
+    "ar": {**_BACKEND},
+    "sd": {"k": (int, DEFAULT_DRAFT_LENGTH), "drafter": (str, None), "ngram": (int, 3), **_BACKEND},
     "hf": {},
     "hf-assisted": {"k": (int, None), "drafter": (str, None)},
     "hf-lookup": {"k": (int, HF_LOOKUP_TOKENS), "ngram": (int, 2)},
+    "llamacpp": {"format": (str, None)},  # llama.cpp's own plain decoding (llama-cpp-python) of the target's GGUF
     "specdec": {"k": (int, DEFAULT_DRAFT_LENGTH), "beta": (int, SPECDEC_BETA), "tau": (float, SPECDEC_TAU),
-                **_DRAFTING},
-    "cmasd": {**_LENGTH, **_TAU, **_CONFIDENCE, **_DRAFTING},
-    "cmasd-k": {**_LENGTH, **_CONFIDENCE, **_DRAFTING},
-    "cmasd-tau": {"k": (int, DEFAULT_DRAFT_LENGTH), **_TAU, **_CONFIDENCE, **_DRAFTING},
+                **_DRAFTING, **_BACKEND},
+    "cmasd": {**_LENGTH, **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
+    "cmasd-k": {**_LENGTH, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
+    "cmasd-tau": {"k": (int, DEFAULT_DRAFT_LENGTH), **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
     # R-Stitch (routing.py): `drafter` is the small model (`small`, the shipped one, or DIR; default: --drafter
     # if it is a model, else the target's shipped `small`); tau_down None: the same as tau_up
     "rstitch": {"drafter": (str, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN)},
@@ -85,7 +89,7 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
 }
 LIST_OPTIONS = ("exits",)  # list values continue over the bare items after them: exits=8,12,16,threshold=0.8
 EXITS = "exits"  # the kind of the shipped exit adapters (drafters/shipped/<target>/exits/)
-PEERS = ("hf", "hf-assisted", "hf-lookup")
+PEERS = ("hf", "hf-assisted", "hf-lookup", "llamacpp")
 CMASD_METHODS = ("specdec", "cmasd", "cmasd-k", "cmasd-tau")
 ROUTING_METHODS = ("rstitch", "rstitch+")
 
@@ -123,6 +127,7 @@ def parse_method(spec: str) -> MethodSpec:
         except ValueError:
             raise AdaspecError(f"option {key}={value!r} of '{name}' must be {kind.__name__}") from None
     method = MethodSpec(name, options, spec.strip())
+    backend_choice(method)  # a bad backend or format fails here too
     if name in CMASD_METHODS:
         cmasd_parts(method)  # bad values fail here, before any model loads
     if name == "rstitch" or method.options.get("router") is not None:
@@ -130,6 +135,16 @@ def parse_method(spec: str) -> MethodSpec:
     if name == "specbound":
         specbound_bound(method)  # bad exits, thresholds, lengths or adapter directories fail here too
     return method
+
+
+def backend_choice(spec: MethodSpec, default: BackendChoice | None = None) -> BackendChoice:
+    """Where `spec` runs: its backend= and format= options over `default` (the CLI's --backend / --format)."""
+    default = default or BackendChoice()
+    try:
+        return BackendChoice(str(spec.options.get("backend", default.kind)),
+                             str(spec.options.get("format", default.format)), default.threads)
+    except AdaspecError as e:
+        raise AdaspecError(f"{spec.label or spec.name}: {e}") from None
 
 
 def specbound_bound(spec: MethodSpec, depth: int | None = None) -> ExitBound:
@@ -294,9 +309,67 @@ class HFRunner:
         return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
 
 
-def drafting_backend(target: LoadedModel) -> TorchBackend:
-    """The target backend of a method that drafts (an EAGLE drafter turns its `keep_hidden` on)."""
-    return TorchBackend(target.model)
+@dataclass
+class LlamaCppRunner:
+    """llama.cpp's own plain decoding of the target's GGUF through llama-cpp-python's `Llama.generate`: the peer a
+    CPU user would otherwise run, measured in the same run. Its cache is cleared before each prompt (no prefix
+    reuse across prompts, as for every other method)."""
+
+    label: str
+    path: Path  # the GGUF file
+    stop: StopCriteria
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        from adaspec.backends.llamacpp import _init
+
+        lc = _init()
+        threads = self.threads or torch.get_num_threads()  # llama-cpp-python's own default is half the cores
+        self.llm = lc.Llama(model_path=str(self.path), n_ctx=0, n_batch=512, n_threads=threads,
+                            n_threads_batch=threads, flash_attn=True, verbose=False)  # as llama.cpp's "auto"
+
+    def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
+        s = config.sampling
+        if len(prompt_ids) + config.max_new_tokens > self.llm.n_ctx():
+            raise AdaspecError(f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens} "
+                               f"exceeds the model context of {self.llm.n_ctx()} tokens")
+        self.llm.reset()
+        self.llm.set_seed(config.seed)
+        sampling = dict(temp=0.0) if s.greedy else dict(temp=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        tokens: list[int] = []
+        reason = "length"
+        t0 = time.perf_counter()
+        for t in self.llm.generate(list(prompt_ids), repeat_penalty=1.0, min_p=0.0, reset=True, **sampling):
+            tokens.append(int(t))
+            keep, why = self.stop.cut(tokens, 1)
+            if why is not None:
+                del tokens[keep:]
+                reason = why
+                break
+            if len(tokens) >= config.max_new_tokens:
+                break
+        wall = time.perf_counter() - t0
+        return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
+
+
+def target_backend(target: LoadedModel, choice: BackendChoice) -> Backend:
+    """The target's backend for a method that runs on `choice` (an EAGLE drafter turns its `keep_hidden` on)."""
+    if choice.kind == "torch":
+        return TorchBackend(target.model)
+    from adaspec.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(target_gguf(target, choice.format), threads=choice.threads)
+
+
+def target_gguf(target: LoadedModel, fmt: str) -> Path:
+    """The target's GGUF in weight format `fmt` (converted once into the cache)."""
+    from adaspec.backends.llamacpp import requantize
+    from adaspec.models import cache_root
+
+    if target.gguf is None:
+        raise AdaspecError(f"llama.cpp runs GGUF files and target '{target.name}' was loaded from a Hugging Face "
+                           f"directory ({target.path}): pass its .gguf file as the target, or use the torch backend")
+    return requantize(target.gguf, fmt, cache_root() / "gguf")
 
 
 def stop_criteria(target: LoadedModel, config: GenerationConfig) -> StopCriteria:
@@ -305,21 +378,26 @@ def stop_criteria(target: LoadedModel, config: GenerationConfig) -> StopCriteria
 
 
 def build_runner(
-    spec: MethodSpec, target: LoadedModel, drafter: LoadedModel | str | None, config: GenerationConfig
+    spec: MethodSpec, target: LoadedModel, drafter: LoadedModel | str | None, config: GenerationConfig,
+    backend: BackendChoice | None = None,
 ) -> Runner:
-    """A runner for `spec`. `drafter` is a loaded model, 'lookup', or None (the method's default)."""
+    """A runner for `spec`. `drafter` is a loaded model, 'lookup', or None (the method's default); `backend` is
+    where methods run whose spec does not say (methods without backend options run on torch)."""
     stop = stop_criteria(target, config)
+    choice = backend_choice(spec, backend)
     if spec.name == "ar":
-        return EngineRunner(spec.label, TorchBackend(target.model), stop)
+        return EngineRunner(spec.label, target_backend(target, choice), stop)
     if spec.name == "sd":
         k = int(spec.get("k"))
         if k < 1:
             raise AdaspecError(f"sd:k must be >= 1, got {k}")
-        backend = drafting_backend(target)
+        backend = target_backend(target, choice)
         return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target), k)
+    if spec.name == "llamacpp":
+        return LlamaCppRunner(spec.label, target_gguf(target, choice.format), stop, choice.threads)
     if spec.name in CMASD_METHODS:
         parts = cmasd_parts(spec)
-        backend = drafting_backend(target)
+        backend = target_backend(target, choice)
         return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target),
                             policy=parts.policy, rule=parts.rule, confidence=parts.confidence)
     if spec.name == "specbound":  # the target drafts for itself: early exits x bound x the exact rule
@@ -351,7 +429,7 @@ def build_runner(
 DrafterChoice = LoadedModel | EagleArtifact | str  # a loaded model, an EAGLE head, or 'lookup'
 
 
-def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: TorchBackend,
+def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: Backend,
                  target_model: LoadedModel | None = None) -> Drafter:
     """The drafter a method drafts with: its own `drafter=` option (loaded here, which needs
     `target_model`), else `drafter` (what --drafter loaded), else prompt lookup. `target` is the method's
@@ -366,7 +444,7 @@ def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: TorchB
         ngram = int(spec.get("ngram")) if "ngram" in OPTIONS[spec.name] else 3
         return PromptLookupDrafter(max_ngram=ngram)
     if isinstance(chosen, EagleArtifact):
-        return EagleDrafter(chosen, target)
+        return EagleDrafter(chosen, target, None if target_model is None else target_model.model)
     if isinstance(chosen, LoadedModel):
         return ModelDrafter(TorchBackend(chosen.model, chosen.draft_vocab), chosen.name)
     raise AdaspecError(f"{spec.name}: drafter {chosen!r} is unknown; choose {', '.join(DRAFTER_NAMES)} or a directory")

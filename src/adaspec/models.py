@@ -31,6 +31,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     draft_vocab: list[int] | None = None  # a trained drafter's reduced head (adaspec_vocab.json)
+    gguf: Path | None = None  # the GGUF file the model was converted from (the llama.cpp backend runs it)
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -121,7 +122,16 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
         raise AdaspecError(f"could not load a causal LM from {path}: {e}") from e
     vocab_file = path / DRAFT_VOCAB_FILE
     draft_vocab = json.loads(vocab_file.read_text()) if vocab_file.is_file() else None
-    return LoadedModel(name, path, model.eval(), tokenizer, draft_vocab)
+    return LoadedModel(name, path, model.eval(), tokenizer, draft_vocab, gguf_source(path))
+
+
+def gguf_source(path: Path) -> Path | None:
+    """The GGUF file a converted model directory came from (its adaspec-source.json), if it still exists."""
+    marker = path / "adaspec-source.json"
+    if not marker.is_file():
+        return None
+    source = Path(json.loads(marker.read_text())["source"])
+    return source if source.is_file() else None
 
 
 def check_same_tokenizer(target: PreTrainedTokenizerBase, drafter: PreTrainedTokenizerBase) -> None:

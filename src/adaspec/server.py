@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adaspec.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, GenerationConfig, SamplingConfig
+from adaspec.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, BackendChoice, GenerationConfig, SamplingConfig
 from adaspec.decode import GenerationResult, Step
 from adaspec.errors import AdaspecError
 from adaspec.methods import MethodSpec, Runner, build_runner, parse_method
@@ -48,6 +48,7 @@ class ServerOptions:
     max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a request names none (capped by the context)
     drain_s: float = 30.0  # on shutdown, how long in-flight requests may run before they are ended
     runner_cache: int = 16  # runners kept, one per (method, stop strings)
+    backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says
 
     def __post_init__(self) -> None:
         if self.queue_size < 0 or self.timeout_s <= 0 or self.max_tokens < 1 or self.drain_s < 0:
@@ -409,7 +410,7 @@ class Service:
     def runner(self, spec: MethodSpec, config: GenerationConfig) -> Runner:
         key = (spec.name, tuple(sorted(spec.options.items())), config.stop, config.stop_on_eos)
         if key not in self.runners:
-            self.runners[key] = self.build(spec, self.target, self.drafter, config)
+            self.runners[key] = self.build(spec, self.target, self.drafter, config, self.options.backend)
             while len(self.runners) > self.options.runner_cache:
                 self.runners.popitem(last=False)
         self.runners.move_to_end(key)

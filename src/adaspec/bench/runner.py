@@ -17,25 +17,28 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from adaspec.backends import TorchBackend
+from adaspec.backends.llamacpp import file_type
 from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
 from adaspec.bench.summary import load_records
-from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, GenerationConfig
+from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, BackendChoice, GenerationConfig
 from adaspec.decode import Step
 from adaspec.errors import AdaspecError
 from adaspec.methods import (
+    OPTIONS,
     PEERS,
     DrafterChoice,
     MethodSpec,
     Runner,
+    backend_choice,
     build_runner,
     default_drafter,
     has_standalone,
     load_drafter,
     make_drafter,
     parse_method,
+    target_backend,
 )
 from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
 
@@ -60,6 +63,7 @@ class BenchOptions:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ablation: bool = False  # run ABLATION (then `methods` are added after it) and write its table
     answers: bool = False  # also write Spec-Bench answer files, out/model_answer/<target>-<method>.jsonl
+    backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says
 
 
 def cpu_model() -> str | None:
@@ -90,6 +94,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": installed("transformers"),
         "numpy": installed("numpy"),
+        "llama_cpp_python": installed("llama_cpp_python"),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -178,7 +183,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
         "target": target_name, "drafter": opts.drafter or default_drafter(target_name), "dtype": opts.dtype,
         "chat": opts.chat, "max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature,
         "top_k": gen.sampling.top_k, "top_p": gen.sampling.top_p, "seed": gen.seed,
-        "questions": len(questions),
+        "questions": len(questions), "backend": opts.backend.label,
     }
     if opts.ablation:
         config["ablation"] = True
@@ -195,7 +200,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     console.print(f"loading target {config['target']} ({opts.dtype})")
     target = load_model(opts.target, opts.dtype)
     drafter = load_drafter(opts.drafter, target, opts.dtype)
-    runners = [build_runner(s, target, drafter, gen) for s in specs]
+    runners = [build_runner(s, target, drafter, gen, opts.backend) for s in specs]
     env = environment()
 
     # warm-up: every method once on a short prompt, not recorded
@@ -229,18 +234,36 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     for s in skipped:
         console.print(f"[yellow]skipped[/] #{s['question_id']} {s['method']}: {s['error']}")
 
-    costs = measure_costs(target, drafter, encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat), specs)
+    costs = measure_costs(target, drafter, encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat), specs,
+                          opts.backend)
     (opts.out / COSTS).write_text(json.dumps(costs, indent=2))
     (opts.out / SKIPPED).write_text(json.dumps(skipped, indent=2))
     return rebuild(opts.out, opts.answers)  # summary.json, report.md: from these files alone, as `adaspec report`
 
 
 def measure_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int],
-                  specs: Sequence[MethodSpec] = ()) -> dict:
-    """The target's verify costs and the run's drafter's cost per token; under "drafters", the cost of every
-    other drafter a method names with drafter= (the analytic bound needs each method's own)."""
-    backend = TorchBackend(target.model)
+                  specs: Sequence[MethodSpec] = (), backend: BackendChoice | None = None) -> dict:
+    """Measured costs on the run's backend (`backend`, top level; its label under "backend"), and under "backends"
+    the same for every backend a method runs on, the run's included, keyed by label: the target's verify costs,
+    the run's drafter's cost per token, and under "drafters" the cost of every other drafter a method names with
+    drafter= (the analytic bound needs each method's own)."""
+    default = backend or BackendChoice()
+    choices = {default.label: default}
+    for s in specs:
+        if s.name not in PEERS and "backend" in OPTIONS[s.name]:
+            choice = backend_choice(s, default)
+            choices.setdefault(choice.label, choice)
+    per = {label: backend_costs(target, drafter, prompt, specs, c) for label, c in choices.items()}
+    return {**per[default.label], "backend": default.label, "backends": per}
+
+
+def backend_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int], specs: Sequence[MethodSpec],
+                  choice: BackendChoice) -> dict:
+    """verify costs, the run's drafter's cost and the named drafters' costs (see measure_costs) on one backend."""
+    backend = target_backend(target, choice)
     costs = verify_costs(backend, prompt)
+    if choice.kind == "llamacpp":
+        costs["weights"] = file_type(backend.llm.path)
     d = make_drafter(parse_method("sd"), drafter, backend, target)
     costs.update(drafter_cost(d, backend, costs["verify_ms"]["1"], prompt))
     named = sorted({str(s.options["drafter"]) for s in specs if s.name not in PEERS and s.options.get("drafter")})
@@ -250,5 +273,3 @@ def measure_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int]
                                costs["verify_ms"]["1"], prompt)
             for name in named}
     return costs
-
-

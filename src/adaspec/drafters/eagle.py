@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
-from adaspec.backends.base import common_prefix
-from adaspec.backends.torch import TorchBackend
+from adaspec.backends.base import Backend, common_prefix
 from adaspec.drafters.base import Draft, DraftContext
 from adaspec.errors import AdaspecError
 from adaspec.policies import LengthPolicy
@@ -211,8 +211,8 @@ class EagleDrafter:
 
     name = "eagle"
 
-    def __init__(self, artifact: EagleArtifact, target: TorchBackend) -> None:
-        model = target.model
+    def __init__(self, artifact: EagleArtifact, target: Backend, model: PreTrainedModel | None = None) -> None:
+        model = model if model is not None else target.model  # the target's weights (embeddings, LM head)
         if artifact.head.config != EagleConfig.from_target(model.config):
             raise AdaspecError("this EAGLE head was trained for a different target (its shape does not match)")
         target.keep_hidden = True  # the head drafts from the target's features: have the backend keep them

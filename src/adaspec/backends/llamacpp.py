@@ -1,0 +1,217 @@
+"""llama.cpp backend: a GGUF model run by llama.cpp (through llama-cpp-python's C API), behind `Backend`.
+
+One `llama_decode` scores k+1 positions with logits for each of the last `keep`; rollback removes positions
+from llama.cpp's KV cache (`llama_memory_seq_rm`). With `keep_hidden`, the context also returns the final
+(normed) hidden state of every position, as the torch backend does, for drafters that read target features.
+
+llama-cpp-python is an optional extra (`pip install 'adaspec[llamacpp]'`, a ~10-minute build from source):
+every entry point here says so when it is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaspec.backends.base import Backend
+from adaspec.config import LLAMACPP_FORMATS
+from adaspec.errors import AdaspecError
+
+INSTALL_HINT = ("pip install 'adaspec[llamacpp]' (or `bash scripts/setup.sh --llamacpp`); llama-cpp-python "
+                "builds from source, about 10 minutes on 2 cores")
+FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # llama_ftype values
+FTYPE_NAMES = {v: k for k, v in FTYPES.items()}
+
+
+def llama_cpp():
+    """The llama_cpp module, or an AdaspecError that says how to install it."""
+    try:
+        import llama_cpp as module
+    except ImportError:
+        raise AdaspecError(f"the llama.cpp backend needs llama-cpp-python, which is not installed: {INSTALL_HINT}") \
+            from None
+    return module
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_quiet = None  # the log callback must outlive every call into llama.cpp
+
+
+def _init() -> object:
+    """Initialise llama.cpp once, with its logging silenced (it writes to stderr on every model load)."""
+    global _quiet
+    lc = llama_cpp()
+    if _quiet is None:
+        _quiet = lc.llama_log_callback(lambda level, text, data: None)
+        lc.llama_log_set(_quiet, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+    return lc
+
+
+def file_type(path: Path) -> str:
+    """The weight format of a GGUF file, read from its metadata (general.file_type)."""
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("general.file_type")
+    if field is None:
+        return "unknown"
+    value = int(field.parts[field.data[0]][0])
+    return FTYPE_NAMES.get(value, f"ftype-{value}")
+
+
+def requantize(source: Path, fmt: str, cache_dir: Path) -> Path:
+    """`source` in weight format `fmt` (one of LLAMACPP_FORMATS; 'shipped' is the file as it is): converted
+    once by llama.cpp's quantizer into `cache_dir`, written to a temporary name and renamed.
+
+    Every format starts from the same weights: a Q4_1 file requantized to F16/BF16 is its exact dequantized
+    value; to Q8_0 it adds a small rounding of its own."""
+    if fmt not in LLAMACPP_FORMATS:
+        raise AdaspecError(f"unknown llama.cpp weight format '{fmt}'; choose one of {', '.join(LLAMACPP_FORMATS)}")
+    if fmt == "shipped":
+        return source
+    stat = source.stat()
+    out = cache_dir / f"{source.stem}.{stat.st_size}.{fmt}.gguf"
+    if out.is_file():
+        return out
+    lc = _init()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = FTYPES[fmt]
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    if lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        tmp.unlink(missing_ok=True)
+        raise AdaspecError(f"llama.cpp could not convert {source} to {fmt}")
+    shutil.move(tmp, out)
+    return out
+
+
+class LlamaCppModel:
+    """A loaded GGUF model and one context (KV cache) on it; freed on close or garbage collection."""
+
+    def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
+                 embeddings: bool = False, flash_attn: int | None = None) -> None:
+        self.lc = lc = _init()
+        self.path = path
+        if not path.is_file():
+            raise AdaspecError(f"GGUF file {path} not found")
+        self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+        if not self.model:
+            raise AdaspecError(f"llama.cpp could not load {path}: is it a GGUF model file?")
+        self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model)))
+        self.n_embd = int(lc.llama_model_n_embd(self.model))
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(self.model))
+        params = lc.llama_context_default_params()
+        params.n_ctx = params.n_batch = n_ctx or self.n_ctx_train
+        params.n_ubatch = min(512, params.n_ctx)
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads or torch.get_num_threads()
+        params.embeddings = embeddings
+        if flash_attn is not None:
+            params.flash_attn_type = flash_attn
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE  # hidden states per position, when they are turned on
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            self.model = None
+            raise AdaspecError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
+        self.n_ctx = int(lc.llama_n_ctx(self.ctx))
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.batch = lc.llama_batch_init(params.n_batch, 0, 1)
+        self.embeddings = embeddings
+
+    def decode(self, ids: list[int], start: int, outputs: int) -> None:
+        """Feed `ids` at positions start.. into the cache; the last `outputs` of them get logits."""
+        b, n = self.batch, len(ids)
+        b.n_tokens = n
+        for i, t in enumerate(ids):
+            b.token[i] = t
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= n - outputs
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise AdaspecError(f"llama.cpp decode of {n} tokens at position {start} failed (code {rc})")
+
+    def logits(self, outputs: int) -> torch.Tensor:
+        """Logits of the last decode's output positions -> [outputs, V] float32 (a copy)."""
+        ptr = self.lc.llama_get_logits(self.ctx)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(outputs * self.n_vocab,)).copy()).view(
+            outputs, self.n_vocab)
+
+    def hidden(self, outputs: int) -> torch.Tensor:
+        """Final hidden states of the last decode's output positions -> [outputs, H] (needs embeddings=True)."""
+        ptr = self.lc.llama_get_embeddings(self.ctx)
+        if not ptr:
+            raise AdaspecError("llama.cpp returned no hidden states: the context was made without embeddings")
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(outputs * self.n_embd,)).copy()).view(
+            outputs, self.n_embd)
+
+    def set_embeddings(self, on: bool) -> None:
+        self.lc.llama_set_embeddings(self.ctx, on)
+        self.embeddings = on
+
+    def truncate(self, length: int) -> None:
+        if length == 0:
+            self.lc.llama_memory_clear(self.memory, True)
+        elif not self.lc.llama_memory_seq_rm(self.memory, 0, length, -1):
+            raise AdaspecError(f"llama.cpp could not roll its cache back to {length} positions")
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lc.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LlamaCppBackend(Backend):
+    """The `Backend` interface on a GGUF model run by llama.cpp. `keep_hidden`: `hidden` holds the final hidden
+    states [n, H] of every position of the last forward (the first at `hidden_start`), as in `TorchBackend`."""
+
+    def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
+                 keep_hidden: bool = False) -> None:
+        super().__init__()
+        self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden)
+        self.hidden = torch.empty(0)
+        self.vocab_size = self.llm.n_vocab
+        self.max_context = self.llm.n_ctx
+
+    @property
+    def keep_hidden(self) -> bool:
+        return self.llm.embeddings
+
+    @keep_hidden.setter
+    def keep_hidden(self, on: bool) -> None:
+        self.llm.set_embeddings(on)
+
+    def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        row = ids[0].tolist()
+        outputs = len(row) if self.keep_hidden else keep  # hidden states come only for output positions
+        self.llm.decode(row, len(self.tokens), outputs)
+        logits = self.llm.logits(outputs)  # [outputs, V]
+        if self.keep_hidden:
+            self.hidden = self.llm.hidden(outputs)  # [n, H]
+        return logits[-keep:].unsqueeze(0)  # [1, keep, V]
+
+    def _truncate(self, length: int) -> None:
+        self.llm.truncate(length)

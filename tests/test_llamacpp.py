@@ -1,0 +1,175 @@
+"""The llama.cpp backend and peer on the bundled GGUF (skipped where llama-cpp-python is not installed), and the
+clear errors where it is missing or cannot apply."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from adaspec.config import BackendChoice, GenerationConfig
+from adaspec.decode import generate
+from adaspec.drafters import PromptLookupDrafter
+from adaspec.errors import AdaspecError
+from adaspec.methods import build_runner, parse_method, target_gguf
+from adaspec.models import LoadedModel, encode_prompt, load_model
+from adaspec.policies import FixedLength
+from conftest import tiny_llama
+
+ONE_THREAD = BackendChoice(threads=1)  # llama.cpp's threads spin-wait: on a busy 2-core machine one thread is faster
+PROMPTS = [
+    "Summarize in one sentence: The city council voted on Tuesday to expand the bike lane network by 40 km, "
+    "citing a 30% rise in cycling since 2020. The city council said the bike lane network would be finished "
+    "by 2027.",
+    "What is 17 times 23? Think step by step.",
+    "Translate to German: The weather is nice today and we are going to the park.",
+]
+
+
+def test_the_backend_without_llama_cpp_says_how_to_install_it(monkeypatch):
+    from adaspec.backends import llamacpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    assert not llamacpp.available()
+    with pytest.raises(AdaspecError, match=r"adaspec\[llamacpp\]"):
+        llamacpp.llama_cpp()
+
+
+def test_bad_backend_or_format_in_a_spec_fails_before_loading():
+    with pytest.raises(AdaspecError, match="unknown backend 'cuda'"):
+        parse_method("sd:backend=cuda")
+    with pytest.raises(AdaspecError, match="unknown llama.cpp weight format 'q3'"):
+        parse_method("ar:format=q3")
+    with pytest.raises(AdaspecError, match="unknown backend"):
+        BackendChoice("tensorrt")
+
+
+def test_llamacpp_needs_a_gguf_target(tmp_path):
+    target = LoadedModel("tiny", tmp_path, tiny_llama(0), None)
+    with pytest.raises(AdaspecError, match="llama.cpp runs GGUF files"):
+        target_gguf(target, "shipped")
+
+
+def _have_llama_cpp() -> bool:
+    from adaspec.backends.llamacpp import available
+
+    return available()
+
+
+needs_llama = pytest.mark.skipif(not _have_llama_cpp(), reason="the llamacpp extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def backend(smollm):
+    from adaspec.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=1)  # one thread: robust to a busy machine
+
+
+def ids_of(smollm, prompt: str) -> list[int]:
+    return encode_prompt(smollm.tokenizer, prompt)
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_rollback_then_extend_gives_the_logits_of_never_having_extended(backend):
+    prompt = list(range(200, 260))
+    backend.reset()
+    backend.extend(prompt)
+    first = backend.extend([5, 6, 7], keep=3)  # [3, V]
+    backend.extend([8, 9])
+    backend.rollback(len(prompt))
+    assert backend.tokens == prompt
+    again = backend.extend([5, 6, 7], keep=3)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_scoring_k_positions_at_once_agrees_with_one_at_a_time(backend):
+    prompt = list(range(300, 340))
+    backend.reset()
+    backend.extend(prompt)
+    batched = backend.extend([11, 12, 13, 14], keep=4)  # [4, V]
+    backend.rollback(len(prompt))
+    single = torch.stack([backend.extend([t])[0] for t in (11, 12, 13, 14)])  # [4, V]
+    assert batched.shape == (4, backend.vocab_size)
+    # llama.cpp's batched and single-token kernels round differently; the distributions still agree closely
+    assert (batched.argmax(-1) == single.argmax(-1)).all()
+    assert torch.nn.functional.cosine_similarity(batched, single, dim=-1).min() > 0.99
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_keep_hidden_returns_the_final_normed_hidden_states_of_every_position(smollm, backend):
+    ids = ids_of(smollm, PROMPTS[1])
+    backend.reset()
+    backend.keep_hidden = True
+    try:
+        logits = backend.extend(ids, keep=2)
+        hidden = backend.hidden  # [n, H]
+    finally:
+        backend.keep_hidden = False
+    assert hidden.shape == (len(ids), smollm.model.config.hidden_size)
+    with torch.inference_mode():
+        reference = smollm.model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # [n, H]
+        top = smollm.model.lm_head(reference[-2:]).argmax(-1).tolist()
+    cos = torch.nn.functional.cosine_similarity(hidden, reference, dim=-1)
+    assert cos.min() > 0.95, cos  # Q4_1 on llama.cpp vs its dequantized weights in torch fp32
+    assert logits.argmax(-1).tolist() == top
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_our_ar_on_llamacpp_equals_llamacpps_own_greedy_decoding(smollm):
+    config = GenerationConfig(max_new_tokens=40)
+    ours = build_runner(parse_method("ar:backend=llamacpp"), smollm, None, config, ONE_THREAD)
+    peer = build_runner(parse_method("llamacpp"), smollm, None, config, ONE_THREAD)
+    for prompt in PROMPTS[:2]:
+        ids = ids_of(smollm, prompt)
+        assert ours(ids, config).token_ids == peer(ids, config).token_ids
+
+
+@pytest.mark.bundled
+@needs_llama
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_sd_on_llamacpp_equals_ar_on_llamacpp(smollm, backend, prompt):
+    ids = ids_of(smollm, prompt)
+    config = GenerationConfig(max_new_tokens=48)
+    ar = generate(backend, ids, config)
+    sd = generate(backend, ids, config, PromptLookupDrafter(max_ngram=3), FixedLength(4))
+    assert sd.token_ids == ar.token_ids
+    assert len(sd.steps) <= len(ar.steps)
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_the_peer_honours_the_budget_and_eos(smollm):
+    config = GenerationConfig(max_new_tokens=7)
+    peer = build_runner(parse_method("llamacpp"), smollm, None, config, ONE_THREAD)
+    result = peer(ids_of(smollm, PROMPTS[1]), config)
+    assert result.new_tokens == 7 and result.stop_reason == "length" and result.wall_s > 0
+    long = GenerationConfig(max_new_tokens=400)
+    done = peer(ids_of(smollm, "Say just the word yes."), long)
+    assert done.stop_reason == "eos" and done.token_ids[-1] in smollm.eos_ids and done.new_tokens < 400
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_requantized_formats_are_cached_and_named_by_their_metadata(smollm, tmp_path, monkeypatch):
+    from adaspec.backends.llamacpp import file_type, requantize
+
+    assert file_type(smollm.gguf) == "q4_1"
+    out = requantize(smollm.gguf, "q8_0", tmp_path)
+    assert file_type(out) == "q8_0" and out.parent == tmp_path
+    stamp = out.stat().st_mtime_ns
+    assert requantize(smollm.gguf, "q8_0", tmp_path) == out and out.stat().st_mtime_ns == stamp  # converted once
+    assert not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(AdaspecError, match="unknown llama.cpp weight format"):
+        requantize(smollm.gguf, "q2_k", tmp_path)
