@@ -554,6 +554,31 @@ def serve(
     server.run()
 
 
+@app.command("export-gguf")
+def export_gguf_cmd(
+    drafter: Annotated[str, typer.Argument(help="'small' (the drafter shipped for the target) or a local Hugging "
+                                                "Face Llama model directory")],
+    out: Annotated[Path | None, typer.Option(help="the .gguf file to write", show_default="converted once into "
+                                                  "<cache>/gguf/")] = None,
+    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | f32 | q8_0")] = "f16",
+    target: Annotated[str, typer.Option(help="'smollm2' (bundled) or the target's .gguf: its tokenizer is "
+                                             "copied, so token ids match")] = "smollm2",
+) -> None:
+    """Write a Llama drafter as a GGUF for llama.cpp, with the target's tokenizer (full-vocabulary head)."""
+    from adaspec.drafters import gguf
+
+    if type_ not in gguf.FTYPES:
+        raise AdaspecError(f"unknown GGUF type '{type_}'; choose one of {', '.join(gguf.FTYPES)}")
+    tokenizer_source = gguf.target_gguf(target)
+    gguf.drafter_source(drafter, target)  # an unknown or non-Llama drafter fails before anything loads
+    if out is None:
+        path = gguf.drafter_gguf(drafter, target, type_)
+    else:
+        out = gguf.prepare_out(out)
+        path = gguf.export_gguf(gguf.load_for_export(drafter, target), out, tokenizer_source, type_)
+    Console().print(f"{path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
