@@ -41,8 +41,11 @@ class TorchBackend(Backend):
             self.max_context = self.lean.capacity
         self.cache: StaticKV | Cache = self.lean.new_cache() if self.lean else new_cache(model)
         self.vocab_ids = None if vocab_ids is None else torch.tensor(vocab_ids, dtype=torch.long)
-        head = self.lean.head if self.lean else model.get_output_embeddings().weight
-        self.head = head.detach() if vocab_ids is None else head[self.vocab_ids].detach().contiguous()  # [v, H]
+        if self.lean is not None:
+            self.head = self.lean.head(self.vocab_ids)  # [V or v, H], prepared for self.lean.linear
+        else:
+            head = model.get_output_embeddings().weight.detach()
+            self.head = head if vocab_ids is None else head[self.vocab_ids].contiguous()  # [V or v, H]
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
@@ -55,7 +58,7 @@ class TorchBackend(Backend):
             hidden = self.model.model(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state  # [B, n, H]
         if self.keep_hidden:
             self.hidden = hidden[0]
-        logits = F.linear(hidden[:, -keep:], self.head)  # [B, keep, V or v]
+        logits = (self.lean.linear if self.lean else F.linear)(hidden[:, -keep:], self.head)  # [B, keep, V or v]
         if self.vocab_ids is None:
             return logits.float()
         full = torch.full((ids.shape[0], keep, self.vocab_size), float("-inf"))
