@@ -119,6 +119,16 @@ def test_bad_inputs_are_adaspec_errors(tok, tmp_path):
         export.export_gguf(model, tmp_path / "x.gguf", tmp_path / "file")
 
 
+def test_a_failed_export_leaves_no_file(tok, tmp_path, monkeypatch):
+    def disk_full(self, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)  # after the header is on disk
+    with pytest.raises(AdaspecError, match="No space left"):
+        export.export_gguf(tiny_llama(5), tmp_path / "x.gguf", tok)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
