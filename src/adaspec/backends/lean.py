@@ -48,7 +48,7 @@ class Linear:
     `F.linear` goes through a generic bf16 GEMM); otherwise `F.linear` on W itself."""
 
     def __init__(self, dtype: torch.dtype) -> None:
-        self.packed = dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        self.packed = dtype == torch.bfloat16 and onednn_bf16_works()
 
     def prepare(self, w: torch.Tensor) -> torch.Tensor:
         """W [out, in] -> the operand `__call__` takes."""
@@ -59,6 +59,18 @@ class Linear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         return F.linear(x, w)
+
+
+def onednn_bf16_works() -> bool:
+    """Whether this torch build and CPU run oneDNN's packed bf16 linear (and it agrees with `F.linear`)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, w = torch.ones(1, 32, dtype=torch.bfloat16), torch.eye(32, dtype=torch.bfloat16)
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return bool(torch.equal(y, x))
 
 
 @dataclass

@@ -6,6 +6,9 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+from torch import nn
+
 from adaspec.backends.base import Backend
 from adaspec.config import GenerationConfig, SamplingConfig
 from adaspec.decode import generate
@@ -60,3 +63,35 @@ def drafter_cost(drafter: Drafter, target: Backend, target_step_ms: float, conte
     target.reset()
     return {"drafter": drafter.name, "drafter_first_ms": round(one, 3), "drafter_step_ms": round(per_token, 3),
             "drafter_cost_ratio": round(per_token / target_step_ms, 4)}
+
+
+def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
+    """Memory bandwidth in GB/s: bytes read + written per second by a copy of a tensor far larger than the
+    caches (median of `repeats`)."""
+    src = torch.ones(megabytes << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # commit the pages
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() / statistics.median(times) / 1e9
+
+
+def step_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every parameter once (tied ones once), less the input
+    embedding table unless it is the LM head (a step reads only its n rows)."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    params = {p.data_ptr(): p for p in model.parameters()}
+    if embed.data_ptr() != head.data_ptr():
+        params.pop(embed.data_ptr(), None)
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def bandwidth_floor(model: nn.Module, bandwidth_gbs: float | None = None) -> dict:
+    """The least time a step can take on this machine: its weight bytes over the memory bandwidth."""
+    gbs = bandwidth_gbs or copy_bandwidth_gbs()
+    nbytes = step_weight_bytes(model)
+    return {"weight_mb": round(nbytes / 1e6, 1), "bandwidth_gbs": round(gbs, 2),
+            "floor_ms": round(nbytes / gbs / 1e6, 3)}
