@@ -53,8 +53,8 @@ def export_gguf(model: LoadedModel | PreTrainedModel, out: Path, tokenizer_sourc
     name = model.name if isinstance(model, LoadedModel) else getattr(hf.config, "_name_or_path", "") or "drafter"
     out = prepare_out(out)
     tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, ARCH)
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
         write_hparams(writer, hf.config, str(name), file_type)
         for key, (value, vtype, sub_type) in tokenizer.items():
             writer.add_key_value(key, value, vtype, sub_type)
@@ -67,8 +67,10 @@ def export_gguf(model: LoadedModel | PreTrainedModel, out: Path, tokenizer_sourc
         writer.close()
         os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise AdaspecError(f"cannot write the GGUF to {out}: {e}; choose a writable --out") from e
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)  # left behind only by a failed export
     return out
 
 
