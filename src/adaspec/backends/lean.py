@@ -2,12 +2,13 @@
 
 transformers' forward pays a fixed cost per step (mask and cache plumbing, a dozen Python calls per layer,
 `DynamicCache` growth by concatenation) that dwarfs the arithmetic of a one-token step on a small model.
-`LeanLlama` computes the same logits with the fewest ops: it reads the Hugging Face model's weights (no
-copy beyond an optional dtype cast and the fused QKV and gate-up matrices), takes RoPE from a table
-precomputed by the model's own rotary embedding, and writes keys and values into a `StaticKV`.
+`LeanLlama` computes the same logits with the fewest ops: it reads the Hugging Face model's weights (the
+only copies: the fused QKV and gate-up matrices), takes RoPE from a table precomputed by the model's own
+rotary embedding, and writes keys and values into a `StaticKV`.
 
-In bf16 the matrices are repacked once for oneDNN (`Linear`): the same products, bit for bit, at about twice
-the memory bandwidth of `F.linear` on a one-row input (the cost of a decoding step is reading the weights).
+In bf16 the matrices are repacked once for oneDNN (`Linear`, a copy of every matrix): the same products, bit
+for bit, at about 1.7x the memory bandwidth of `F.linear` on one-row inputs (a decoding step's cost is
+reading the weights).
 
 One decoder layer (pre-norm, as `LlamaDecoderLayer`):
     x = x + o(attention(rope(q), rope(k), v))      q, k, v = split(qkv @ rms_norm(x))
@@ -86,39 +87,33 @@ class LayerWeights:
 class LeanLlama:
     """The forward of a Hugging Face `LlamaForCausalLM` (same logits), over a `StaticKV`.
 
-    `dtype` casts the weights (None: the model's dtype); `capacity` is the most positions a cache holds."""
+    It runs in the model's dtype; `capacity` is the most positions a cache holds."""
 
-    def __init__(self, model: PreTrainedModel, capacity: int, dtype: torch.dtype | None = None) -> None:
+    @torch.no_grad()
+    def __init__(self, model: PreTrainedModel, capacity: int) -> None:
         reason = lean_unsupported(model)
         if reason is not None:
             raise ValueError(f"the lean forward does not support this model: {reason}")
         config, body = model.config, model.model
-        self.dtype = dtype or body.embed_tokens.weight.dtype
+        self.dtype = body.embed_tokens.weight.dtype
         attn = body.layers[0].self_attn
         self.heads, self.kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
         self.head_dim, self.scaling = int(attn.head_dim), float(attn.scaling)
         self.eps = float(body.norm.variance_epsilon)
         self.capacity = capacity
-        cast = {}  # data_ptr -> cast tensor: tied weights are cast once
-
-        def w(t: torch.Tensor) -> torch.Tensor:
-            if t.data_ptr() not in cast:
-                cast[t.data_ptr()] = t.detach().to(self.dtype)
-            return cast[t.data_ptr()]
-
         self.linear = Linear(self.dtype)
         pack = self.linear.prepare
         self.layers = [LayerWeights(
-            w(layer.input_layernorm.weight),
-            pack(torch.cat([w(a.q_proj.weight), w(a.k_proj.weight), w(a.v_proj.weight)])),
-            pack(w(a.o_proj.weight)),
-            w(layer.post_attention_layernorm.weight),
-            pack(torch.cat([w(layer.mlp.gate_proj.weight), w(layer.mlp.up_proj.weight)])),
-            pack(w(layer.mlp.down_proj.weight)),
+            layer.input_layernorm.weight.detach(),
+            pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+            pack(a.o_proj.weight.detach()),
+            layer.post_attention_layernorm.weight.detach(),
+            pack(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])),
+            pack(layer.mlp.down_proj.weight.detach()),
         ) for layer in body.layers for a in [layer.self_attn]]
-        self.embed = w(body.embed_tokens.weight)  # [V, H]
-        self.norm = w(body.norm.weight)  # [H]
-        self.head_weight = w(model.get_output_embeddings().weight)  # [V, H] (the embedding itself when tied)
+        self.embed = body.embed_tokens.weight.detach()  # [V, H]
+        self.norm = body.norm.weight.detach()  # [H]
+        self.head_weight = model.get_output_embeddings().weight.detach()  # [V, H] (the embedding when tied)
         self.cos, self.sin = rope_table(model, capacity, self.dtype)  # [T, D] each; sin sign-folded
 
     def new_cache(self, batch: int = 1) -> StaticKV:
