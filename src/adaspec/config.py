@@ -53,11 +53,13 @@ SPECBOUND_RANK = 0  # exit adapter: 0 = a full affine map (as the tuned lens), r
 
 # Backends (issue 11; README "Backends and weight formats"): where a method's models run. `torch` runs the Hugging
 # Face model; `llamacpp` runs the target's GGUF through llama.cpp (the optional extra `adaspec[llamacpp]`) in a
-# weight format requantized once into the cache ("shipped": the GGUF file as it is).
-BACKENDS = ("torch", "llamacpp")
-DEFAULT_BACKEND = "torch"
+# weight format requantized once into the cache ("shipped": the GGUF file as it is); `auto` is llamacpp where it
+# is installed and the target is a GGUF, else torch. q4_0: the fastest format measured here, for one position,
+# for k+1 and for prefill (README table).
+BACKENDS = ("auto", "torch", "llamacpp")
+DEFAULT_BACKEND = "auto"
 LLAMACPP_FORMATS = ("shipped", "q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
-DEFAULT_LLAMACPP_FORMAT = "shipped"
+DEFAULT_LLAMACPP_FORMAT = "q4_0"
 
 @dataclass(frozen=True)
 class SamplingConfig:

@@ -127,6 +127,7 @@ def speculative_steps(
     ids = list(prompt_ids)
     generated: list[int] = []
     target.reset()
+    policy.reset()
     if drafter is not None:
         drafter.reset()
     while len(generated) < config.max_new_tokens:
@@ -135,7 +136,7 @@ def speculative_steps(
         draft = Draft()
         if drafter is not None and k_max > 0:
             draft = drafter.propose(DraftContext(ids, k_max, sampling, generator, score), policy)
-        drafted = len(draft)
+        drafted, proposed = len(draft), draft.tokens
         draft = draft.prefix(policy.verify_length(draft.confidence))  # CM-ASD's paper variant cuts to k_j
         # 2 verify: score [last token, d_1..d_k] in one forward -> logits [k+1, V]
         logits = target.sync(ids + draft.tokens, keep=len(draft) + 1)
@@ -145,7 +146,7 @@ def speculative_steps(
         target.rollback(len(ids) + n)
         # 5 append the accepted tokens and the correction/bonus token
         emitted = draft.tokens[:n] + [x]
-        policy.observe(len(draft), n)
+        policy.observe(len(draft), n, proposed, emitted)
         if drafter is not None:
             drafter.observe(n, ids + emitted)
         generated += emitted

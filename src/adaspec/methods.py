@@ -45,7 +45,7 @@ from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits
 from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
 from adaspec.errors import AdaspecError
 from adaspec.models import LoadedModel, check_same_tokenizer
-from adaspec.policies import ConfidenceLength, ExitBound, FixedLength, LengthPolicy
+from adaspec.policies import ConfidenceLength, CostAware, ExitBound, FixedLength, LengthPolicy
 from adaspec.routing import LearnedRouter, Router, RStitchRunner, ThresholdRouter, router_path
 from adaspec.verify import AcceptanceRule, TopBetaTau
 
@@ -53,6 +53,7 @@ LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
 EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (drafters/shipped/)
 DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens
+FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a target step drafts for free (lookup)
 
 # CM-ASD / SpecDec option groups (README "CM-ASD"): drafter, adaptive length, relaxed verification, confidence
 _DRAFTING = {"drafter": (str, None), "ngram": (int, 3)}
@@ -68,7 +69,8 @@ _CONFIDENCE = {"l1": (float, 1 / 3), "l2": (float, 1 / 3), "l3": (float, 1 / 3),
 # method -> {option: (type, default)}
 OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "ar": {**_BACKEND},
-    "sd": {"k": (int, DEFAULT_DRAFT_LENGTH), "drafter": (str, None), "ngram": (int, 3), **_BACKEND},
+    # sd: k=auto (policies.CostAware: the length the backend's measured costs favour) or a fixed k
+    "sd": {"k": (str, "auto"), "drafter": (str, None), "ngram": (int, 3), **_BACKEND},
     "hf": {},
     "hf-assisted": {"k": (int, None), "drafter": (str, None)},
     "hf-lookup": {"k": (int, HF_LOOKUP_TOKENS), "ngram": (int, 2)},
@@ -128,6 +130,8 @@ def parse_method(spec: str) -> MethodSpec:
             raise AdaspecError(f"option {key}={value!r} of '{name}' must be {kind.__name__}") from None
     method = MethodSpec(name, options, spec.strip())
     backend_choice(method)  # a bad backend or format fails here too
+    if name == "sd":
+        sd_length(method)
     if name in CMASD_METHODS:
         cmasd_parts(method)  # bad values fail here, before any model loads
     if name == "rstitch" or method.options.get("router") is not None:
@@ -135,6 +139,33 @@ def parse_method(spec: str) -> MethodSpec:
     if name == "specbound":
         specbound_bound(method)  # bad exits, thresholds, lengths or adapter directories fail here too
     return method
+
+
+def sd_length(spec: MethodSpec) -> int | None:
+    """sd's k: None for k=auto, else the fixed draft length (>= 1)."""
+    text = str(spec.get("k"))
+    if text == "auto":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        raise AdaspecError(f"{spec.label}: k must be auto or a draft length >= 1, got {text!r}") from None
+    if k < 1:
+        raise AdaspecError(f"sd:k must be >= 1, got {k}")
+    return k
+
+
+def cost_aware(backend: Backend, drafter: Drafter) -> CostAware:
+    """policies.CostAware for `drafter` on `backend`, from their costs measured now on a 256-token context (a second
+    or two on the bundled model)."""
+    from adaspec.bench.costs import drafter_cost, verify_costs
+
+    context = [i % backend.vocab_size for i in range(min(256, backend.max_context // 2))]  # the ids do not matter
+    verify = verify_costs(backend, context, sizes=(1, 2, 3, 4, 6, 8, 9))
+    ratio = drafter_cost(drafter, backend, verify["verify_ms"]["1"], context)["drafter_cost_ratio"]
+    drafter.reset()
+    return CostAware({int(n): float(r) for n, r in verify["verify_ratio"].items()},
+                     0.0 if ratio < FREE_DRAFTER else ratio)
 
 
 def backend_choice(spec: MethodSpec, default: BackendChoice | None = None) -> BackendChoice:
@@ -352,8 +383,18 @@ class LlamaCppRunner:
         return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
 
 
+def resolve_backend(has_gguf: bool, choice: BackendChoice) -> BackendChoice:
+    """`auto` made concrete: llamacpp where llama-cpp-python is installed and the target is a GGUF, else torch."""
+    from adaspec.backends.llamacpp import available
+
+    if choice.kind != "auto":
+        return choice
+    return BackendChoice("llamacpp" if has_gguf and available() else "torch", choice.format, choice.threads)
+
+
 def target_backend(target: LoadedModel, choice: BackendChoice) -> Backend:
     """The target's backend for a method that runs on `choice` (an EAGLE drafter turns its `keep_hidden` on)."""
+    choice = resolve_backend(target.gguf is not None, choice)
     if choice.kind == "torch":
         return TorchBackend(target.model)
     from adaspec.backends.llamacpp import LlamaCppBackend
@@ -388,13 +429,14 @@ def build_runner(
     if spec.name == "ar":
         return EngineRunner(spec.label, target_backend(target, choice), stop)
     if spec.name == "sd":
-        k = int(spec.get("k"))
-        if k < 1:
-            raise AdaspecError(f"sd:k must be >= 1, got {k}")
+        k = sd_length(spec)
         backend = target_backend(target, choice)
-        return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target), k)
+        chosen = make_drafter(spec, drafter, backend, target)
+        policy = cost_aware(backend, chosen) if k is None else FixedLength(k)
+        return EngineRunner(spec.label, backend, stop, chosen, policy=policy)
     if spec.name == "llamacpp":
-        return LlamaCppRunner(spec.label, target_gguf(target, choice.format), stop, choice.threads)
+        fmt = str(spec.options.get("format", "shipped"))  # llama.cpp's own decoding of the GGUF as shipped
+        return LlamaCppRunner(spec.label, target_gguf(target, fmt), stop, choice.threads)
     if spec.name in CMASD_METHODS:
         parts = cmasd_parts(spec)
         backend = target_backend(target, choice)

@@ -22,6 +22,9 @@ from adaspec.errors import AdaspecError
 
 
 class LengthPolicy(Protocol):
+    def reset(self) -> None:
+        """A new generation starts."""
+
     def draft_length(self) -> int:
         """The most tokens to draft this step."""
 
@@ -31,8 +34,9 @@ class LengthPolicy(Protocol):
     def verify_length(self, confidences: list[float]) -> int:
         """How many of the drafted tokens the target verifies (the rest are cut unverified)."""
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """Told the outcome of each verification."""
+    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+        """Told the outcome of each verification: `drafted` tokens verified, `accepted` kept; `proposed` is the whole
+        draft before any cut, `emitted` what the step emitted (the accepted tokens and the correction/bonus)."""
 
 
 @dataclass
@@ -43,6 +47,9 @@ class FixedLength:
         if self.k < 1:
             raise AdaspecError(f"draft length k must be >= 1, got {self.k}")
 
+    def reset(self) -> None:
+        pass
+
     def draft_length(self) -> int:
         return self.k
 
@@ -52,7 +59,7 @@ class FixedLength:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences)
 
-    def observe(self, drafted: int, accepted: int) -> None:
+    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
         pass
 
 
@@ -87,6 +94,9 @@ class ConfidenceLength:
     def length(self, confidences: list[float]) -> int:
         return adaptive_length(confidences, self.alpha, self.k_min, self.k_max)
 
+    def reset(self) -> None:
+        pass
+
     def draft_length(self) -> int:
         return self.k_max
 
@@ -96,7 +106,7 @@ class ConfidenceLength:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences) if self.early_stop else min(len(confidences), self.length(confidences))
 
-    def observe(self, drafted: int, accepted: int) -> None:
+    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
         pass
 
 
@@ -146,6 +156,9 @@ class ExitBound:
     def exits_at(self, confidence: float) -> bool:
         return confidence >= self.threshold
 
+    def reset(self) -> None:
+        pass
+
     def draft_length(self) -> int:
         return self.d_max
 
@@ -155,5 +168,98 @@ class ExitBound:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences)
 
-    def observe(self, drafted: int, accepted: int) -> None:
+    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
         pass
+
+
+def shadow_acceptance(proposed: list[int], emitted: list[int]) -> tuple[int, int]:
+    """(accepted, examined) for a draft against the tokens the target emitted at its positions: the drafted tokens
+    that equal them up to the first that does not, and that one. Drafted tokens the step did not verify are judged
+    too (a cut draft costs nothing to judge): under greedy decoding this is exactly what verifying them would give."""
+    accepted = 0
+    for d, t in zip(proposed, emitted, strict=False):
+        if d != t:
+            return accepted, accepted + 1
+        accepted += 1
+    return accepted, accepted
+
+
+@dataclass
+class CostAware:
+    """The draft length that the backend's measured costs and a running acceptance estimate favour (adaspec's own;
+    README "Backends and weight formats").
+
+    Each step verifies the k in 0..k_max that maximises E(k) / (verify(k + 1) + k * draft), with
+    E(k) = (1 - a^(k+1)) / (1 - a) the expected tokens of Leviathan et al., verify(n) the measured cost of scoring n
+    positions relative to one and draft the drafter's cost per token relative to one target step. The per-token
+    acceptance a is a recency-weighted estimate (weight `decay` per observed token, Beta(1, 1) prior), so runs of
+    copyable text lift it and ordinary text lets it fall. k = 0 is a plain step.
+
+    A free drafter (draft == 0, prompt lookup) always proposes k_max tokens and the policy verifies the first k:
+    the rest are judged against what the target emits next (`shadow_acceptance`), so the estimate keeps learning
+    while nothing is verified. A paid drafter drafts only k; after `probe` plain steps in a row it drafts one token
+    to learn again. Whether a token is verified depends only on earlier tokens: exact verification stays exact.
+    """
+
+    verify_ratio: dict[int, float]  # n -> cost of scoring n positions / cost of one (measured; 1 -> 1.0)
+    draft_ratio: float = 0.0  # the drafter's cost per drafted token / one target step
+    k_max: int = 8
+    decay: float = 0.9
+    probe: int = 16
+
+    def __post_init__(self) -> None:
+        if self.k_max < 1:
+            raise AdaspecError(f"k_max must be >= 1, got {self.k_max}")
+        if not 0 < self.decay <= 1:
+            raise AdaspecError(f"decay must be in (0, 1], got {self.decay}")
+        self.k_max = min(self.k_max, max(self.verify_ratio) - 1)  # no extrapolation beyond the measured sizes
+        ratios, floor = {}, 1.0
+        for n in sorted(self.verify_ratio):  # scoring more positions never costs less: smooth out timing noise
+            floor = ratios[n] = max(floor, self.verify_ratio[n])
+        self.verify_ratio = ratios
+        self.reset()
+
+    def reset(self) -> None:
+        self.accepted = 0.0  # recency-weighted counts of accepted and examined drafted tokens
+        self.examined = 0.0
+        self.plain = 0  # plain steps in a row
+
+    @property
+    def alpha(self) -> float:
+        return (self.accepted + 1) / (self.examined + 2)
+
+    def verify(self, n: int) -> float:
+        points = sorted(self.verify_ratio.items())
+        for (n0, c0), (n1, c1) in zip(points, points[1:], strict=False):
+            if n0 <= n <= n1:
+                return c0 + (c1 - c0) * (n - n0) / (n1 - n0)
+        return points[-1][1]
+
+    def best(self) -> int:
+        a = self.alpha
+        gain = [(1 - a ** (k + 1)) / (1 - a) / (self.verify(k + 1) + k * self.draft_ratio)
+                for k in range(self.k_max + 1)]
+        return max(range(self.k_max + 1), key=gain.__getitem__)
+
+    @property
+    def free(self) -> bool:
+        return self.draft_ratio == 0
+
+    def draft_length(self) -> int:
+        if self.free:
+            return self.k_max
+        k = self.best()
+        return k if k or self.plain < self.probe else 1
+
+    def keep_drafting(self, confidences: list[float]) -> bool:
+        return True
+
+    def verify_length(self, confidences: list[float]) -> int:
+        return min(len(confidences), self.best()) if self.free else len(confidences)
+
+    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+        acc, seen = shadow_acceptance(proposed, emitted) if self.free else (accepted, accepted + (accepted < drafted))
+        self.plain = 0 if drafted else self.plain + 1
+        for i in range(seen):  # one decay per observed token
+            self.accepted = self.decay * self.accepted + (i < acc)
+            self.examined = self.decay * self.examined + 1

@@ -1,7 +1,13 @@
 """llama.cpp backend: a GGUF model run by llama.cpp (through llama-cpp-python's C API), behind `Backend`.
 
 One `llama_decode` scores k+1 positions with logits for each of the last `keep`; rollback removes positions
-from llama.cpp's KV cache (`llama_memory_seq_rm`). With `keep_hidden`, the context also returns the final
+from llama.cpp's KV cache (`llama_memory_seq_rm`).
+
+Exactness: greedy speculative decoding equals plain decoding only if scoring k+1 positions at once gives each the
+logits one position at a time would. llama.cpp's tinyBLAS kernels (GGML_LLAMAFILE) and its flash-attention path
+round a batch differently (logits differ by up to ~1 here); built without tinyBLAS and run without flash
+attention, every format we measured is batch-invariant to the bit. scripts/setup.sh builds it that way;
+`batch_invariant()` says whether the installed build is. With `keep_hidden`, the context also returns the final
 (normed) hidden state of every position, as the torch backend does, for drafters that read target features.
 
 llama-cpp-python is an optional extra (`pip install 'adaspec[llamacpp]'`, a ~10-minute build from source):
@@ -36,6 +42,12 @@ def llama_cpp():
         raise AdaspecError(f"the llama.cpp backend needs llama-cpp-python, which is not installed: {INSTALL_HINT}") \
             from None
     return module
+
+
+def batch_invariant() -> bool:
+    """Whether the installed llama.cpp was built without tinyBLAS (GGML_LLAMAFILE=OFF), which the exactness of
+    greedy speculative decoding on this backend needs (with flash attention off, as LlamaCppModel runs)."""
+    return b"LLAMAFILE = 1" not in llama_cpp().llama_print_system_info()
 
 
 def available() -> bool:
@@ -103,7 +115,7 @@ class LlamaCppModel:
     """A loaded GGUF model and one context (KV cache) on it; freed on close or garbage collection."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
-                 embeddings: bool = False, flash_attn: int | None = None) -> None:
+                 embeddings: bool = False, flash_attn: bool = False) -> None:
         self.lc = lc = _init()
         self.path = path
         if not path.is_file():
@@ -120,8 +132,7 @@ class LlamaCppModel:
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = threads or torch.get_num_threads()
         params.embeddings = embeddings
-        if flash_attn is not None:
-            params.flash_attn_type = flash_attn
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE  # hidden states per position, when they are turned on
         self.ctx = lc.llama_init_from_model(self.model, params)
         if not self.ctx:

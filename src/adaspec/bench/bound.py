@@ -22,6 +22,14 @@ and costs draft(k) + verify(k + 1) target steps, so a method drafting k tokens p
   the lengths of the method's recorded forwards, expected speedup = mean E(k_s) / mean cost(k_s). For a fixed
   k this is the formula above; plugging the mean length into it instead would overstate E (concave in k).
 
+The best draft length: for the method's alpha and its backend's costs, the fixed k in 0..BEST_K_MAX that maximises
+E(k) / (draft(k) + verify(k + 1)); on a backend whose verify cost grows steeply with n (llama.cpp on quantized
+weights) it is short, on one where scoring n positions costs about one step (torch) it is long.
+
+Costs are per backend (costs.json "backends", keyed by `BackendChoice.label`): each method is modelled with its own
+backend's, and its measured speedup for the bound is against `ar` on that same backend in the run (None if the run
+has none there).
+
 Approximations: the costs are measured at one context length (costs' context_tokens) while contexts grow; real
 acceptance is not i.i.d. (compare expected and measured tokens per forward); both speedups count one bare
 target forward as the unit, so `ar`'s own per-step overhead (sampling, Python) shows as efficiency != 1.
@@ -36,6 +44,7 @@ from dataclasses import dataclass
 from adaspec.errors import AdaspecError
 
 DIGITS = 4
+BEST_K_MAX = 16
 
 
 def expected_tokens(alpha: float, k: float) -> float:
@@ -77,6 +86,17 @@ class Costs:
         return 0.0 if k <= 0 else self.draft_first_ms + (k - 1) * self.draft_step_ms
 
 
+def best_draft_length(alpha: float | None, costs: Costs, k_max: int = BEST_K_MAX) -> tuple[int | None, float | None]:
+    """(k, expected speedup) of the fixed draft length that maximises E(k) / (draft(k) + verify(k + 1)), k at most
+    k_max and within the measured verify sizes (no extrapolation); (None, None) without a measured alpha."""
+    if alpha is None:
+        return None, None
+    k_max = min(k_max, max(int(n) for n in costs.verify_ms) - 1)
+    step = costs.step_ms
+    return max(((k, expected_tokens(alpha, k) * step / (costs.draft(k) + costs.verify(k + 1)))
+                for k in range(k_max + 1)), key=lambda kv: kv[1])
+
+
 def token_acceptance(steps: list[dict]) -> float | None:
     """alpha: accepted / (accepted + rejections) over the forwards that verified drafted tokens; None if none did."""
     drafting = [s for s in steps if s["drafted"]]
@@ -96,6 +116,19 @@ def expected_speedup(alpha: float | None, lengths: list[tuple[int, int]], costs:
     return tokens, cost, tokens / cost
 
 
+def backend_label(method: str, costs: dict) -> str | None:
+    """The label of the backend `method` ran on, given the run's default backend (costs["backend"]); None for a
+    label that does not parse."""
+    from adaspec.config import BackendChoice
+    from adaspec.methods import backend_choice, parse_method
+
+    kind, _, fmt = str(costs.get("backend", "torch")).partition(":")
+    try:
+        return backend_choice(parse_method(method), BackendChoice(kind, fmt or BackendChoice().format)).label
+    except AdaspecError:
+        return None
+
+
 def method_costs(method: str, costs: dict) -> Costs | None:
     """The costs that apply to `method` (`ar`, `sd` and the CM-ASD family: the methods that draft with a Drafter):
     its drafter= option's entry in costs["drafters"], else the run's drafter. None for the other methods (the peers;
@@ -103,6 +136,7 @@ def method_costs(method: str, costs: dict) -> Costs | None:
     not parse, and when the drafter's cost was not measured."""
     from adaspec.methods import CMASD_METHODS, OPTIONS, parse_method
 
+    costs = costs.get("backends", {}).get(backend_label(method, costs) or "", costs)  # the method's own backend
     if "verify_ms" not in costs:
         return None
     try:
@@ -135,6 +169,7 @@ def method_bound(records: list[dict], costs: Costs, measured_speedup: float | No
     alpha = token_acceptance(steps)
     lengths = [(s["drafted"], s["drafted"] + s.get("cut", 0)) for s in steps]
     tokens, cost, expected = expected_speedup(alpha, lengths, costs)
+    best_k, best = best_draft_length(alpha, costs)
     ms_per_step = 1000 * sum(r["wall_s"] for r in records) / len(steps)
     draft_ms = sum(costs.draft(paid) for _, paid in lengths) / len(lengths)
     verify_ms = sum(costs.verify(k + 1) for k, _ in lengths) / len(lengths)
@@ -148,6 +183,7 @@ def method_bound(records: list[dict], costs: Costs, measured_speedup: float | No
         "expected_speedup": expected,
         "measured_speedup": measured_speedup,
         "efficiency": measured_speedup / expected if measured_speedup is not None else None,
+        "best_draft_len": best_k, "best_expected_speedup": best,
         "ms_per_step": ms_per_step, "draft_ms": draft_ms, "verify_ms": verify_ms,
         "overhead_ms": ms_per_step - draft_ms - verify_ms,
     })
@@ -161,10 +197,15 @@ def bound(records: list[dict], costs: dict | None, methods: dict) -> dict:
     by_method: dict[str, list[dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
+    ar_speed = {backend_label(name, costs): m.get("tokens_per_s") for name, m in methods.items()
+                if name.partition(":")[0] == "ar"}  # `ar` per backend
     out = {}
     for name, rs in by_method.items():
         c = method_costs(name, costs)
-        result = method_bound(rs, c, methods.get(name, {}).get("speedup_vs_ar")) if c else None
+        label = backend_label(name, costs)
+        base, speed = ar_speed.get(label), methods.get(name, {}).get("tokens_per_s")
+        measured = speed / base if base and speed is not None else None
+        result = method_bound(rs, c, measured) if c else None
         if result is not None:
-            out[name] = result
+            out[name] = {"backend": label, **result}
     return out

@@ -20,20 +20,27 @@ VERIFY_SIZES = (1, 2, 4, 6, 8)
 
 def forward_ms(backend: Backend, context: list[int], n: int, repeats: int = 7) -> float:
     """Median ms for the backend to score n new positions on top of a cached `context`."""
+    return forward_ms_by_size(backend, context, (n,), repeats)[n]
+
+
+def forward_ms_by_size(backend: Backend, context: list[int], sizes, repeats: int = 7) -> dict[int, float]:
+    """Median ms to score n new positions on top of a cached `context`, for each n in `sizes`; the sizes take
+    turns in every round, so a load that comes and goes weighs on all of them alike."""
     backend.reset()
     backend.extend(context)
-    times = []
+    times: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(repeats):
-        backend.rollback(len(context))
-        t0 = time.perf_counter()
-        backend.extend(context[-n:], keep=n)  # any n tokens will do: the cost does not depend on them
-        times.append(time.perf_counter() - t0)
+        for n in sizes:
+            backend.rollback(len(context))
+            t0 = time.perf_counter()
+            backend.extend(context[-n:], keep=n)  # any n tokens will do: the cost does not depend on them
+            times[n].append(time.perf_counter() - t0)
     backend.reset()
-    return 1000 * statistics.median(times)
+    return {n: 1000 * statistics.median(t) for n, t in times.items()}
 
 
-def verify_costs(target: Backend, context: list[int], sizes=VERIFY_SIZES) -> dict:
-    ms = {n: forward_ms(target, context, n) for n in sizes}
+def verify_costs(target: Backend, context: list[int], sizes=VERIFY_SIZES, repeats: int = 7) -> dict:
+    ms = forward_ms_by_size(target, context, sizes, repeats)
     return {
         "context_tokens": len(context),
         "verify_ms": {str(n): round(v, 3) for n, v in ms.items()},

@@ -39,18 +39,26 @@ def _key_order(key: str) -> tuple[int, float | str]:
 
 
 def _costs(costs: dict) -> list[str]:
-    """Per-size entries ({"verify_ms": {"1": 36.1, ...}}) as one table; scalar entries as bullets; the costs of
-    the drafters named by methods' drafter= options ("drafters") as one bullet each."""
-    drafters = costs.get("drafters") or {}
-    costs = {k: v for k, v in costs.items() if k != "drafters"}
-    tables = {k: v for k, v in costs.items() if isinstance(v, dict)}
-    sizes = sorted({n for v in tables.values() for n in v}, key=_key_order)
-    lines = ["## Measured costs", ""]
-    if tables:
-        rows = [[k] + [_fmt(v.get(n)) for n in sizes] for k, v in tables.items()]
-        lines += _table(["positions scored"] + sizes, rows) + [""]
-    lines += [f"- {k}: {_fmt(v)}" for k, v in costs.items() if k not in tables]
-    lines += [f"- drafter={name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in c.items()) for name, c in drafters.items()]
+    """The verify-cost curve of every backend the run used (one row per backend: ms to score n positions and the
+    ratio to one), then each backend's drafter costs as bullets. Runs from before per-backend costs have only the
+    top-level entries, shown the same way under their one backend."""
+    per = costs.get("backends") or {costs.get("backend", "torch"): costs}
+    sizes = sorted({n for c in per.values() for n in c.get("verify_ms", {})}, key=_key_order)
+    lines = ["## Measured costs", "",
+             f"Time to score n positions on a {costs.get('context_tokens', '?')}-token context (ms), and its ratio to "
+             "one position: on a backend where the ratio stays near 1, drafting long pays; where it grows near n, "
+             "only drafts the target almost surely accepts do.", ""]
+    rows = [[label, c.get("weights", "–"), "ms"] + [_fmt(c["verify_ms"].get(n)) for n in sizes]
+            for label, c in per.items() if "verify_ms" in c]
+    rows += [[label, c.get("weights", "–"), "ratio"] + [_fmt(c["verify_ratio"].get(n)) for n in sizes]
+             for label, c in per.items() if "verify_ratio" in c]
+    lines += _table(["backend", "weights", ""] + sizes, sorted(rows, key=lambda r: r[0])) + [""]
+    for label, c in per.items():
+        drafters = {c["drafter"]: c} if "drafter" in c else {}
+        drafters.update(c.get("drafters") or {})
+        lines += [f"- {label}, drafter {name}: first token {_fmt(d.get('drafter_first_ms'))} ms, each further "
+                  f"{_fmt(d.get('drafter_step_ms'))} ms ({_fmt(d.get('drafter_cost_ratio'))} of a target step)"
+                  for name, d in drafters.items()]
     return lines if lines[-1] else lines[:-1]
 
 
@@ -183,7 +191,8 @@ BOUND_COLUMNS = [
     ("alpha", "alpha"), ("mean draft len", "mean_draft_len"), ("tokens/forward expected", "expected_tokens_per_step"),
     ("tokens/forward measured", "measured_tokens_per_step"), ("cost/forward expected", "expected_step_cost"),
     ("cost/forward measured", "measured_step_cost"), ("speedup expected", "expected_speedup"),
-    ("speedup measured", "measured_speedup"), ("efficiency", "efficiency"),
+    ("speedup measured", "measured_speedup"), ("efficiency", "efficiency"), ("best k", "best_draft_len"),
+    ("speedup at best k", "best_expected_speedup"),
 ]
 HIST_PLOTS = {"emitted": (Path("plots") / "acceptance_by_category.png", "tokens emitted per target forward"),
               "drafted": (Path("plots") / "draft_len_hist.png", "drafted tokens verified per target forward")}
@@ -235,10 +244,12 @@ def _bound(bounds: dict, costs: dict) -> list[str]:
              "Expected speedup (Leviathan et al.) from each method's measured per-token acceptance alpha and the "
              f"measured costs{context}: a forward verifying k drafted tokens emits E = (1 - alpha^(k+1)) / (1 - alpha) "
              "tokens and costs draft(k) + verify(k+1) target steps; E and the cost are averaged over the method's "
-             "recorded draft lengths (i.i.d. acceptance assumed; see `adaspec/bench/bound.py`). Efficiency = "
-             "measured / expected.", ""]
-    lines += _table(["method"] + [c for c, _ in BOUND_COLUMNS],
-                    [[name] + [_fmt(b.get(k)) for _, k in BOUND_COLUMNS] for name, b in bounds.items()])
+             "recorded draft lengths (i.i.d. acceptance assumed; see `adaspec/bench/bound.py`). Each method is "
+             "modelled on its own backend's costs, and measured against `ar` on that backend. Efficiency = measured / "
+             "expected. Best k: the fixed draft length the costs and alpha favour, and the speedup it implies.", ""]
+    lines += _table(["method", "backend"] + [c for c, _ in BOUND_COLUMNS],
+                    [[name, b.get("backend") or "torch"] + [_fmt(b.get(k)) for _, k in BOUND_COLUMNS]
+                     for name, b in bounds.items()])
     lines += ["", "Time per target forward (ms): draft and verify from the measured costs, overhead the rest "
               "(acceptance, rollback, sampling, Python).", ""]
 

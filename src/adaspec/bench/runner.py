@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from adaspec.methods import (
     load_drafter,
     make_drafter,
     parse_method,
+    resolve_backend,
     target_backend,
 )
 from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
@@ -178,6 +179,8 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     if not questions:
         raise AdaspecError("no questions selected")
     gen = opts.generation
+    has_gguf = target_name == BUNDLED or str(opts.target).endswith(".gguf")
+    opts = replace(opts, backend=resolve_backend(has_gguf, opts.backend))  # `auto` made concrete, and recorded
     config = {
         "data": str(opts.data), "categories": opts.categories, "limit": opts.limit, "methods": labels,
         "target": target_name, "drafter": opts.drafter or default_drafter(target_name), "dtype": opts.dtype,

@@ -1,0 +1,94 @@
+"""The cost-aware draft length (policies.CostAware): what it verifies under steep and flat verify costs, how its
+acceptance estimate moves, and that greedy decoding with it stays exact."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import perturbed_llama, random_prompt, tiny_backend
+
+from adaspec.backends import TorchBackend
+from adaspec.config import GenerationConfig
+from adaspec.decode import generate
+from adaspec.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.errors import AdaspecError
+from adaspec.methods import build_runner, parse_method
+from adaspec.policies import CostAware, shadow_acceptance
+
+STEEP = {1: 1.0, 2: 1.85, 3: 2.6, 4: 3.4, 9: 7.5}  # llama.cpp on Q4_1 weights: n positions cost about n steps
+FLAT = {1: 1.0, 2: 1.02, 4: 1.05, 9: 1.1}  # a backend where scoring 9 positions costs one step
+
+
+def test_shadow_acceptance_counts_matches_up_to_the_first_miss_and_that_miss():
+    assert shadow_acceptance([5, 6, 7], [5, 6, 9]) == (2, 3)
+    assert shadow_acceptance([5, 6, 7], [5, 6]) == (2, 2)  # nothing emitted at the third position: not judged
+    assert shadow_acceptance([4], [5, 6]) == (0, 1)
+    assert shadow_acceptance([], [5]) == (0, 0)
+
+
+def test_steep_costs_verify_nothing_until_acceptance_is_high():
+    policy = CostAware(STEEP)
+    assert policy.alpha == 0.5 and policy.best() == 0
+    for _ in range(30):
+        policy.observe(0, 0, [1, 2, 3, 4], [1, 2, 3, 4])  # a copy run: every drafted token was right
+    assert policy.alpha > 0.9 and policy.best() >= 2
+    for _ in range(30):
+        policy.observe(0, 0, [1, 2], [7])  # ordinary text: the draft misses
+    assert policy.best() == 0
+
+
+def test_flat_costs_verify_the_longest_draft():
+    policy = CostAware(FLAT, k_max=8)
+    assert policy.k_max == 8 and policy.best() >= 4  # at alpha 0.5, E(k) is near 2 from k = 4 on
+    for _ in range(30):
+        policy.observe(0, 0, [1, 2, 3, 4], [1, 2, 3, 4])
+    assert policy.best() == 8
+
+
+def test_a_free_drafter_drafts_the_most_and_verifies_the_best_length():
+    policy = CostAware(STEEP, draft_ratio=0.0, k_max=6)
+    assert policy.draft_length() == 6 and policy.verify_length([1.0] * 6) == 0
+
+
+def test_a_paid_drafter_drafts_only_what_pays_and_probes_after_plain_steps():
+    policy = CostAware(STEEP, draft_ratio=0.2, probe=3)
+    lengths = []
+    for _ in range(4):
+        k = policy.draft_length()
+        lengths.append(k)
+        policy.observe(k, 0, [9] * k, [1])
+    assert lengths == [0, 0, 0, 1]  # three plain steps, then one token to learn from
+
+
+def test_verify_costs_that_fall_with_n_are_read_as_flat_and_k_max_stays_within_the_measured_sizes():
+    policy = CostAware({1: 1.0, 2: 1.4, 4: 1.2, 6: 1.5}, k_max=16)
+    assert policy.verify_ratio == {1: 1.0, 2: 1.4, 4: 1.4, 6: 1.5} and policy.k_max == 5
+    with pytest.raises(AdaspecError, match="k_max"):
+        CostAware(STEEP, k_max=0)
+
+
+@pytest.mark.parametrize("ratios", [STEEP, FLAT])
+def test_greedy_sd_with_the_cost_aware_length_equals_ar(ratios):
+    target = tiny_backend(3, scale=6.0)
+    drafter = ModelDrafter(TorchBackend(perturbed_llama(3, 0.3, scale=6.0)), "perturbed")
+    config = GenerationConfig(max_new_tokens=40)
+    for seed in range(3):
+        prompt = random_prompt(seed)
+        ar = generate(target, prompt, config)
+        paid = generate(target, prompt, config, drafter, CostAware(ratios, draft_ratio=0.1, probe=2))
+        free = generate(target, prompt, config, PromptLookupDrafter(), CostAware(ratios))
+        assert paid.token_ids == ar.token_ids and free.token_ids == ar.token_ids
+
+
+def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
+    from conftest import tiny_llama
+
+    from adaspec.models import LoadedModel
+
+    assert parse_method("sd").get("k") == "auto"
+    with pytest.raises(AdaspecError, match="k must be auto or a draft length"):
+        parse_method("sd:k=many")
+    with pytest.raises(AdaspecError, match="sd:k must be >= 1"):
+        parse_method("sd:k=0")
+    target = LoadedModel("tiny", tmp_path, tiny_llama(1, scale=6.0), None)
+    runner = build_runner(parse_method("sd"), target, "lookup", GenerationConfig(max_new_tokens=8))
+    assert isinstance(runner.policy, CostAware) and runner.policy.draft_ratio == 0.0
