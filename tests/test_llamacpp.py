@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from adaspec.config import BackendChoice, GenerationConfig
 from adaspec.decode import generate
@@ -15,7 +16,6 @@ from adaspec.errors import AdaspecError
 from adaspec.methods import build_runner, parse_method, target_gguf
 from adaspec.models import LoadedModel, encode_prompt, load_model
 from adaspec.policies import FixedLength
-from conftest import tiny_llama
 
 ONE_THREAD = BackendChoice(threads=1)  # llama.cpp's threads spin-wait: on a busy 2-core machine one thread is faster
 PROMPTS = [
@@ -188,3 +188,30 @@ def test_requantized_formats_are_cached_and_named_by_their_metadata(smollm, tmp_
     assert not list(tmp_path.glob("*.tmp*"))
     with pytest.raises(AdaspecError, match="unknown llama.cpp weight format"):
         requantize(smollm.gguf, "q2_k", tmp_path)
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_the_shipped_small_drafter_runs_on_llamacpp_as_a_gguf_and_sd_stays_exact(smollm):
+    from adaspec.backends.llamacpp import LlamaCppBackend, batch_invariant, file_type
+
+    config = GenerationConfig(max_new_tokens=24)
+    choice = BackendChoice("llamacpp", "shipped", threads=1)
+    sd = build_runner(parse_method("sd:drafter=small,k=3"), smollm, None, config, choice)
+    assert isinstance(sd.drafter.backend, LlamaCppBackend)
+    assert file_type(sd.drafter.backend.llm.path) == "q4_1"  # the target's format
+    ids = ids_of(smollm, PROMPTS[2])
+    result = sd(ids, config)
+    assert sum(s.drafted for s in result.steps) > 0
+    if batch_invariant():
+        ar = build_runner(parse_method("ar"), smollm, None, config, choice)
+        assert result.token_ids == ar(ids, config).token_ids
+
+
+def test_costs_refuses_a_backend_it_cannot_measure(capsys):
+    from adaspec.cli import app
+
+    with pytest.raises(AdaspecError, match="torch:float32, torch:bfloat16 or llamacpp:FORMAT"):
+        app(["costs", "--backends", "torch:int8"], standalone_mode=False)
+    with pytest.raises(AdaspecError, match="unknown llama.cpp weight format"):
+        app(["costs", "--backends", "llamacpp:q3"], standalone_mode=False)

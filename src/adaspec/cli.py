@@ -42,8 +42,9 @@ Dtype = Annotated[str, typer.Option(help="float32 (greedy sd == ar exactly) or b
 BackendKind = Annotated[str, typer.Option("--backend", help="where methods run unless their spec says (sd:backend="
                                                        "llamacpp): torch | llamacpp (the target's GGUF on llama.cpp,"
                                                        " the `llamacpp` extra)")]
-WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: shipped (the GGUF as it is) | "
-                                                         "q4_0 | q4_1 | q8_0 | f16 | bf16 | f32 (converted once)")]
+WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: auto (bf16 where the CPU has "
+                                                         "it, else shipped) | shipped (the GGUF as it is) | q4_0 | "
+                                                         "q4_1 | q8_0 | f16 | bf16 | f32 (converted once)")]
 
 
 def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> GenerationConfig:
@@ -552,6 +553,31 @@ def serve(
     server = make_server(create_app(model, method, load_drafter(drafter, model, dtype), options), host, port, log_level)
     err.print(f"serving {model.name} ({method}) on http://{host}:{port}/v1")
     server.run()
+
+
+@app.command()
+def costs(
+    backends: Annotated[str | None, typer.Option(help="comma-separated torch:DTYPE | llamacpp:FORMAT (default: "
+                                                      "torch float32, bfloat16; llama.cpp shipped, q4_0, q8_0, f16, "
+                                                      "bf16)")] = None,
+    target: Target = None,
+    context: Annotated[int, typer.Option(help="tokens cached before the scored positions")] = 400,
+    drafters: Annotated[str, typer.Option(help="comma-separated drafters whose cost per token to measure")] = "small",
+    out: Annotated[Path | None, typer.Option(help="also write the rows as JSON here")] = None,
+) -> None:
+    """The verify-cost table: per backend and weight format, ms to score 1..8 positions and the ratio to one."""
+    from adaspec.bench.costs import COST_TABLE_BACKENDS, cost_table, cost_table_markdown
+
+    chosen = tuple(backends.split(",")) if backends else COST_TABLE_BACKENDS
+    for label in chosen:
+        kind, _, variant = label.partition(":")
+        BackendChoice(kind, variant if kind == "llamacpp" else DEFAULT_LLAMACPP_FORMAT)  # a bad name fails here
+        if kind == "auto" or (kind == "torch" and variant not in ("float32", "bfloat16")):
+            raise AdaspecError(f"backend {label!r}: give torch:float32, torch:bfloat16 or llamacpp:FORMAT")
+    rows = cost_table(target, chosen, context, tuple(filter(None, drafters.split(","))), log=err.print)
+    if out is not None:
+        out.write_text(json.dumps(rows, indent=2))
+    Console().print(cost_table_markdown(rows), markup=False)
 
 
 @app.command("export-gguf")

@@ -471,6 +471,24 @@ def build_runner(
 DrafterChoice = LoadedModel | EagleArtifact | str  # a loaded model, an EAGLE head, or 'lookup'
 
 
+def drafter_backend(drafter: LoadedModel, target: Backend, target_model: LoadedModel | None) -> Backend:
+    """A model drafter runs where its target runs: on llama.cpp as a GGUF in the target's weight format (converted
+    once into the cache: drafters/gguf.py, then requantized) when the target does, else on torch (also for a
+    drafter llama.cpp cannot run: not Llama-shaped)."""
+    from adaspec.backends.llamacpp import LlamaCppBackend, file_type, requantize
+
+    if isinstance(target, LlamaCppBackend) and target_model is not None:
+        from adaspec.drafters.gguf import drafter_gguf
+        from adaspec.models import cache_root
+
+        try:
+            f16 = drafter_gguf(drafter.path, target_model.name)
+        except AdaspecError:
+            return TorchBackend(drafter.model, drafter.draft_vocab)
+        return LlamaCppBackend(requantize(f16, file_type(target.llm.path), cache_root() / "gguf"))
+    return TorchBackend(drafter.model, drafter.draft_vocab)
+
+
 def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: Backend,
                  target_model: LoadedModel | None = None) -> Drafter:
     """The drafter a method drafts with: its own `drafter=` option (loaded here, which needs
@@ -488,7 +506,7 @@ def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: Backen
     if isinstance(chosen, EagleArtifact):
         return EagleDrafter(chosen, target, None if target_model is None else target_model.model)
     if isinstance(chosen, LoadedModel):
-        return ModelDrafter(TorchBackend(chosen.model, chosen.draft_vocab), chosen.name)
+        return ModelDrafter(drafter_backend(chosen, target, target_model), chosen.name)
     raise AdaspecError(f"{spec.name}: drafter {chosen!r} is unknown; choose {', '.join(DRAFTER_NAMES)} or a directory")
 
 

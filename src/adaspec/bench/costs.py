@@ -102,3 +102,53 @@ def bandwidth_floor(model: nn.Module, bandwidth_gbs: float | None = None) -> dic
     nbytes = step_weight_bytes(model)
     return {"weight_mb": round(nbytes / 1e6, 1), "bandwidth_gbs": round(gbs, 2),
             "floor_ms": round(nbytes / gbs / 1e6, 3)}
+
+
+COST_TABLE_BACKENDS = ("torch:float32", "torch:bfloat16", "llamacpp:shipped", "llamacpp:q4_0", "llamacpp:q8_0",
+                       "llamacpp:f16", "llamacpp:bf16")
+
+
+def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_tokens: int = 400,
+               drafters: tuple[str, ...] = ("small",), repeats: int = 9, log=print) -> list[dict]:
+    """For each backend (torch:DTYPE or llamacpp:FORMAT): ms to score 1, 2, 4, 6, 8 positions on a cached
+    `context_tokens`-token context and the ratio to one, the time to prefill that context, and each named
+    drafter's cost per drafted token relative to one target step on the same backend. `adaspec costs` prints it;
+    the README's table comes from it."""
+    from adaspec.config import BackendChoice
+    from adaspec.methods import MethodSpec, load_drafter, make_drafter, target_backend
+    from adaspec.models import load_model
+
+    rows = []
+    models: dict[str, object] = {}
+    for label in backends:
+        kind, _, variant = label.partition(":")
+        dtype = variant if kind == "torch" else "float32"
+        if dtype not in models:
+            models[dtype] = load_model(target_spec, dtype)
+        target = models[dtype]
+        backend = target_backend(target, BackendChoice(kind, variant if kind == "llamacpp" else "auto"))
+        context = [(100 + 7919 * i) % backend.vocab_size for i in range(context_tokens)]
+        backend.reset()
+        t0 = time.perf_counter()
+        backend.extend(context)
+        prefill = 1000 * (time.perf_counter() - t0)
+        row = {"backend": label, **verify_costs(backend, context, repeats=repeats), "prefill_ms": round(prefill, 1)}
+        for name in drafters:
+            drafter = make_drafter(MethodSpec("sd", {"drafter": name}), load_drafter(name, target, dtype), backend,
+                                   target)
+            row[f"drafter_{name}"] = drafter_cost(drafter, backend, row["verify_ms"]["1"], context)
+        log(f"{label}: " + ", ".join(f"{n}: {v} ms" for n, v in row["verify_ms"].items()))
+        rows.append(row)
+    return rows
+
+
+def cost_table_markdown(rows: list[dict]) -> str:
+    sizes = list(rows[0]["verify_ms"]) if rows else []
+    drafters = [k for k in (rows[0] if rows else {}) if k.startswith("drafter_")]
+    head = ["backend", *(f"n={n} ms (x1)" for n in sizes), "prefill ms", *(f"{d[8:]} drafter / step" for d in drafters)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["backend"]] + [f"{r['verify_ms'][n]:.1f} ({r['verify_ratio'][n]:.2f})" for n in sizes]
+        cells += [f"{r['prefill_ms']:.0f}"] + [f"{r[d]['drafter_cost_ratio']:.2f}" for d in drafters]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
