@@ -103,7 +103,7 @@ def test_kv_cache_after_rollback_equals_a_cache_free_forward():
     assert any(s.accepted < s.drafted for s in result.steps)
     ids = prompt + result.token_ids[:-1]  # the loop leaves every token but the last one in the cache
     assert backend.tokens == ids and not len(backend.pending)
-    fresh = TorchBackend(model)
+    fresh = TorchBackend(model, lean=False)  # transformers' DynamicCache, laid out as the layered backend's
     fresh.extend(ids)
     for j in range(LAYERS):
         mine, ref = backend.cache.layers[j], fresh.cache.layers[j]
