@@ -92,3 +92,26 @@ def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
     target = LoadedModel("tiny", tmp_path, tiny_llama(1, scale=6.0), None)
     runner = build_runner(parse_method("sd"), target, "lookup", GenerationConfig(max_new_tokens=8))
     assert isinstance(runner.policy, CostAware) and runner.policy.draft_ratio == 0.0
+
+
+def test_the_bound_names_the_best_fixed_length_within_the_measured_sizes():
+    from adaspec.bench.bound import Costs, best_draft_length
+
+    steep = Costs({str(n): 10.0 * r for n, r in STEEP.items()})
+    flat = Costs({str(n): 10.0 * r for n, r in FLAT.items()})
+    assert best_draft_length(0.5, steep) == (0, 1.0)
+    k, speedup = best_draft_length(0.9, flat)
+    assert k == 8 and speedup > 5  # 9 positions measured: k at most 8, never extrapolated
+    assert best_draft_length(None, flat) == (None, None)  # nothing drafted: no acceptance measured
+
+
+def test_the_report_shows_the_verify_curve_of_every_backend(tmp_path):
+    from adaspec.bench.report import _costs
+
+    torch_costs = {"verify_ms": {"1": 50.0, "8": 60.0}, "verify_ratio": {"1": 1.0, "8": 1.2}, "context_tokens": 40}
+    llama = {"verify_ms": {"1": 10.0, "8": 40.0}, "verify_ratio": {"1": 1.0, "8": 4.0}, "weights": "bf16",
+             "drafter": "lookup", "drafter_step_ms": 0.0, "drafter_first_ms": 0.02, "drafter_cost_ratio": 0.0}
+    text = "\n".join(_costs({**torch_costs, "backend": "torch",
+                             "backends": {"torch": torch_costs, "llamacpp:auto": llama}}))
+    assert "| llamacpp:auto | bf16 | ratio | 1.00 | 4.00 |" in text and "| torch | – | ms | 50.00 | 60.00 |" in text
+    assert "- llamacpp:auto, drafter lookup:" in text

@@ -163,8 +163,8 @@ def test_report_has_tables_costs_and_histogram(tmp_path, records):
     assert "| hf | 2.80 | 1.33 | – | – | – |" in text
     assert "| method | all | qa | translation |" in text and "| hf | 1.33 | 1.33 | – |" in text
     assert "| sd | 2.00 [2.00, 2.00] | 2.00 | 2.00 |" in text  # 2 questions (both 2x): a bootstrap interval
-    assert "| verify_ms | 36.10 | 57.60 |" in text and "| verify_ratio | – | 1.60 |" in text
-    assert "- context_tokens: 40" in text
+    assert "| torch | – | ms | 36.10 | 57.60 |" in text and "| torch | – | ratio | – | 1.60 |" in text
+    assert "on a 40-token context" in text
     assert "](plots/acceptance_hist.png)" in text
     assert (tmp_path / "run" / "plots" / "acceptance_hist.png").stat().st_size > 1000
 
