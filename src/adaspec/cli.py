@@ -40,8 +40,9 @@ MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generat
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless speculative sampling)")]
 Dtype = Annotated[str, typer.Option(help="float32 (greedy sd == ar exactly) or bfloat16 (faster)")]
 BackendKind = Annotated[str, typer.Option("--backend", help="where methods run unless their spec says (sd:backend="
-                                                       "llamacpp): torch | llamacpp (the target's GGUF on llama.cpp,"
-                                                       " the `llamacpp` extra)")]
+                                                       "llamacpp): auto (llamacpp where installed) | torch | "
+                                                       "llamacpp (the target's GGUF on llama.cpp, the `llamacpp` "
+                                                       "extra)")]
 WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: auto (bf16 where the CPU has "
                                                          "it, else shipped) | shipped (the GGUF as it is) | q4_0 | "
                                                          "q4_1 | q8_0 | f16 | bf16 | f32 (converted once)")]

@@ -292,7 +292,7 @@ class EngineRunner:
     """Our decoding loop: `ar`, `sd` and every later method that is a drafter/policy/rule composition."""
 
     label: str
-    target: TorchBackend
+    target: Backend
     stop: StopCriteria
     drafter: Drafter | None = None
     k: int = 1
