@@ -208,6 +208,39 @@ def test_the_shipped_small_drafter_runs_on_llamacpp_as_a_gguf_and_sd_stays_exact
         assert result.token_ids == ar(ids, config).token_ids
 
 
+@pytest.mark.bundled
+@needs_llama
+def test_a_drafters_reduced_vocabulary_holds_on_llamacpp(smollm):
+    """The GGUF keeps the full head; the backend leaves only the drafter's own tokens finite, as torch's slice."""
+    from adaspec.methods import load_drafter
+
+    small = load_drafter("small", smollm)
+    sd = build_runner(parse_method("sd:drafter=small,k=3"), smollm, None, GenerationConfig(max_new_tokens=4),
+                      BackendChoice("llamacpp", "shipped", threads=1))
+    logits = sd.drafter.backend.extend(ids_of(smollm, PROMPTS[0]), keep=2)  # [2, V]
+    finite = torch.isfinite(logits).all(dim=0).nonzero().flatten().tolist()
+    assert small.draft_vocab is not None and finite == sorted(small.draft_vocab)
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_rstitch_runs_both_models_on_llamacpp_with_their_own_caches(smollm):
+    from adaspec.backends.llamacpp import LlamaCppBackend
+
+    config = GenerationConfig(max_new_tokens=24)
+    choice = BackendChoice("llamacpp", "shipped", threads=1)
+    ids = ids_of(smollm, PROMPTS[1])
+    everything_large = build_runner(parse_method("rstitch:tau_up=0,tau_down=0"), smollm, None, config, choice)
+    assert isinstance(everything_large.small, LlamaCppBackend) and isinstance(everything_large.large, LlamaCppBackend)
+    assert everything_large.small.llm.path != everything_large.large.llm.path
+    result = everything_large(ids, config)
+    assert {s.source for s in result.steps} == {"large"}  # tau_up=0: every token handed to the large model
+    ar = build_runner(parse_method("ar"), smollm, None, config, choice)
+    assert result.token_ids == ar(ids, config).token_ids  # the large model alone is ar
+    mixed = build_runner(parse_method("rstitch"), smollm, None, config, choice)(ids, config)
+    assert len(mixed.token_ids) > 0 and {s.source for s in mixed.steps} <= {"small", "large"}
+
+
 def test_costs_refuses_a_backend_it_cannot_measure(capsys):
     from adaspec.cli import app
 

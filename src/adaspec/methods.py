@@ -82,8 +82,9 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "cmasd-tau": {"k": (int, DEFAULT_DRAFT_LENGTH), **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
     # R-Stitch (routing.py): `drafter` is the small model (`small`, the shipped one, or DIR; default: --drafter
     # if it is a model, else the target's shipped `small`); tau_down None: the same as tau_up
-    "rstitch": {"drafter": (str, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN)},
-    "rstitch+": {"drafter": (str, None), "router": (str, None)},  # router: a router.json (default: the shipped one)
+    "rstitch": {"drafter": (str, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN),
+                **_BACKEND},
+    "rstitch+": {"drafter": (str, None), "router": (str, None), **_BACKEND},  # router: a router.json (default: the shipped one)
     # SpecBound (drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default SPECBOUND_EXITS),
     # adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
     "specbound": {"exits": (str, None), "threshold": (float, SPECBOUND_THRESHOLD), "a": (float, SPECBOUND_A),
@@ -449,8 +450,8 @@ def build_runner(
         return EngineRunner(spec.label, backend, stop, drafter, policy=bound)
     if spec.name in ROUTING_METHODS:
         router = make_router(spec, target.name)
-        small = small_model(spec, drafter, target)
-        return RStitchRunner(spec.label, TorchBackend(small.model, small.draft_vocab), TorchBackend(target.model),
+        large = target_backend(target, choice)  # each model its own cache; the small one runs where the large one does
+        return RStitchRunner(spec.label, drafter_backend(small_model(spec, drafter, target), large, target), large,
                              stop, router)
     eos = stop.eos_ids
     if spec.name == "hf":
@@ -485,7 +486,8 @@ def drafter_backend(drafter: LoadedModel, target: Backend, target_model: LoadedM
             f16 = drafter_gguf(drafter.path, target_model.name)
         except AdaspecError:
             return TorchBackend(drafter.model, drafter.draft_vocab)
-        return LlamaCppBackend(requantize(f16, file_type(target.llm.path), cache_root() / "gguf"))
+        return LlamaCppBackend(requantize(f16, file_type(target.llm.path), cache_root() / "gguf"),
+                               threads=target.llm.threads, vocab_ids=drafter.draft_vocab)
     return TorchBackend(drafter.model, drafter.draft_vocab)
 
 

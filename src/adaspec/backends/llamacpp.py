@@ -139,7 +139,8 @@ class LlamaCppModel:
         params.n_ctx = params.n_batch = n_ctx or self.n_ctx_train
         params.n_ubatch = min(512, params.n_ctx)
         params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = threads or torch.get_num_threads()
+        self.threads = threads or torch.get_num_threads()
+        params.n_threads = params.n_threads_batch = self.threads
         params.embeddings = embeddings
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE  # hidden states per position, when they are turned on
@@ -206,15 +207,22 @@ class LlamaCppModel:
 
 class LlamaCppBackend(Backend):
     """The `Backend` interface on a GGUF model run by llama.cpp. `keep_hidden`: `hidden` holds the final hidden
-    states [n, H] of every position of the last forward (the first at `hidden_start`), as in `TorchBackend`."""
+    states [n, H] of every position of the last forward (the first at `hidden_start`), as in `TorchBackend`.
+    `vocab_ids` (a drafter's reduced vocabulary) leaves only those tokens finite logits, as `TorchBackend`'s
+    reduced head does: the GGUF keeps the full head, so the same drafter draws from the same distribution on
+    either backend."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
-                 keep_hidden: bool = False) -> None:
+                 keep_hidden: bool = False, vocab_ids: list[int] | None = None) -> None:
         super().__init__()
         self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden)
         self.hidden = torch.empty(0)
         self.vocab_size = self.llm.n_vocab
         self.max_context = self.llm.n_ctx
+        self.outside: torch.Tensor | None = None  # [V] True where vocab_ids leave a token out
+        if vocab_ids is not None:
+            self.outside = torch.ones(self.vocab_size, dtype=torch.bool)
+            self.outside[torch.tensor(vocab_ids, dtype=torch.long)] = False
 
     @property
     def keep_hidden(self) -> bool:
@@ -231,7 +239,10 @@ class LlamaCppBackend(Backend):
         logits = self.llm.logits(outputs)  # [outputs, V]
         if self.keep_hidden:
             self.hidden = self.llm.hidden(outputs)  # [n, H]
-        return logits[-keep:].unsqueeze(0)  # [1, keep, V]
+        logits = logits[-keep:]
+        if self.outside is not None:
+            logits[:, self.outside] = float("-inf")
+        return logits.unsqueeze(0)  # [1, keep, V]
 
     def _truncate(self, length: int) -> None:
         self.llm.truncate(length)
