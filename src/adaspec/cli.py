@@ -43,9 +43,9 @@ BackendKind = Annotated[str, typer.Option("--backend", help="where methods run u
                                                        "llamacpp): auto (llamacpp where installed) | torch | "
                                                        "llamacpp (the target's GGUF on llama.cpp, the `llamacpp` "
                                                        "extra)")]
-WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: auto (bf16 where the CPU has "
-                                                         "it, else shipped) | shipped (the GGUF as it is) | q4_0 | "
-                                                         "q4_1 | q8_0 | f16 | bf16 | f32 (converted once)")]
+WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: shipped (the GGUF as it is, "
+                                                         "the default) | q4_0 | q4_1 | q8_0 | f16 | bf16 | f32 "
+                                                         "(converted once; all but f32 round the shipped weights)")]
 
 
 def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> GenerationConfig:

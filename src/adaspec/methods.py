@@ -384,6 +384,29 @@ class LlamaCppRunner:
         return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
 
 
+def backend_label(backend: Backend) -> str:
+    """Where a backend's model runs, as records name it: 'llamacpp:<weight type>' or 'torch:<dtype>'."""
+    from adaspec.backends.llamacpp import LlamaCppBackend, file_type
+
+    if isinstance(backend, LlamaCppBackend):
+        return f"llamacpp:{file_type(backend.llm.path)}"
+    return f"torch:{str(next(backend.model.parameters()).dtype).removeprefix('torch.')}"
+
+
+def runner_backend(runner: Runner) -> str:
+    """Where a runner's target runs (backend_label); a bench record carries it, so a report can pair each method
+    with the `ar` that ran where it runs."""
+    from adaspec.backends.llamacpp import file_type
+
+    if isinstance(runner, EngineRunner):
+        return backend_label(runner.target)
+    if isinstance(runner, RStitchRunner):
+        return backend_label(runner.large)
+    if isinstance(runner, LlamaCppRunner):
+        return f"llamacpp:{file_type(runner.path)}"
+    return f"torch:{str(runner.target.model.dtype).removeprefix('torch.')}"  # HFRunner
+
+
 def resolve_backend(has_gguf: bool, choice: BackendChoice) -> BackendChoice:
     """`auto` made concrete: llamacpp where llama-cpp-python is installed and the target is a GGUF, else torch."""
     from adaspec.backends.llamacpp import available

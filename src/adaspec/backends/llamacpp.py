@@ -50,13 +50,6 @@ def batch_invariant() -> bool:
     return b"LLAMAFILE = 1" not in llama_cpp().llama_print_system_info()
 
 
-def auto_format() -> str:
-    """The default weight format: the fastest measured of those that hold the shipped weights exactly (README,
-    "Backends and weight formats"): bf16 where llama.cpp multiplies bf16 natively, else the shipped file."""
-    info = llama_cpp().llama_print_system_info()
-    return "bf16" if b"AVX512_BF16 = 1" in info or b"AMX_BF16 = 1" in info else "shipped"
-
-
 def available() -> bool:
     try:
         llama_cpp()
@@ -91,15 +84,13 @@ def file_type(path: Path) -> str:
 
 
 def requantize(source: Path, fmt: str, cache_dir: Path) -> Path:
-    """`source` in weight format `fmt` (one of LLAMACPP_FORMATS; 'shipped' is the file as it is, 'auto' is
-    `auto_format()`): converted once by llama.cpp's quantizer into `cache_dir`, written to a temporary name and
-    renamed.
+    """`source` in weight format `fmt` (one of LLAMACPP_FORMATS; 'shipped' is the file as it is): converted once by
+    llama.cpp's quantizer into `cache_dir`, written to a temporary name and renamed.
 
-    Every format starts from the same weights: a Q4_1 file requantized to F16/BF16 is its exact dequantized
-    value; to Q8_0 it adds a small rounding of its own."""
+    Every format starts from the same weights, and all but f32 round them: a Q4_1 value d*q + m needs up to ~16
+    significant bits, more than f16 (11) or bf16 (8) hold; Q8_0 and Q4_0 re-quantize it."""
     if fmt not in LLAMACPP_FORMATS:
         raise AdaspecError(f"unknown llama.cpp weight format '{fmt}'; choose one of {', '.join(LLAMACPP_FORMATS)}")
-    fmt = auto_format() if fmt == "auto" else fmt
     if fmt == "shipped":
         return source
     stat = source.stat()
