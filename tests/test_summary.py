@@ -159,8 +159,8 @@ def test_report_has_tables_costs_and_histogram(tmp_path, records):
     text = path.read_text()
     assert path == tmp_path / "run" / "report.md"
     assert '"target": "smollm2"' in text
-    assert "| sd | 5.33 | 2.00 | 2.67 | 0.42 | 4.00 | 0.50 |" in text
-    assert "| hf | 2.80 | 1.33 | – | – | – |" in text
+    assert "| sd | – | 5.33 | 2.00 | 2.67 | 0.42 | 4.00 | 0.50 |" in text  # backend: – (records without one)
+    assert "| hf | – | 2.80 | 1.33 | – | – | – |" in text
     assert "| method | all | qa | translation |" in text and "| hf | 1.33 | 1.33 | – |" in text
     assert "| sd | 2.00 [2.00, 2.00] | 2.00 | 2.00 |" in text  # 2 questions (both 2x): a bootstrap interval
     assert "| torch | – | ms | 36.10 | 57.60 |" in text and "| torch | – | ratio | – | 1.60 |" in text
@@ -181,3 +181,25 @@ def test_report_without_matplotlib_says_so(tmp_path, records, monkeypatch):
     text = write_report(summarize(records, {}), records, tmp_path).read_text()
     assert "matplotlib is not installed" in text and "| sd |" in text
     assert not (tmp_path / "plots").exists()
+
+
+def test_a_method_on_another_backend_is_also_compared_with_ar_on_its_own_backend(tmp_path):
+    def on(backend, *args, **kw):
+        return {**record(*args, **kw), "backend": backend}
+
+    lc, pt = "llamacpp:q4_1", "torch:float32"
+    rs = [on(lc, 1, "ar", [1, 2, 3, 4], 1.0), on(lc, 2, "ar", [5, 6], 1.0),
+          on(lc, 1, "sd", [1, 2, 3, 4], 0.5), on(lc, 2, "sd", [5, 6], 0.5),
+          on(pt, 1, "ar:backend=torch", [1, 2, 3, 9], 4.0), on(pt, 2, "ar:backend=torch", [5, 7], 4.0),
+          on(pt, 1, "specbound", [1, 2, 3, 9], 2.0), on(pt, 2, "specbound", [5, 8], 8.0)]
+    methods = summarize(rs, {})["methods"]
+    assert methods["sd"]["backend"] == lc and "vs_backend_ar" not in methods["sd"]  # ar's own backend
+    assert "vs_backend_ar" not in methods["ar:backend=torch"]  # the reference itself
+    v = methods["specbound"]["vs_backend_ar"]
+    assert v["baseline"] == "ar:backend=torch" and v["backend"] == pt
+    assert v["exact_match"] == 0.5  # question 1 equal to torch's ar, question 2 not
+    assert methods["specbound"]["exact_match"] == 0.0  # against llama.cpp's ar: neither
+    assert v["speedup"] == pytest.approx(methods["specbound"]["speedup_vs_ar"] * 8 / 2)  # torch's ar: 4x slower
+    report = write_report(summarize(rs, {}), rs, tmp_path).read_text()
+    assert "## Against `ar` on the method's own backend" in report
+    assert "| specbound | torch:float32 | ar:backend=torch |" in report

@@ -148,8 +148,8 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     methods = summary["methods"]
     lines = ["# adaspec bench report", "", "## Configuration", "", "```json",
              json.dumps(summary.get("config", {}), indent=1), "```", ""] + _environment(summary) + ["## Methods", ""]
-    lines += _table(["method"] + [c for c, _ in COLUMNS],
-                    [[name] + [_fmt(m.get(k)) for _, k in COLUMNS] for name, m in methods.items()])
+    lines += _table(["method", "backend"] + [c for c, _ in COLUMNS],
+                    [[name, _fmt(m.get("backend"))] + [_fmt(m.get(k)) for _, k in COLUMNS] for name, m in methods.items()])
     per_category = {name: m.get("per_category", {}) for name, m in methods.items()}
     categories = sorted({c for pc in per_category.values() for c in pc})
     lines += ["", "## Speedup vs ar per category", "", "With its 95 % bootstrap interval over prompts (paired with "
@@ -158,6 +158,8 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
                     [[name, speedup_cell(methods[name])] + [speedup_cell(pc.get(c, {})) for c in categories]
                      for name, pc in per_category.items()])
     lines += [""] + _per_category(methods, categories)
+    if any(m.get("vs_backend_ar") for m in methods.values()):
+        lines += [""] + _vs_backend_ar(methods)
     if summary.get("bound"):
         lines += [""] + _bound(summary["bound"], summary.get("costs") or {})
     if summary.get("config", {}).get("ablation"):
@@ -226,6 +228,20 @@ def _environment(summary: dict) -> list[str]:
     for e in summary.get("environments") or []:
         lines.append(f"- {e['records']} records: {environment_line(e['environment'])}")
     return lines + [""]
+
+
+def _vs_backend_ar(methods: dict) -> list[str]:
+    """Methods that ran on another backend than `ar`, against plain decoding on their own backend."""
+    lines = ["## Against `ar` on the method's own backend", "",
+             "`speedup vs ar` above compares every method with `ar` on the run's backend; a method that runs elsewhere "
+             "(SpecBound and the transformers peers on torch) is here compared with the `ar` variant that ran there.",
+             ""]
+    rows = [[name, v["backend"], v["baseline"], speedup_cell({"speedup_vs_ar": v["speedup"],
+                                                               "speedup_ci_lo": v["speedup_ci_lo"],
+                                                               "speedup_ci_hi": v["speedup_ci_hi"]}),
+             _fmt(v["exact_match"]), _fmt(v["alignment"])]
+            for name, m in methods.items() if (v := m.get("vs_backend_ar"))]
+    return lines + _table(["method", "backend", "against", "speedup", "exact match", "alignment"], rows)
 
 
 def _per_category(methods: dict, categories: list[str]) -> list[str]:

@@ -146,10 +146,37 @@ def histograms(records: list[dict]) -> dict:
     return out
 
 
+def _backend(records: list[dict]) -> str | None:
+    """The backend most of a method's records ran on ('llamacpp:q4_1', 'torch:float32'; None before records had one)."""
+    counts = Counter(r["backend"] for r in records if r.get("backend"))
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def same_backend(by_method: dict[str, list[dict]]) -> dict[str, dict]:
+    """{method: fields against the `ar` that ran on the method's own backend} for each method whose backend is not
+    `ar`'s and where the run has an `ar` variant there (`ar:backend=torch` beside `ar` on llama.cpp): speed and
+    agreement of e.g. SpecBound, which runs on torch only, against plain decoding on torch."""
+    main = _backend(by_method.get(BASELINE, []))
+    plain = {_backend(rs): name for name, rs in by_method.items()
+             if name.split(":")[0] == BASELINE and name != BASELINE and _backend(rs) not in (None, main)}
+    out = {}
+    for name, rs in by_method.items():
+        where = _backend(rs)
+        if where in plain and name != plain[where]:
+            reference = {r["question_id"]: r for r in by_method[plain[where]]}
+            fields = method_fields(rs, reference)
+            out[name] = {"baseline": plain[where], "backend": where, "speedup": fields.speedup_vs_ar,
+                         "speedup_ci_lo": fields.speedup_ci_lo, "speedup_ci_hi": fields.speedup_ci_hi,
+                         "exact_match": fields.exact_match, "alignment": fields.alignment}
+            out[name] = {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in out[name].items()}
+    return out
+
+
 def summarize(records: list[dict], config: dict) -> dict:
     """{"config": config, "methods": {name: fields and "per_category": {category: fields}}, "calibration":
     {name: {metric: bins and Spearman}} (methods that record confidence, see bench/calibration.py),
-    "histograms": {name: tokens emitted and drafted per target forward}} from records."""
+    "histograms": {name: tokens emitted and drafted per target forward}} from records. A method's `backend` is
+    where it ran; `vs_backend_ar` holds its speed and agreement against `ar` on that backend (same_backend)."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_method[r["method"]].append(r)
@@ -160,7 +187,11 @@ def summarize(records: list[dict], config: dict) -> dict:
         for r in rs:
             by_category[r["category"]].append(r)
         methods[name] = method_fields(rs, baseline).to_json()
+        if _backend(rs):
+            methods[name]["backend"] = _backend(rs)
         methods[name]["per_category"] = {c: method_fields(crs, baseline).to_json()
                                          for c, crs in sorted(by_category.items())}
+    for name, fields in same_backend(by_method).items():
+        methods[name]["vs_backend_ar"] = fields
     return {"config": config, "methods": methods, "calibration": calibration(records),
             "histograms": histograms(records)}
