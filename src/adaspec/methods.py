@@ -84,7 +84,8 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     # if it is a model, else the target's shipped `small`); tau_down None: the same as tau_up
     "rstitch": {"drafter": (str, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN),
                 **_BACKEND},
-    "rstitch+": {"drafter": (str, None), "router": (str, None), **_BACKEND},  # router: a router.json (default: the shipped one)
+    # router: a router.json (default: the shipped one)
+    "rstitch+": {"drafter": (str, None), "router": (str, None), **_BACKEND},
     # SpecBound (drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default SPECBOUND_EXITS),
     # adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
     "specbound": {"exits": (str, None), "threshold": (float, SPECBOUND_THRESHOLD), "a": (float, SPECBOUND_A),
@@ -282,6 +283,7 @@ def split_specs(text: str) -> list[str]:
 
 class Runner(Protocol):
     label: str
+    where: str  # where its target runs ('llamacpp:q4_1', 'torch:float32'): bench records carry it
 
     def __call__(
         self, prompt_ids: list[int], config: GenerationConfig, on_step: Callable[[Step], None] | None = None
@@ -301,6 +303,10 @@ class EngineRunner:
     rule: AcceptanceRule | None = None  # None: exact (greedy, or lossless sampling)
     confidence: ConfidenceEnsemble | None = None  # rates drafts (CM-ASD); steps then record calibration data
 
+    @property
+    def where(self) -> str:
+        return self.target.where
+
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
         policy = self.policy or FixedLength(self.k)
         return generate(self.target, prompt_ids, config, self.drafter, policy, self.rule, self.stop, on_step,
@@ -315,6 +321,10 @@ class HFRunner:
     target: LoadedModel
     eos_ids: frozenset[int]
     extra: dict = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"torch:{str(self.target.model.dtype).removeprefix('torch.')}"
 
     @torch.inference_mode()
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
@@ -360,6 +370,12 @@ class LlamaCppRunner:
         self.llm = lc.Llama(model_path=str(self.path), n_ctx=0, n_batch=512, n_threads=threads,
                             n_threads_batch=threads, flash_attn=True, verbose=False)  # as llama.cpp's "auto"
 
+    @property
+    def where(self) -> str:
+        from adaspec.backends.llamacpp import file_type
+
+        return f"llamacpp:{file_type(self.path)}"
+
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
         s = config.sampling
         if len(prompt_ids) + config.max_new_tokens > self.llm.n_ctx():
@@ -382,29 +398,6 @@ class LlamaCppRunner:
                 break
         wall = time.perf_counter() - t0
         return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
-
-
-def backend_label(backend: Backend) -> str:
-    """Where a backend's model runs, as records name it: 'llamacpp:<weight type>' or 'torch:<dtype>'."""
-    from adaspec.backends.llamacpp import LlamaCppBackend, file_type
-
-    if isinstance(backend, LlamaCppBackend):
-        return f"llamacpp:{file_type(backend.llm.path)}"
-    return f"torch:{str(next(backend.model.parameters()).dtype).removeprefix('torch.')}"
-
-
-def runner_backend(runner: Runner) -> str:
-    """Where a runner's target runs (backend_label); a bench record carries it, so a report can pair each method
-    with the `ar` that ran where it runs."""
-    from adaspec.backends.llamacpp import file_type
-
-    if isinstance(runner, EngineRunner):
-        return backend_label(runner.target)
-    if isinstance(runner, RStitchRunner):
-        return backend_label(runner.large)
-    if isinstance(runner, LlamaCppRunner):
-        return f"llamacpp:{file_type(runner.path)}"
-    return f"torch:{str(runner.target.model.dtype).removeprefix('torch.')}"  # HFRunner
 
 
 def resolve_backend(has_gguf: bool, choice: BackendChoice) -> BackendChoice:

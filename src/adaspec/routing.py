@@ -291,5 +291,9 @@ class RStitchRunner:
     stop: StopCriteria
     router: Router
 
+    @property
+    def where(self) -> str:
+        return self.large.where
+
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
         return stitch(self.small, self.large, prompt_ids, config, self.router, self.stop, on_step)

@@ -33,6 +33,13 @@ class Backend(ABC):
     def _truncate(self, length: int) -> None:
         """Keep the first `length` cached positions."""
 
+    @property
+    def where(self) -> str:
+        """Where the model runs, as bench records name it: 'torch:<dtype>' here, 'llamacpp:<weight type>' there."""
+        model = getattr(self, "model", None)
+        dtype = next(model.parameters()).dtype if model is not None else None
+        return f"torch:{str(dtype).removeprefix('torch.')}"
+
     def reset(self) -> None:
         self._truncate(0)
         self.tokens = []

@@ -216,6 +216,10 @@ class LlamaCppBackend(Backend):
             self.outside[torch.tensor(vocab_ids, dtype=torch.long)] = False
 
     @property
+    def where(self) -> str:
+        return f"llamacpp:{file_type(self.llm.path)}"
+
+    @property
     def keep_hidden(self) -> bool:
         return self.llm.embeddings
 

@@ -149,7 +149,8 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     lines = ["# adaspec bench report", "", "## Configuration", "", "```json",
              json.dumps(summary.get("config", {}), indent=1), "```", ""] + _environment(summary) + ["## Methods", ""]
     lines += _table(["method", "backend"] + [c for c, _ in COLUMNS],
-                    [[name, _fmt(m.get("backend"))] + [_fmt(m.get(k)) for _, k in COLUMNS] for name, m in methods.items()])
+                    [[name, _fmt(m.get("backend"))] + [_fmt(m.get(k)) for _, k in COLUMNS]
+                     for name, m in methods.items()])
     per_category = {name: m.get("per_category", {}) for name, m in methods.items()}
     categories = sorted({c for pc in per_category.values() for c in pc})
     lines += ["", "## Speedup vs ar per category", "", "With its 95 % bootstrap interval over prompts (paired with "

@@ -39,7 +39,6 @@ from adaspec.methods import (
     make_drafter,
     parse_method,
     resolve_backend,
-    runner_backend,
     target_backend,
 )
 from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
@@ -205,7 +204,6 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     target = load_model(opts.target, opts.dtype)
     drafter = load_drafter(opts.drafter, target, opts.dtype)
     runners = [build_runner(s, target, drafter, gen, opts.backend) for s in specs]
-    backends = {r.label: runner_backend(r) for r in runners}
     env = environment()
 
     # warm-up: every method once on a short prompt, not recorded
@@ -232,7 +230,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
                     skipped.append({"question_id": q.question_id, "method": runner.label, "error": str(e)})
                     progress.advance(task)
                     continue
-                record.update(backend=backends[runner.label], environment=env, tstamp=round(time.time(), 3))
+                record.update(backend=runner.where, environment=env, tstamp=round(time.time(), 3))
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 progress.advance(task)
