@@ -233,6 +233,7 @@ def test_rstitch_runs_both_models_on_llamacpp_with_their_own_caches(smollm):
     everything_large = build_runner(parse_method("rstitch:tau_up=0,tau_down=0"), smollm, None, config, choice)
     assert isinstance(everything_large.small, LlamaCppBackend) and isinstance(everything_large.large, LlamaCppBackend)
     assert everything_large.small.llm.path != everything_large.large.llm.path
+    assert everything_large.where == "llamacpp:q4_1"  # bench records: where the target ran
     result = everything_large(ids, config)
     assert {s.source for s in result.steps} == {"large"}  # tau_up=0: every token handed to the large model
     ar = build_runner(parse_method("ar"), smollm, None, config, choice)

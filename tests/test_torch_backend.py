@@ -38,6 +38,11 @@ def test_llama_runs_lean_by_default(model):
     assert TorchBackend(model).lean is not None
 
 
+def test_a_torch_backend_says_where_it_runs(model):
+    assert TorchBackend(model).where == "torch:float32"
+    assert TorchBackend(tiny_llama(0).to(torch.bfloat16)).where == "torch:bfloat16"
+
+
 def test_prefill_logits_equal_the_hf_forward(model):
     lean, hf = pair(model)
     ids = random_prompt(0, length=20)
