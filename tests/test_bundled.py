@@ -102,6 +102,8 @@ def test_bench_writes_records_and_summary(tmp_path):
     for r in records:
         assert {"question_id", "category", "method", "new_tokens", "wall_s", "token_ids", "text", "steps"} <= set(r)
         assert r["new_tokens"] == len(r["token_ids"])
+        assert r["backend"] == "torch:float32"
+        assert all(0 < t <= w for t, w in zip(r["turn_ttft_s"], r["turn_wall_s"], strict=True))  # the peers' too
     multi = [r for r in records if r["question_id"] == chosen[2]["question_id"] and r["method"] == "ar"][0]
     assert len(multi["turns"]) == 2
     m = summary["methods"]

@@ -226,3 +226,8 @@ def test_lookup_copies_what_followed_the_latest_match():
     assert draft.tokens == [7, 8, 5] and draft.probs is None
     assert PromptLookupDrafter().propose(DraftContext([4, 5, 6], 3, SamplingConfig()), FixedLength(3)).tokens == []
     assert PromptLookupDrafter().propose(DraftContext([4], 3, SamplingConfig()), FixedLength(3)).tokens == []
+
+
+def test_time_to_first_token_is_the_first_steps_and_within_the_wall(target):
+    result = generate(target, random_prompt(0), GenerationConfig(max_new_tokens=6))
+    assert result.ttft_s is not None and 0 < result.ttft_s <= result.wall_s

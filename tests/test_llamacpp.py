@@ -141,7 +141,9 @@ def test_the_peer_decodes_the_same_model_greedily(smollm):
     ours = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=1)
     for prompt in PROMPTS[:2]:
         ids = ids_of(smollm, prompt)
-        tokens = peer(ids, config).token_ids
+        result = peer(ids, config)
+        tokens = result.token_ids
+        assert 0 < result.ttft_s < result.wall_s
         logits = ours.extend(ids + tokens[:-1], keep=len(tokens))  # [n, V]
         chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         assert (logits.max(-1).values - chosen).max() < 1.5  # logits; 0 where the two agree

@@ -310,7 +310,8 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, bench_run):
 
 # ---------------------------------------------------------------- sweep --ray
 
-TIMING = {"wall_s", "tokens_per_s", "speedup_vs_ar", "speedup_ci_lo", "speedup_ci_hi", "tstamp", "turn_wall_s"}
+TIMING = {"wall_s", "tokens_per_s", "speedup_vs_ar", "speedup_ci_lo", "speedup_ci_hi", "tstamp", "turn_wall_s",
+          "ttft_ms", "decode_tokens_per_s", "turn_ttft_s"}
 
 
 def untimed(rows: list[dict]) -> dict:

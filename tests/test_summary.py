@@ -159,8 +159,9 @@ def test_report_has_tables_costs_and_histogram(tmp_path, records):
     text = path.read_text()
     assert path == tmp_path / "run" / "report.md"
     assert '"target": "smollm2"' in text
-    assert "| sd | – | 5.33 | 2.00 | 2.67 | 0.42 | 4.00 | 0.50 |" in text  # backend: – (records without one)
-    assert "| hf | – | 2.80 | 1.33 | – | – | – |" in text
+    # backend, TTFT and decode rate: – (records without them)
+    assert "| sd | – | 5.33 | 2.00 | – | – | 2.67 | 0.42 | 4.00 | 0.50 |" in text
+    assert "| hf | – | 2.80 | 1.33 | – | – | – | – | – |" in text
     assert "| method | all | qa | translation |" in text and "| hf | 1.33 | 1.33 | – |" in text
     assert "| sd | 2.00 [2.00, 2.00] | 2.00 | 2.00 |" in text  # 2 questions (both 2x): a bootstrap interval
     assert "| torch | – | ms | 36.10 | 57.60 |" in text and "| torch | – | ratio | – | 1.60 |" in text
@@ -203,3 +204,13 @@ def test_a_method_on_another_backend_is_also_compared_with_ar_on_its_own_backend
     report = write_report(summarize(rs, {}), rs, tmp_path).read_text()
     assert "## Against `ar` on the method's own backend" in report
     assert "| specbound | torch:float32 | ar:backend=torch |" in report
+
+
+def test_time_to_first_token_and_the_decode_rate_after_it():
+    rs = [{**record(1, "ar", [1] * 10, 2.0), "turn_ttft_s": [0.2, 0.4], "turn_wall_s": [1.0, 1.0],
+           "turn_new_tokens": [4, 6]},
+          {**record(2, "ar", [1] * 5, 1.0), "turn_ttft_s": [None], "turn_wall_s": [1.0], "turn_new_tokens": [5]}]
+    fields = summarize(rs, {})["methods"]["ar"]
+    assert fields["ttft_ms"] == pytest.approx(300.0)  # per turn, over the turns that observed it
+    assert fields["decode_tokens_per_s"] == pytest.approx((3 + 5) / (0.8 + 0.6), abs=1e-4)  # the first is TTFT's
+    assert summarize([record(1, "ar", [1], 1.0)], {})["methods"]["ar"]["ttft_ms"] is None

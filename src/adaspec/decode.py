@@ -53,6 +53,7 @@ class GenerationResult:
     steps: list[Step]
     wall_s: float
     stop_reason: str  # "eos" | "length" | "stop"
+    ttft_s: float | None = None  # time to the first new token: prefill and the first step (None: not observed)
 
     @property
     def new_tokens(self) -> int:
@@ -192,8 +193,10 @@ def generate(
     steps: list[Step] = []
     tokens: list[int] = []
     reason = "length"
+    ttft = None
     t0 = time.perf_counter()
     for step in speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator, confidence):
+        ttft = time.perf_counter() - t0 if ttft is None else ttft
         steps.append(step)
         tokens += step.tokens
         if on_step is not None:
@@ -201,4 +204,4 @@ def generate(
     wall = time.perf_counter() - t0
     if steps and steps[-1].stop is not None:
         reason = steps[-1].stop
-    return GenerationResult(list(prompt_ids), tokens, steps, wall, reason)
+    return GenerationResult(list(prompt_ids), tokens, steps, wall, reason, ttft)

@@ -335,11 +335,12 @@ class HFRunner:
             kwargs.update(stop_strings=list(config.stop), tokenizer=self.target.tokenizer)
         torch.manual_seed(config.seed)  # transformers samples from the global generator
         x = torch.tensor([prompt_ids])
+        first = FirstToken()
         t0 = time.perf_counter()
         out = self.target.model.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=config.max_new_tokens,
-            eos_token_id=sorted(self.eos_ids), pad_token_id=self.target.tokenizer.pad_token_id, **kwargs,
-            **self.extra,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.target.tokenizer.pad_token_id, streamer=first,
+            **kwargs, **self.extra,
         )
         wall = time.perf_counter() - t0
         tokens = out[0, len(prompt_ids):].tolist()
@@ -348,7 +349,23 @@ class HFRunner:
                 tokens = tokens[: i + 1]
                 break
         reason = "eos" if tokens and tokens[-1] in self.eos_ids else "length"
-        return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
+        return GenerationResult(list(prompt_ids), tokens, [], wall, reason, first.at and first.at - t0)
+
+
+class FirstToken:
+    """A transformers streamer that notes when the first new token arrives (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -386,8 +403,10 @@ class LlamaCppRunner:
         sampling = dict(temp=0.0) if s.greedy else dict(temp=s.temperature, top_k=s.top_k, top_p=s.top_p)
         tokens: list[int] = []
         reason = "length"
+        ttft = None
         t0 = time.perf_counter()
         for t in self.llm.generate(list(prompt_ids), repeat_penalty=1.0, min_p=0.0, reset=True, **sampling):
+            ttft = time.perf_counter() - t0 if ttft is None else ttft
             tokens.append(int(t))
             keep, why = self.stop.cut(tokens, 1)
             if why is not None:
@@ -397,7 +416,7 @@ class LlamaCppRunner:
             if len(tokens) >= config.max_new_tokens:
                 break
         wall = time.perf_counter() - t0
-        return GenerationResult(list(prompt_ids), tokens, [], wall, reason)
+        return GenerationResult(list(prompt_ids), tokens, [], wall, reason, ttft)
 
 
 def resolve_backend(has_gguf: bool, choice: BackendChoice) -> BackendChoice:

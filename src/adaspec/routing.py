@@ -252,14 +252,16 @@ def stitch(
     """Run `stitch_steps` to the end with a generator seeded from config.seed (sampling draws from it)."""
     generator = torch.Generator().manual_seed(config.seed)
     steps: list[Step] = []
+    ttft = None  # the small model's prefill; the large model's comes with its first token
     t0 = time.perf_counter()
     for step in stitch_steps(small, large, prompt_ids, config, router, stop, generator):
+        ttft = time.perf_counter() - t0 if ttft is None else ttft
         steps.append(step)
         if on_step is not None:
             on_step(step)
     wall = time.perf_counter() - t0
     reason = steps[-1].stop if steps and steps[-1].stop is not None else "length"
-    return GenerationResult(list(prompt_ids), [t for s in steps for t in s.tokens], steps, wall, reason)
+    return GenerationResult(list(prompt_ids), [t for s in steps for t in s.tokens], steps, wall, reason, ttft)
 
 
 def large_share(steps: list[Step]) -> float:

@@ -9,7 +9,8 @@ from pathlib import Path
 from adaspec.bench import calibration as calib
 
 COLUMNS = [
-    ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("mean accepted", "mean_accepted"),
+    ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("TTFT ms", "ttft_ms"),
+    ("decode tokens/s", "decode_tokens_per_s"), ("mean accepted", "mean_accepted"),
     ("acceptance rate", "acceptance_rate"), ("mean draft len", "mean_draft_len"), ("exact match", "exact_match"),
     ("alignment", "alignment"), ("BLEU", "bleu"), ("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"),
     ("ROUGE-L", "rougeL"), ("GSM8K acc", "gsm8k_acc"), ("large share", "large_share"),

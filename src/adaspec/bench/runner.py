@@ -108,7 +108,8 @@ def environment() -> dict:
 
 def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationConfig, chat: bool) -> dict:
     """Run every turn of a question (earlier answers become assistant turns, as Spec-Bench does); the record
-    keeps the totals and, per turn, the text, new tokens, seconds and target forwards (None for a peer)."""
+    keeps the totals and, per turn, the text, new tokens, seconds, target forwards (None for a peer) and the time
+    to the first new token (prefill and first step; None where a runner cannot observe it)."""
     messages: list[dict] = []
     token_ids: list[int] = []
     texts: list[str] = []
@@ -117,6 +118,7 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
     turn_tokens: list[int] = []
     turn_wall: list[float] = []
     turn_steps: list[int | None] = []
+    turn_ttft: list[float | None] = []
     for turn in q.turns:
         messages.append({"role": "user", "content": turn})
         prompt = encode_prompt(target.tokenizer, messages, chat)
@@ -128,6 +130,7 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
         wall += result.wall_s
         turn_tokens.append(len(result.token_ids))
         turn_wall.append(round(result.wall_s, 5))
+        turn_ttft.append(None if result.ttft_s is None else round(result.ttft_s, 5))
         turn_steps.append(len(result.steps) if result.steps else None)
         if result.steps and steps is not None:
             steps += [step_record(s) for s in result.steps]
@@ -137,7 +140,7 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
         "question_id": q.question_id, "category": q.category, "method": runner.label,
         "new_tokens": len(token_ids), "wall_s": round(wall, 5), "token_ids": token_ids,
         "text": "\n\n".join(texts), "turns": texts, "reference": q.reference, "steps": steps,
-        "turn_new_tokens": turn_tokens, "turn_wall_s": turn_wall, "turn_steps": turn_steps,
+        "turn_new_tokens": turn_tokens, "turn_wall_s": turn_wall, "turn_steps": turn_steps, "turn_ttft_s": turn_ttft,
     }
 
 

@@ -26,6 +26,10 @@ class MethodFields:
     new_tokens: int
     wall_s: float
     tokens_per_s: float | None = None
+    # time to first token (prefill and the first step), mean per turn, and the rate after it: (new tokens - turns) /
+    # (wall - time to first tokens), on the records that observed it. Speculation speeds up only the second
+    ttft_ms: float | None = None
+    decode_tokens_per_s: float | None = None
     speedup_vs_ar: float | None = None  # on the questions `ar` also answered
     speedup_ci_lo: float | None = None  # its 95 % bootstrap interval over those questions (bench/stats.py)
     speedup_ci_hi: float | None = None
@@ -102,6 +106,12 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
         mean_cut=_ratio(sum(s.get("cut", 0) for s in steps), len(steps)),
         large_share=_ratio(sum(s["source"] == "large" for s in routed), len(routed)),
     )
+    timed = [(t, w, n) for r in records for t, w, n in zip(r.get("turn_ttft_s") or [], r.get("turn_wall_s") or [],
+                                                             r.get("turn_new_tokens") or [], strict=False)
+             if t is not None and n > 0]
+    if timed:
+        fields.ttft_ms = 1000 * sum(t for t, _, _ in timed) / len(timed)
+        fields.decode_tokens_per_s = _ratio(sum(n - 1 for _, _, n in timed), sum(w - t for t, w, _ in timed))
     exits = [layer for s in steps for layer in s.get("exit_layers", [])]
     stops = [s["draft_stop"] for s in steps if s.get("draft_stop") is not None]
     fields.mean_exit_layer = _ratio(sum(exits), len(exits))
