@@ -20,9 +20,24 @@ pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   # GGML_LLAMAFILE=OFF: llama.cpp's tinyBLAS kernels round a batch of positions differently from one position,
   # so greedy speculative decoding would not equal plain decoding token for token; without them it does (README,
-  # "Backends and weight formats"). --no-cache-dir: never reuse a wheel built with other flags.
+  # "Backends and weight formats"). The patch: flash attention splits a long cache across threads for one query
+  # row only (another summation order than a batch of rows gets); without that path it is batch-invariant too,
+  # and adaspec turns it on (backends/llamacpp.py, flash_attention_exact). --no-cache-dir: never reuse a wheel
+  # built with other flags.
   echo "building llama-cpp-python for the llama.cpp backend (about 10 minutes the first time)..." >&2
-  CMAKE_ARGS="-DGGML_LLAMAFILE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-    "${pip[@]}" install --no-cache-dir "llama-cpp-python>=0.3.36" \
-    || echo "warning: llama-cpp-python did not build; the llama.cpp backend is unavailable (torch still works)" >&2
+  src=$(mktemp -d)
+  if "${pip[@]}" download --no-deps --no-binary :all: "llama-cpp-python==${ADASPEC_LLAMACPP_VERSION:-0.3.36}" -d "$src" \
+      && tar xzf "$src"/llama_cpp_python-*.tar.gz -C "$src"; then
+    pkg=$(echo "$src"/llama_cpp_python-*/)
+    ops="$pkg/vendor/llama.cpp/ggml/src/ggml-cpu/ops.cpp"
+    sed -i 's/const bool use_split_kv_path = !use_ref/const bool use_split_kv_path = false \&\& !use_ref/' "$ops"
+    grep -q "use_split_kv_path = false" "$ops" \
+      || echo "warning: flash-attention patch not applied (another llama.cpp?): adaspec keeps flash attention off" >&2
+    CMAKE_ARGS="-DGGML_LLAMAFILE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+      "${pip[@]}" install --no-cache-dir "$pkg" \
+      || echo "warning: llama-cpp-python did not build; the llama.cpp backend is unavailable (torch still works)" >&2
+  else
+    echo "warning: could not fetch llama-cpp-python's source; the llama.cpp backend is unavailable" >&2
+  fi
+  rm -rf "$src"
 fi

@@ -231,3 +231,15 @@ def test_lookup_copies_what_followed_the_latest_match():
 def test_time_to_first_token_is_the_first_steps_and_within_the_wall(target):
     result = generate(target, random_prompt(0), GenerationConfig(max_new_tokens=6))
     assert result.ttft_s is not None and 0 < result.ttft_s <= result.wall_s
+
+
+@pytest.mark.parametrize("name", ["lookup", "perturbed"])
+def test_a_backend_that_prefills_apart_gives_the_same_tokens(ar_outputs, drafters, name):
+    """Backend.split_prefill: the prompt but its last token first, then the steps; the output is unchanged."""
+    split = tiny_backend(0, scale=8.0)
+    split.split_prefill = True
+    for i, prompt in enumerate(PROMPTS):
+        assert generate(split, prompt, CONFIG).token_ids == ar_outputs[i]
+        sd = generate(split, prompt, CONFIG, drafters[name], FixedLength(3))
+        assert sd.token_ids == ar_outputs[i]
+        assert_step_accounting(sd, 3, MAX_NEW)

@@ -167,6 +167,35 @@ def test_greedy_sd_on_llamacpp_equals_ar_on_llamacpp(smollm, backend, prompt):
 
 @pytest.mark.bundled
 @needs_llama
+def test_greedy_sd_equals_ar_past_a_512_token_cache_with_the_backends_own_attention_choice(smollm):
+    """Past 512 cached tokens llama.cpp's flash attention takes a split-cache path for one row; the backend turns it
+    on only where the build has that path patched out (flash_attention_exact), and then prefills apart."""
+    from adaspec.backends.llamacpp import LlamaCppBackend, batch_invariant, flash_attention_exact
+
+    if not batch_invariant():
+        pytest.skip("this llama.cpp build rounds batches differently (tinyBLAS): build it as scripts/setup.sh does")
+    backend = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=2)
+    assert backend.llm.flash_attn == flash_attention_exact(smollm.gguf, 2) == backend.split_prefill
+    ids = ids_of(smollm, " ".join([PROMPTS[0]] * 12))  # a summary of a repeated passage: lookup drafts much
+    assert len(ids) > 540
+    config = GenerationConfig(max_new_tokens=40)
+    ar = generate(backend, ids, config)
+    sd = generate(backend, ids, config, PromptLookupDrafter(max_ngram=3), FixedLength(4))
+    assert sd.token_ids == ar.token_ids
+    assert sum(s.drafted for s in sd.steps) > 0
+
+
+def test_flash_attention_can_be_forced_either_way(monkeypatch, tmp_path):
+    from adaspec.backends.llamacpp import flash_attention_exact
+
+    monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
+    assert flash_attention_exact(tmp_path / "never-read.gguf") is False
+    monkeypatch.setenv("ADASPEC_FLASH_ATTN", "1")
+    assert flash_attention_exact(tmp_path / "never-read.gguf") is True
+
+
+@pytest.mark.bundled
+@needs_llama
 def test_the_peer_honours_the_budget_and_eos(smollm):
     config = GenerationConfig(max_new_tokens=7)
     peer = build_runner(parse_method("llamacpp"), smollm, None, config, ONE_THREAD)

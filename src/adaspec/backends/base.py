@@ -21,6 +21,9 @@ class Backend(ABC):
 
     vocab_size: int
     max_context: int
+    # the decoding loop prefills all but the prompt's last token apart from the steps after it, so that no method
+    # scores a position in a long batch that another scores in a short one (llama.cpp with flash attention)
+    split_prefill: bool = False
 
     def __init__(self) -> None:
         self.tokens: list[int] = []  # ids in the cache, batch row 0

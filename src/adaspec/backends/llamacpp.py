@@ -7,8 +7,14 @@ Exactness: greedy speculative decoding equals plain decoding only if scoring k+1
 logits one position at a time would. llama.cpp's tinyBLAS kernels (GGML_LLAMAFILE) and its flash-attention path
 round a batch differently (logits differ by up to ~1 here); built without tinyBLAS and run without flash
 attention, every format we measured is batch-invariant to the bit. scripts/setup.sh builds it that way;
-`batch_invariant()` says whether the installed build is. With `keep_hidden`, the context also returns the final
-(normed) hidden state of every position, as the torch backend does, for drafters that read target features.
+`batch_invariant()` says whether the installed build is. Flash attention (faster prefill) takes three paths on
+the CPU: one query row over a long cache splits the cache across threads (a different summation order), a few
+rows go row by row, 64 or more rows go in tiles. scripts/setup.sh patches the first path out, and the decoding
+loop prefills all but the prompt's last token (`Backend.split_prefill`), so that every position a method
+scores after the prefill goes row by row for every method; `flash_attention_exact()` tests a build for that
+once (cached) and the backend turns flash attention on only where it holds. With `keep_hidden`, the context
+also returns the final (normed) hidden state of every position, as the torch backend does, for drafters that
+read target features.
 
 llama-cpp-python is an optional extra (`pip install 'adaspec[llamacpp]'`, a ~10-minute build from source):
 every entry point here says so when it is missing.
@@ -17,6 +23,7 @@ every entry point here says so when it is missing.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 from pathlib import Path
@@ -48,6 +55,56 @@ def batch_invariant() -> bool:
     """Whether the installed llama.cpp was built without tinyBLAS (GGML_LLAMAFILE=OFF), which the exactness of
     greedy speculative decoding on this backend needs (with flash attention off, as LlamaCppModel runs)."""
     return b"LLAMAFILE = 1" not in llama_cpp().llama_print_system_info()
+
+
+PROBE_CONTEXT = 600  # cache length of the probe: past 512, where the split-cache path starts
+
+
+def _build_key() -> str:
+    """The installed llama.cpp library: its path, size and modification time."""
+    lib = Path(llama_cpp().__file__).parent / "lib"
+    files = sorted(lib.glob("libggml-cpu*")) or sorted(lib.glob("*.so")) or [Path(llama_cpp().__file__)]
+    return "|".join(f"{f}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+
+
+def flash_attention_exact(gguf: Path, threads: int | None = None) -> bool:
+    """Whether this llama.cpp build, with flash attention on, gives a position the logits it gets alone also in
+    a batch of a few (past a 512-token cache, with `threads` threads): probed once with `gguf` and cached per build
+    in ~/.cache/adaspec/llamacpp.json (ADASPEC_FLASH_ATTN=0/1 overrides)."""
+    forced = os.environ.get("ADASPEC_FLASH_ATTN")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if not batch_invariant():
+        return False
+    from adaspec.models import cache_root
+
+    threads = threads or torch.get_num_threads()
+    record = cache_root() / "llamacpp.json"
+    key = f"{_build_key()}|threads={threads}"
+    known = {}
+    if record.is_file():
+        try:
+            known = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            known = {}
+    if key in known:
+        return bool(known[key])
+    model = LlamaCppModel(gguf, n_ctx=PROBE_CONTEXT + 8, threads=threads, flash_attn=True)
+    try:
+        ids = [(17 * i) % 1000 + 100 for i in range(PROBE_CONTEXT + 3)]  # any tokens: the kernels are what is tested
+        model.decode(ids[:PROBE_CONTEXT], 0, 1)
+        alone = []
+        for i in range(3):
+            model.decode([ids[PROBE_CONTEXT + i]], PROBE_CONTEXT + i, 1)
+            alone.append(model.logits(1))
+        model.truncate(PROBE_CONTEXT)
+        model.decode(ids[PROBE_CONTEXT:], PROBE_CONTEXT, 3)
+        exact = bool(torch.equal(torch.cat(alone), model.logits(3)))
+    finally:
+        model.close()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({**known, key: exact}, indent=1))
+    return exact
 
 
 def available() -> bool:
@@ -144,6 +201,7 @@ class LlamaCppModel:
         self.memory = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(params.n_batch, 0, 1)
         self.embeddings = embeddings
+        self.flash_attn = flash_attn
 
     def decode(self, ids: list[int], start: int, outputs: int) -> None:
         """Feed `ids` at positions start.. into the cache; the last `outputs` of them get logits."""
@@ -204,9 +262,12 @@ class LlamaCppBackend(Backend):
     either backend."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
-                 keep_hidden: bool = False, vocab_ids: list[int] | None = None) -> None:
+                 keep_hidden: bool = False, vocab_ids: list[int] | None = None, flash_attn: bool | None = None) -> None:
         super().__init__()
-        self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden)
+        if flash_attn is None:  # on where this build keeps it exact (flash_attention_exact), else off
+            flash_attn = flash_attention_exact(path, threads)
+        self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden, flash_attn=flash_attn)
+        self.split_prefill = flash_attn  # long batches take flash attention's tiled path: prefill them apart
         self.hidden = torch.empty(0)
         self.vocab_size = self.llm.n_vocab
         self.max_context = self.llm.n_ctx
