@@ -87,7 +87,7 @@ def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
     assert parse_method("sd").get("k") == "auto"
     with pytest.raises(AdaspecError, match="k must be auto or a draft length"):
         parse_method("sd:k=many")
-    with pytest.raises(AdaspecError, match="sd:k must be >= 1"):
+    with pytest.raises(AdaspecError, match="sd: draft length k must be >= 1"):
         parse_method("sd:k=0")
     target = LoadedModel("tiny", tmp_path, tiny_llama(1, scale=6.0), None)
     runner = build_runner(parse_method("sd"), target, "lookup", GenerationConfig(max_new_tokens=8))
@@ -115,3 +115,15 @@ def test_the_report_shows_the_verify_curve_of_every_backend(tmp_path):
                              "backends": {"torch": torch_costs, "llamacpp:auto": llama}}))
     assert "| llamacpp:auto | bf16 | ratio | 1.00 | 4.00 |" in text and "| torch | – | ms | 50.00 | 60.00 |" in text
     assert "- llamacpp:auto, drafter lookup:" in text
+
+
+def test_specdec_and_cmasd_tau_take_k_auto_and_refuse_a_bad_k():
+    from adaspec.methods import cmasd_parts
+
+    assert cmasd_parts(parse_method("cmasd-tau:k=auto")).policy is None  # CostAware, built with the runner
+    assert cmasd_parts(parse_method("specdec:k=auto")).policy is None
+    assert cmasd_parts(parse_method("specdec:k=3")).policy.draft_length() == 3
+    with pytest.raises(AdaspecError, match="cmasd-tau: draft length k must be >= 1"):
+        cmasd_parts(parse_method("cmasd-tau:k=0"))
+    with pytest.raises(AdaspecError, match="k must be auto or a draft length"):
+        cmasd_parts(parse_method("specdec:k=long"))

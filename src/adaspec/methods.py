@@ -75,11 +75,11 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "hf-assisted": {"k": (int, None), "drafter": (str, None)},
     "hf-lookup": {"k": (int, HF_LOOKUP_TOKENS), "ngram": (int, 2)},
     "llamacpp": {"format": (str, None)},  # llama.cpp's own plain decoding (llama-cpp-python) of the target's GGUF
-    "specdec": {"k": (int, DEFAULT_DRAFT_LENGTH), "beta": (int, SPECDEC_BETA), "tau": (float, SPECDEC_TAU),
+    "specdec": {"k": (str, str(DEFAULT_DRAFT_LENGTH)), "beta": (int, SPECDEC_BETA), "tau": (float, SPECDEC_TAU),
                 **_DRAFTING, **_BACKEND},
     "cmasd": {**_LENGTH, **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
     "cmasd-k": {**_LENGTH, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
-    "cmasd-tau": {"k": (int, DEFAULT_DRAFT_LENGTH), **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
+    "cmasd-tau": {"k": (str, str(DEFAULT_DRAFT_LENGTH)), **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
     # R-Stitch (routing.py): `drafter` is the small model (`small`, the shipped one, or DIR; default: --drafter
     # if it is a model, else the target's shipped `small`); tau_down None: the same as tau_up
     "rstitch": {"drafter": (str, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN),
@@ -144,7 +144,7 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def sd_length(spec: MethodSpec) -> int | None:
-    """sd's k: None for k=auto, else the fixed draft length (>= 1)."""
+    """The k of sd, specdec and cmasd-tau: None for k=auto (CostAware), else the fixed draft length (>= 1)."""
     text = str(spec.get("k"))
     if text == "auto":
         return None
@@ -153,7 +153,7 @@ def sd_length(spec: MethodSpec) -> int | None:
     except ValueError:
         raise AdaspecError(f"{spec.label}: k must be auto or a draft length >= 1, got {text!r}") from None
     if k < 1:
-        raise AdaspecError(f"sd:k must be >= 1, got {k}")
+        raise AdaspecError(f"{spec.name}: draft length k must be >= 1 (or auto), got {k}")
     return k
 
 
@@ -227,7 +227,7 @@ def make_router(spec: MethodSpec, target_name: str | None = None) -> Router:
 
 @dataclass(frozen=True)
 class CMASDParts:
-    policy: LengthPolicy
+    policy: LengthPolicy | None  # None: k=auto, CostAware once the backend and drafter are known (build_runner)
     rule: AcceptanceRule | None  # None: the exact rule (greedy, or lossless sampling)
     confidence: ConfidenceEnsemble | None  # None: the method does not rate its drafts
 
@@ -255,7 +255,8 @@ def cmasd_parts(spec: MethodSpec) -> CMASDParts:
             policy: LengthPolicy = ConfidenceLength(float(get("alpha")), int(get("k_min")), int(get("k_max")),
                                                     bool(early))
         else:
-            policy = FixedLength(int(get("k")))
+            k = sd_length(spec)
+            policy = None if k is None else FixedLength(k)
         rule = None
         if spec.name == "specdec":
             rule = TopBetaTau(int(get("beta")), float(get("tau")))
@@ -476,8 +477,9 @@ def build_runner(
     if spec.name in CMASD_METHODS:
         parts = cmasd_parts(spec)
         backend = target_backend(target, choice)
-        return EngineRunner(spec.label, backend, stop, make_drafter(spec, drafter, backend, target),
-                            policy=parts.policy, rule=parts.rule, confidence=parts.confidence)
+        chosen = make_drafter(spec, drafter, backend, target)
+        return EngineRunner(spec.label, backend, stop, chosen, policy=parts.policy or cost_aware(backend, chosen),
+                            rule=parts.rule, confidence=parts.confidence)
     if spec.name == "specbound":  # the target drafts for itself: early exits x bound x the exact rule
         backend = LayeredBackend(target.model)
         bound = specbound_bound(spec, backend.depth)

@@ -53,7 +53,7 @@ def llama_cpp():
 
 def batch_invariant() -> bool:
     """Whether the installed llama.cpp was built without tinyBLAS (GGML_LLAMAFILE=OFF), which the exactness of
-    greedy speculative decoding on this backend needs (with flash attention off, as LlamaCppModel runs)."""
+    greedy speculative decoding on this backend needs (flash attention: see flash_attention_exact)."""
     return b"LLAMAFILE = 1" not in llama_cpp().llama_print_system_info()
 
 
