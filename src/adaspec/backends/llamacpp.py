@@ -218,10 +218,11 @@ class LlamaCppModel:
             raise AdaspecError(f"llama.cpp decode of {n} tokens at position {start} failed (code {rc})")
 
     def logits(self, outputs: int) -> torch.Tensor:
-        """Logits of the last decode's output positions -> [outputs, V] float32 (a copy)."""
-        ptr = self.lc.llama_get_logits(self.ctx)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(outputs * self.n_vocab,)).copy()).view(
-            outputs, self.n_vocab)
+        """Logits of the last decode's output positions -> [outputs, V] float32 (a copy: one memmove, the cheapest
+        way across, which matters at ~0.1 ms of a ~8 ms step)."""
+        out = torch.empty(outputs, self.n_vocab)
+        ctypes.memmove(out.data_ptr(), self.lc.llama_get_logits(self.ctx), out.numel() * 4)
+        return out
 
     def hidden(self, outputs: int) -> torch.Tensor:
         """Final hidden states of the last decode's output positions -> [outputs, H] (needs embeddings=True)."""
