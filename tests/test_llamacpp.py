@@ -185,6 +185,24 @@ def test_greedy_sd_equals_ar_past_a_512_token_cache_with_the_backends_own_attent
     assert sum(s.drafted for s in sd.steps) > 0
 
 
+@pytest.mark.bundled
+@needs_llama
+def test_the_shipped_eagle_head_drafts_over_llamacpp_features_from_the_first_step(smollm):
+    from adaspec.backends.llamacpp import batch_invariant
+
+    config = GenerationConfig(max_new_tokens=24)
+    choice = BackendChoice("llamacpp", "shipped", threads=2)
+    eagle = build_runner(parse_method("sd:drafter=eagle,k=3"), smollm, None, config, choice)
+    ids = ids_of(smollm, PROMPTS[2])
+    result = eagle(ids, config)
+    if eagle.target.split_prefill:  # the prompt's features come with the prefill: the first step drafts already
+        assert result.steps[0].drafted == 3
+    assert sum(s.accepted for s in result.steps) > 0
+    if batch_invariant():
+        ar = build_runner(parse_method("ar"), smollm, None, config, choice)
+        assert result.token_ids == ar(ids, config).token_ids
+
+
 def test_flash_attention_can_be_forced_either_way(monkeypatch, tmp_path):
     from adaspec.backends.llamacpp import flash_attention_exact
 
