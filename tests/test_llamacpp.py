@@ -144,6 +144,7 @@ def test_the_peer_decodes_the_same_model_greedily(smollm):
         result = peer(ids, config)
         tokens = result.token_ids
         assert 0 < result.ttft_s < result.wall_s
+        ours.reset()
         logits = ours.extend(ids + tokens[:-1], keep=len(tokens))  # [n, V]
         chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         assert (logits.max(-1).values - chosen).max() < 1.5  # logits; 0 where the two agree
@@ -278,7 +279,8 @@ def test_rstitch_runs_both_models_on_llamacpp_with_their_own_caches(smollm):
 
     config = GenerationConfig(max_new_tokens=24)
     choice = BackendChoice("llamacpp", "shipped", threads=1)
-    ids = ids_of(smollm, PROMPTS[1])
+    ids = ids_of(smollm, " ".join([PROMPTS[0]] * 4))  # past flash attention's 64-row tiles: prefilled as `ar` does
+    assert len(ids) > 100
     everything_large = build_runner(parse_method("rstitch:tau_up=0,tau_down=0"), smollm, None, config, choice)
     assert isinstance(everything_large.small, LlamaCppBackend) and isinstance(everything_large.large, LlamaCppBackend)
     assert everything_large.small.llm.path != everything_large.large.llm.path
@@ -286,7 +288,7 @@ def test_rstitch_runs_both_models_on_llamacpp_with_their_own_caches(smollm):
     result = everything_large(ids, config)
     assert {s.source for s in result.steps} == {"large"}  # tau_up=0: every token handed to the large model
     ar = build_runner(parse_method("ar"), smollm, None, config, choice)
-    assert result.token_ids == ar(ids, config).token_ids  # the large model alone is ar
+    assert result.token_ids == ar(ids, config).token_ids  # the large model alone is ar, to the bit
     mixed = build_runner(parse_method("rstitch"), smollm, None, config, choice)(ids, config)
     assert len(mixed.token_ids) > 0 and {s.source for s in mixed.steps} <= {"small", "large"}
 
@@ -298,3 +300,32 @@ def test_costs_refuses_a_backend_it_cannot_measure(capsys):
         app(["costs", "--backends", "torch:int8"], standalone_mode=False)
     with pytest.raises(AdaspecError, match="unknown llama.cpp weight format"):
         app(["costs", "--backends", "llamacpp:q3"], standalone_mode=False)
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_a_long_catch_up_after_the_prefill_scores_each_position_as_alone(smollm):
+    """With flash attention a batch of 64+ rows goes in tiles; after the prefill the backend cuts a long batch
+    (R-Stitch's large model catching up) into pieces that go row by row, so its logits equal one-at-a-time."""
+    from adaspec.backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=2, flash_attn=True)
+    assert backend.split_prefill
+    prompt, more = list(range(300, 360)), list(range(400, 480))  # 80 positions after a 60-token prefill
+    backend.extend(prompt)
+    together = backend.extend(more, keep=len(more))  # [80, V]
+    backend.rollback(len(prompt))
+    alone = torch.cat([backend.extend([t]) for t in more])  # [80, V]
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
+
+
+@pytest.mark.bundled
+@needs_llama
+def test_a_long_catch_up_returns_the_logits_and_hidden_states_of_every_position_asked_for(smollm):
+    from adaspec.backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=2, flash_attn=True, keep_hidden=True)
+    backend.extend(list(range(300, 310)))
+    logits = backend.extend(list(range(400, 540)), keep=100)  # 140 positions in 63-row pieces, 100 with logits
+    assert logits.shape == (100, backend.vocab_size) and torch.isfinite(logits).all()
+    assert backend.hidden.shape == (140, backend.llm.n_embd) and backend.hidden_start == 10

@@ -214,6 +214,9 @@ def stitch_steps(
     recent: deque[bool] = deque(maxlen=WINDOW)
     small.reset()
     large.reset()
+    for model in (small, large):  # as the decoding loop does (Backend.split_prefill): the same kernels as `ar`
+        if model.split_prefill and len(ids) > 1:
+            model.extend(ids[:-1])
     active = small
     budget = config.max_new_tokens
     while len(generated) < budget:

@@ -57,6 +57,7 @@ def batch_invariant() -> bool:
     return b"LLAMAFILE = 1" not in llama_cpp().llama_print_system_info()
 
 
+FA_ROWS = 63  # flash attention goes in tiles from 64 query rows on (ggml-cpu's GGML_FA_TILE_Q)
 PROBE_CONTEXT = 600  # cache length of the probe: past 512, where the split-cache path starts
 
 
@@ -292,14 +293,25 @@ class LlamaCppBackend(Backend):
     def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
         row = ids[0].tolist()
         outputs = len(row) if self.keep_hidden else keep  # hidden states come only for output positions
-        self.llm.decode(row, len(self.tokens), outputs)
-        logits = self.llm.logits(outputs)  # [outputs, V]
+        start = len(self.tokens)
+        # after the prefill, batches stay under flash attention's tiled size, so that a position goes row by row
+        # however many others come with it (a catch-up of R-Stitch's large model scores what `ar` scored one by one)
+        size = FA_ROWS if self.split_prefill and start > 0 else len(row)
+        logits, hidden = [], []
+        for i in range(0, len(row), size):
+            chunk = row[i: i + size]
+            need = max(0, min(len(chunk), outputs - (len(row) - i - len(chunk))))  # output positions in this chunk
+            self.llm.decode(chunk, start + i, max(1, need))
+            if need:
+                logits.append(self.llm.logits(need))  # [need, V]
+                if self.keep_hidden:
+                    hidden.append(self.llm.hidden(need))  # [need, H]
         if self.keep_hidden:
-            self.hidden = self.llm.hidden(outputs)  # [n, H]
-        logits = logits[-keep:]
+            self.hidden = torch.cat(hidden)  # [n, H]
+        out = torch.cat(logits)[-keep:]
         if self.outside is not None:
-            logits[:, self.outside] = float("-inf")
-        return logits.unsqueeze(0)  # [1, keep, V]
+            out[:, self.outside] = float("-inf")
+        return out.unsqueeze(0)  # [1, keep, V]
 
     def _truncate(self, length: int) -> None:
         self.llm.truncate(length)
