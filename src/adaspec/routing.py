@@ -6,7 +6,8 @@ token instead, and stays active while its own entropy is at least `tau_down`; af
 the next one back. Nothing is drafted, verified or rolled back: the output is stitched from both models' tokens.
 
 Each model keeps its own KV cache (one backend each) and catches up lazily: `Backend.sync` feeds, in one
-forward, exactly the tokens the other model produced since this one last ran.
+forward, exactly the tokens the other model produced since this one last ran. A backend that prefills apart
+(`Backend.split_prefill`: llama.cpp with flash attention) takes the prompt up front, as the decoding loop does.
 
 R-Stitch+ replaces the two thresholds by a learned router (`LearnedRouter`, trained by train/router.py): a
 logistic regression over confidence features of the active model's distribution, the position, and the
@@ -255,7 +256,7 @@ def stitch(
     """Run `stitch_steps` to the end with a generator seeded from config.seed (sampling draws from it)."""
     generator = torch.Generator().manual_seed(config.seed)
     steps: list[Step] = []
-    ttft = None  # the small model's prefill; the large model's comes with its first token
+    ttft = None  # prefill: the small model's (and the large one's where backends prefill apart, else later)
     t0 = time.perf_counter()
     for step in stitch_steps(small, large, prompt_ids, config, router, stop, generator):
         ttft = time.perf_counter() - t0 if ttft is None else ttft
