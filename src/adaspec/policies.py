@@ -236,6 +236,8 @@ class CostAware:
         for n in sorted(self.verify_ratio):  # scoring more positions never costs less: smooth out timing noise
             floor = ratios[n] = max(floor, self.verify_ratio[n])
         self.verify_ratio = ratios
+        # the cost of a forward verifying k drafted tokens, k = 0..k_max (fixed: computed once, not every step)
+        self.cost = [interpolate(ratios, k + 1) + k * self.draft_ratio for k in range(self.k_max + 1)]
         self.reset()
 
     def reset(self) -> None:
@@ -249,8 +251,7 @@ class CostAware:
 
     def best(self) -> int:
         a = self.alpha
-        gain = [expected_tokens(a, k) / (interpolate(self.verify_ratio, k + 1) + k * self.draft_ratio)
-                for k in range(self.k_max + 1)]  # k + 1 <= the largest measured size: never extrapolated
+        gain = [expected_tokens(a, k) / c for k, c in enumerate(self.cost)]  # k + 1 <= the largest measured size
         return max(range(self.k_max + 1), key=gain.__getitem__)
 
     @property
@@ -267,6 +268,8 @@ class CostAware:
         return True
 
     def verify_length(self, confidences: list[float]) -> int:
+        if not confidences:  # nothing proposed (lookup found no match)
+            return 0
         return min(len(confidences), self.best()) if self.free else len(confidences)
 
     def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
