@@ -139,6 +139,7 @@ def test_the_peer_decodes_the_same_model_greedily(smollm):
     config = GenerationConfig(max_new_tokens=40)
     peer = build_runner(parse_method("llamacpp"), smollm, None, config, ONE_THREAD)
     ours = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=1)
+    assert peer.where == ours.where == "llamacpp:q4_1"  # from llama.cpp's metadata, both
     for prompt in PROMPTS[:2]:
         ids = ids_of(smollm, prompt)
         result = peer(ids, config)
@@ -233,6 +234,11 @@ def test_requantized_formats_are_cached_and_named_by_their_metadata(smollm, tmp_
     assert file_type(smollm.gguf) == "q4_1"
     out = requantize(smollm.gguf, "q8_0", tmp_path)
     assert file_type(out) == "q8_0" and out.parent == tmp_path
+    from adaspec.backends.llamacpp import LlamaCppModel
+
+    loaded = LlamaCppModel(out, n_ctx=64, threads=1)  # a loaded model reads it from llama.cpp's own metadata
+    assert loaded.weights == "q8_0"
+    loaded.close()
     stamp = out.stat().st_mtime_ns
     assert requantize(smollm.gguf, "q8_0", tmp_path) == out and out.stat().st_mtime_ns == stamp  # converted once
     assert not list(tmp_path.glob("*.tmp*"))

@@ -127,14 +127,11 @@ def speculative_steps(
     score = None if confidence is None else lambda logits: float(confidence(logits))
     ids = list(prompt_ids)
     generated: list[int] = []
-    target.reset()
     policy.reset()
     if drafter is not None:
         drafter.reset()
-    if target.split_prefill and len(ids) > 1:  # every later forward scores a few positions (Backend.split_prefill)
-        target.extend(ids[:-1])
-        if drafter is not None:
-            drafter.observe(0, ids[:-1])  # a drafter that reads target features sees the prompt's
+    if target.start(ids) and drafter is not None:  # prefilled apart (Backend.split_prefill): every later forward
+        drafter.observe(0, ids[:-1])  # scores a few positions; a drafter reading target features sees the prompt's
     while len(generated) < config.max_new_tokens:
         # 1 draft: never more than the budget can use (the step always emits one extra token)
         k_max = min(policy.draft_length(), config.max_new_tokens - len(generated) - 1)

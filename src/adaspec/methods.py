@@ -390,9 +390,9 @@ class LlamaCppRunner:
 
     @property
     def where(self) -> str:
-        from adaspec.backends.llamacpp import file_type
+        from adaspec.backends.llamacpp import ftype_name
 
-        return f"llamacpp:{file_type(self.path)}"
+        return f"llamacpp:{ftype_name(self.llm.metadata.get('general.file_type'))}"
 
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
         s = config.sampling
@@ -513,7 +513,7 @@ def drafter_backend(drafter: LoadedModel, target: Backend, target_model: LoadedM
     """A model drafter runs where its target runs: on llama.cpp as a GGUF in the target's weight format (converted
     once into the cache: drafters/gguf.py, then requantized) when the target does, else on torch (also for a
     drafter llama.cpp cannot run: not Llama-shaped)."""
-    from adaspec.backends.llamacpp import LlamaCppBackend, file_type, requantize
+    from adaspec.backends.llamacpp import LlamaCppBackend, requantize
 
     if isinstance(target, LlamaCppBackend) and target_model is not None:
         from adaspec.drafters.gguf import drafter_gguf
@@ -523,7 +523,7 @@ def drafter_backend(drafter: LoadedModel, target: Backend, target_model: LoadedM
             f16 = drafter_gguf(drafter.path, target_model.name)
         except AdaspecError:
             return TorchBackend(drafter.model, drafter.draft_vocab)
-        return LlamaCppBackend(requantize(f16, file_type(target.llm.path), cache_root() / "gguf"),
+        return LlamaCppBackend(requantize(f16, target.llm.weights, cache_root() / "gguf"),
                                threads=target.llm.threads, vocab_ids=drafter.draft_vocab)
     return TorchBackend(drafter.model, drafter.draft_vocab)
 

@@ -213,11 +213,8 @@ def stitch_steps(
     ids = list(prompt_ids)
     generated: list[int] = []
     recent: deque[bool] = deque(maxlen=WINDOW)
-    small.reset()
-    large.reset()
-    for model in (small, large):  # as the decoding loop does (Backend.split_prefill): the same kernels as `ar`
-        if model.split_prefill and len(ids) > 1:
-            model.extend(ids[:-1])
+    small.start(ids)  # as the decoding loop starts (Backend.split_prefill): the same kernels as `ar`
+    large.start(ids)
     active = small
     budget = config.max_new_tokens
     while len(generated) < budget:

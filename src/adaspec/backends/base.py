@@ -47,6 +47,15 @@ class Backend(ABC):
         self._truncate(0)
         self.tokens = []
 
+    def start(self, prompt_ids: list[int]) -> bool:
+        """Begin a sequence: an empty cache, then, where `split_prefill`, all but the prompt's last token (the first
+        step scores that one with whatever follows it). True if it fed the prompt."""
+        self.reset()
+        if self.split_prefill and len(prompt_ids) > 1:
+            self.extend(prompt_ids[:-1])
+            return True
+        return False
+
     def rollback(self, length: int) -> None:
         """Forget every cached position at index >= length."""
         if length < len(self.tokens):

@@ -130,15 +130,20 @@ def _init() -> object:
     return lc
 
 
+def ftype_name(value: int | str | None) -> str:
+    """The weight format named by a GGUF's general.file_type value ('q4_1', 'bf16', ...)."""
+    if value is None:
+        return "unknown"
+    return FTYPE_NAMES.get(int(value), f"ftype-{value}")
+
+
 def file_type(path: Path) -> str:
-    """The weight format of a GGUF file, read from its metadata (general.file_type)."""
+    """The weight format of a GGUF file, read from its metadata (general.file_type); a loaded model has it as
+    `LlamaCppModel.weights`."""
     import gguf
 
     field = gguf.GGUFReader(path).get_field("general.file_type")
-    if field is None:
-        return "unknown"
-    value = int(field.parts[field.data[0]][0])
-    return FTYPE_NAMES.get(value, f"ftype-{value}")
+    return ftype_name(None if field is None else field.parts[field.data[0]][0])
 
 
 def requantize(source: Path, fmt: str, cache_dir: Path) -> Path:
@@ -184,6 +189,9 @@ class LlamaCppModel:
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model)))
         self.n_embd = int(lc.llama_model_n_embd(self.model))
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(self.model))
+        buf = ctypes.create_string_buffer(32)
+        found = lc.llama_model_meta_val_str(self.model, b"general.file_type", buf, len(buf)) >= 0
+        self.weights = ftype_name(buf.value.decode() if found else None)  # the weight format, from the metadata
         params = lc.llama_context_default_params()
         params.n_ctx = params.n_batch = n_ctx or self.n_ctx_train
         params.n_ubatch = min(512, params.n_ctx)
@@ -269,7 +277,6 @@ class LlamaCppBackend(Backend):
         if flash_attn is None:  # on where this build keeps it exact (flash_attention_exact), else off
             flash_attn = flash_attention_exact(path, threads)
         self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden, flash_attn=flash_attn)
-        self.split_prefill = flash_attn  # long batches take flash attention's tiled path: prefill them apart
         self.hidden = torch.empty(0)
         self.vocab_size = self.llm.n_vocab
         self.max_context = self.llm.n_ctx
@@ -279,8 +286,12 @@ class LlamaCppBackend(Backend):
             self.outside[torch.tensor(vocab_ids, dtype=torch.long)] = False
 
     @property
+    def split_prefill(self) -> bool:  # flash attention tiles long batches: the prompt is prefilled apart
+        return self.llm.flash_attn
+
+    @property
     def where(self) -> str:
-        return f"llamacpp:{file_type(self.llm.path)}"
+        return f"llamacpp:{self.llm.weights}"
 
     @property
     def keep_hidden(self) -> bool:

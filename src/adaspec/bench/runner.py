@@ -17,7 +17,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from adaspec.backends.llamacpp import file_type
 from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
@@ -269,7 +268,7 @@ def backend_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int]
     backend = target_backend(target, choice)
     costs = verify_costs(backend, prompt)
     if choice.kind == "llamacpp":
-        costs["weights"] = file_type(backend.llm.path)
+        costs["weights"] = backend.llm.weights
     d = make_drafter(parse_method("sd"), drafter, backend, target)
     costs.update(drafter_cost(d, backend, costs["verify_ms"]["1"], prompt))
     named = sorted({str(s.options["drafter"]) for s in specs if s.name not in PEERS and s.options.get("drafter")})

@@ -197,8 +197,8 @@ def summarize(records: list[dict], config: dict) -> dict:
         for r in rs:
             by_category[r["category"]].append(r)
         methods[name] = method_fields(rs, baseline).to_json()
-        if _backend(rs):
-            methods[name]["backend"] = _backend(rs)
+        if where := _backend(rs):
+            methods[name]["backend"] = where
         methods[name]["per_category"] = {c: method_fields(crs, baseline).to_json()
                                          for c, crs in sorted(by_category.items())}
     for name, fields in same_backend(by_method).items():
