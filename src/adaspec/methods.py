@@ -381,9 +381,10 @@ class LlamaCppRunner:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from adaspec.backends.llamacpp import _init
+        from adaspec.backends.llamacpp import _init, probe_build
 
         lc = _init()
+        probe_build(self.path, self.threads)  # a build that crashes on a batch says so, not by killing the process
         threads = self.threads or torch.get_num_threads()  # llama-cpp-python's own default is half the cores
         self.llm = lc.Llama(model_path=str(self.path), n_ctx=0, n_batch=512, n_threads=threads,
                             n_threads_batch=threads, flash_attn=True, verbose=False)  # as llama.cpp's "auto"

@@ -26,6 +26,8 @@ import ctypes
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,15 +72,26 @@ def _build_key() -> str:
 
 def flash_attention_exact(gguf: Path, threads: int | None = None) -> bool:
     """Whether this llama.cpp build, with flash attention on, gives a position the logits it gets alone also in
-    a batch of a few (past a 512-token cache, with `threads` threads): probed once with `gguf` and cached per build
-    in ~/.cache/adaspec/llamacpp.json (ADASPEC_FLASH_ATTN=0/1 overrides)."""
+    a batch of a few (past a 512-token cache, with `threads` threads): `probe_build`'s answer, cached per build
+    (ADASPEC_FLASH_ATTN=0/1 overrides)."""
     forced = os.environ.get("ADASPEC_FLASH_ATTN")
     if forced in ("0", "1"):
         return forced == "1"
     if not batch_invariant():
         return False
+    return probe_build(gguf, threads)["flash_exact"]
+
+
+def probe_build(gguf: Path, threads: int | None = None) -> dict:
+    """What the installed llama.cpp build does with `gguf`: {"works": it scores a batch of positions without
+    crashing, "flash_exact": flash attention keeps a position's logits the same alone and in a batch}. Probed once
+    per build and thread count in a child process, because a build can crash outright (ggml's AMX kernels, compiled
+    in by -march=native, take every batch and crash where the kernel hands a process no AMX state, as in some
+    VMs), and cached in ~/.cache/adaspec/llamacpp.json. Raises if the build crashes."""
     from adaspec.models import cache_root
 
+    if not gguf.is_file():
+        raise AdaspecError(f"GGUF file {gguf} not found")
     threads = threads or torch.get_num_threads()
     record = cache_root() / "llamacpp.json"
     key = f"{_build_key()}|threads={threads}"
@@ -88,11 +101,41 @@ def flash_attention_exact(gguf: Path, threads: int | None = None) -> bool:
             known = json.loads(record.read_text())
         except json.JSONDecodeError:
             known = {}
-    if key in known:
-        return bool(known[key])
+    found = known.get(key)
+    if not (isinstance(found, dict) and {"works", "flash_exact"} <= found.keys()):
+        child = subprocess.run([sys.executable, "-m", __name__, str(gguf), str(threads)], capture_output=True,
+                               text=True)
+        lines = child.stdout.strip().splitlines()
+        if child.returncode == 0 and lines:
+            found = json.loads(lines[-1])
+            if "error" in found:  # the file, not the build: not cached
+                raise AdaspecError(found["error"])
+        elif child.returncode < 0:  # killed by a signal: the build crashes
+            found = {"works": False, "flash_exact": False, "signal": -child.returncode}
+        else:
+            raise AdaspecError(f"probing llama.cpp with {gguf} failed: {child.stderr.strip()[-500:]}")
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**known, key: found}, indent=1))
+    if not found["works"]:
+        raise AdaspecError(f"the installed llama.cpp (llama-cpp-python) crashes when it scores several positions at "
+                           f"once (signal {found.get('signal')}): typically ggml's AMX kernels on a machine that does "
+                           f"not enable AMX. Rebuild it with `bash scripts/setup.sh`, which turns AMX off")
+    return found
+
+
+def _probe(gguf: Path, threads: int) -> dict:
+    """probe_build's test, run in the child process: a batch without flash attention, then flash attention's
+    long-cache path alone against in a batch. Any tokens do: the kernels are what is tested."""
+    ids = [(17 * i) % 1000 + 100 for i in range(PROBE_CONTEXT + 3)]
+    model = LlamaCppModel(gguf, n_ctx=64, threads=threads)
+    try:
+        model.decode(ids[:16], 0, 16)
+    finally:
+        model.close()
+    if not batch_invariant():
+        return {"works": True, "flash_exact": False}
     model = LlamaCppModel(gguf, n_ctx=PROBE_CONTEXT + 8, threads=threads, flash_attn=True)
     try:
-        ids = [(17 * i) % 1000 + 100 for i in range(PROBE_CONTEXT + 3)]  # any tokens: the kernels are what is tested
         model.decode(ids[:PROBE_CONTEXT], 0, 1)
         alone = []
         for i in range(3):
@@ -103,9 +146,7 @@ def flash_attention_exact(gguf: Path, threads: int | None = None) -> bool:
         exact = bool(torch.equal(torch.cat(alone), model.logits(3)))
     finally:
         model.close()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({**known, key: exact}, indent=1))
-    return exact
+    return {"works": True, "flash_exact": exact}
 
 
 def available() -> bool:
@@ -274,6 +315,7 @@ class LlamaCppBackend(Backend):
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
                  keep_hidden: bool = False, vocab_ids: list[int] | None = None, flash_attn: bool | None = None) -> None:
         super().__init__()
+        probe_build(path, threads)  # a build that crashes on a batch says so here, not by killing the process
         if flash_attn is None:  # on where this build keeps it exact (flash_attention_exact), else off
             flash_attn = flash_attention_exact(path, threads)
         self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden, flash_attn=flash_attn)
@@ -326,3 +368,10 @@ class LlamaCppBackend(Backend):
 
     def _truncate(self, length: int) -> None:
         self.llm.truncate(length)
+
+
+if __name__ == "__main__":  # probe_build's child: python -m adaspec.backends.llamacpp GGUF THREADS
+    try:
+        print(json.dumps(_probe(Path(sys.argv[1]), int(sys.argv[2]))))
+    except AdaspecError as e:
+        print(json.dumps({"error": str(e)}))
