@@ -2,9 +2,9 @@
 
 import random
 
+from adaspec.config import SamplingConfig
 from adaspec.drafters import DraftContext, PromptLookupDrafter
 from adaspec.policies import FixedLength
-from adaspec.config import SamplingConfig
 
 
 def scan(ids: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
