@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from adaspec.backends import Backend, TorchBackend
+from adaspec.backends.base import llamacpp_where, torch_where
 from adaspec.backends.layered import LayeredBackend
 from adaspec.confidence import ConfidenceEnsemble
 from adaspec.config import (
@@ -325,7 +326,7 @@ class HFRunner:
 
     @property
     def where(self) -> str:
-        return f"torch:{str(self.target.model.dtype).removeprefix('torch.')}"
+        return torch_where(self.target.model.dtype)
 
     @torch.inference_mode()
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
@@ -393,7 +394,7 @@ class LlamaCppRunner:
     def where(self) -> str:
         from adaspec.backends.llamacpp import ftype_name
 
-        return f"llamacpp:{ftype_name(self.llm.metadata.get('general.file_type'))}"
+        return llamacpp_where(ftype_name(self.llm.metadata.get('general.file_type')))
 
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
         s = config.sampling

@@ -40,8 +40,7 @@ class Backend(ABC):
     def where(self) -> str:
         """Where the model runs, as bench records name it: 'torch:<dtype>' here, 'llamacpp:<weight type>' there."""
         model = getattr(self, "model", None)
-        dtype = next(model.parameters()).dtype if model is not None else None
-        return f"torch:{str(dtype).removeprefix('torch.')}"
+        return torch_where(next(model.parameters()).dtype if model is not None else None)
 
     def reset(self) -> None:
         self._truncate(0)
@@ -83,6 +82,16 @@ class Backend(ABC):
         n = min(n, len(ids) - keep)
         self.rollback(n)
         return self.extend(ids[n:], keep)
+
+
+def torch_where(dtype: torch.dtype | None) -> str:
+    """A torch model's place in bench records: 'torch:<dtype>'."""
+    return f"torch:{str(dtype).removeprefix('torch.')}"
+
+
+def llamacpp_where(weights: str) -> str:
+    """A GGUF's place in bench records: 'llamacpp:<weight format>' (ftype_name's names)."""
+    return f"llamacpp:{weights}"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaspec.backends.base import Backend
+from adaspec.backends.base import Backend, llamacpp_where
 from adaspec.config import LLAMACPP_FORMATS
 from adaspec.errors import AdaspecError
 
@@ -333,7 +333,7 @@ class LlamaCppBackend(Backend):
 
     @property
     def where(self) -> str:
-        return f"llamacpp:{self.llm.weights}"
+        return llamacpp_where(self.llm.weights)
 
     @property
     def keep_hidden(self) -> bool:
