@@ -127,3 +127,27 @@ def test_specdec_and_cmasd_tau_take_k_auto_and_refuse_a_bad_k():
         cmasd_parts(parse_method("cmasd-tau:k=0"))
     with pytest.raises(AdaspecError, match="k must be auto or a draft length"):
         cmasd_parts(parse_method("specdec:k=long"))
+
+
+def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):
+    from conftest import tiny_llama
+
+    from adaspec.models import LoadedModel
+    from adaspec.policies import ConfidenceLength, CostCapped
+
+    capped = CostCapped(ConfidenceLength(alpha=1.0, k_min=1, k_max=6), CostAware(STEEP, draft_ratio=0.0, k_max=6))
+    assert capped.draft_length() == 6 and capped.verify_length([1.0] * 6) == 0  # steep costs, alpha 0.5: plain
+    for _ in range(30):
+        capped.observe(0, 0, [1, 2, 3, 4], [1, 2, 3, 4])  # copies that keep coming true lift the estimate
+    assert capped.verify_length([1.0] * 6) >= 2
+    assert capped.verify_length([1.0] * 6) <= capped.policy.verify_length([1.0] * 6)
+    with pytest.raises(AdaspecError, match="cost must be 0"):
+        parse_method("cmasd:cost=2")
+    target = LoadedModel("tiny", tmp_path, tiny_llama(1, scale=6.0), None)
+    config = GenerationConfig(max_new_tokens=24)
+    runner = build_runner(parse_method("cmasd-k:cost=1"), target, "lookup", config)
+    assert isinstance(runner.policy, CostCapped)
+    assert isinstance(build_runner(parse_method("cmasd-k"), target, "lookup", config).policy, ConfidenceLength)
+    ar = build_runner(parse_method("ar"), target, None, config)
+    prompt = random_prompt(0) * 3
+    assert runner(prompt, config).token_ids == ar(prompt, config).token_ids  # the exact rule stays exact

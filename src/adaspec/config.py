@@ -24,6 +24,7 @@ CMASD_GAMMA = 0.5
 CMASD_TAU_BASE = 0.2
 CMASD_TAU_MODE = "intent"
 CMASD_EARLY_STOP = 1
+CMASD_COST = 0  # 1: cap the adaptive length by the length the backend's measured costs favour (policies.CostCapped)
 SPECDEC_BETA = 5
 SPECDEC_TAU = 0.1
 

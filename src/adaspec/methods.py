@@ -21,6 +21,7 @@ from adaspec.backends.layered import LayeredBackend
 from adaspec.confidence import ConfidenceEnsemble
 from adaspec.config import (
     CMASD_ALPHA,
+    CMASD_COST,
     CMASD_EARLY_STOP,
     CMASD_GAMMA,
     CMASD_K_MAX,
@@ -46,7 +47,7 @@ from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits
 from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
 from adaspec.errors import AdaspecError
 from adaspec.models import LoadedModel, check_same_tokenizer
-from adaspec.policies import ConfidenceLength, CostAware, ExitBound, FixedLength, LengthPolicy
+from adaspec.policies import ConfidenceLength, CostAware, CostCapped, ExitBound, FixedLength, LengthPolicy
 from adaspec.routing import LearnedRouter, Router, RStitchRunner, ThresholdRouter, router_path
 from adaspec.verify import AcceptanceRule, TopBetaTau
 
@@ -59,7 +60,7 @@ FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a tar
 # CM-ASD / SpecDec option groups (README "CM-ASD"): drafter, adaptive length, relaxed verification, confidence
 _DRAFTING = {"drafter": (str, None), "ngram": (int, 3)}
 _LENGTH = {"alpha": (float, CMASD_ALPHA), "k_min": (int, CMASD_K_MIN), "k_max": (int, CMASD_K_MAX),
-           "early_stop": (int, CMASD_EARLY_STOP)}
+           "early_stop": (int, CMASD_EARLY_STOP), "cost": (int, CMASD_COST)}
 _TAU = {"beta": (int, SPECDEC_BETA), "tau_base": (float, CMASD_TAU_BASE), "gamma": (float, CMASD_GAMMA),
         "tau_mode": (str, CMASD_TAU_MODE)}
 # where the method runs (config.BackendChoice): backend torch | llamacpp, format: llama.cpp weights (shipped, q8_0, ...)
@@ -231,6 +232,7 @@ class CMASDParts:
     policy: LengthPolicy | None  # None: k=auto, CostAware once the backend and drafter are known (build_runner)
     rule: AcceptanceRule | None  # None: the exact rule (greedy, or lossless sampling)
     confidence: ConfidenceEnsemble | None  # None: the method does not rate its drafts
+    cost_cap: bool = False  # cap `policy` by CostAware (policies.CostCapped), built with the backend
 
 
 def cmasd_parts(spec: MethodSpec) -> CMASDParts:
@@ -255,9 +257,14 @@ def cmasd_parts(spec: MethodSpec) -> CMASDParts:
                 raise AdaspecError(f"early_stop must be 0 (draft k_max, verify k_j) or 1 (stop at k_j), got {early}")
             policy: LengthPolicy = ConfidenceLength(float(get("alpha")), int(get("k_min")), int(get("k_max")),
                                                     bool(early))
+            cost_cap = int(get("cost"))
+            if cost_cap not in (0, 1):
+                raise AdaspecError(f"cost must be 0 (the paper's length) or 1 (capped by the backend's measured "
+                                   f"costs), got {cost_cap}")
         else:
             k = sd_length(spec)
             policy = None if k is None else FixedLength(k)
+            cost_cap = 0
         rule = None
         if spec.name == "specdec":
             rule = TopBetaTau(int(get("beta")), float(get("tau")))
@@ -265,7 +272,7 @@ def cmasd_parts(spec: MethodSpec) -> CMASDParts:
             rule = TopBetaTau(int(get("beta")), float(get("tau_base")), float(get("gamma")), str(get("tau_mode")))
     except AdaspecError as e:
         raise AdaspecError(f"{spec.label or spec.name}: {e}") from None
-    return CMASDParts(policy, rule, confidence)
+    return CMASDParts(policy, rule, confidence, bool(cost_cap))
 
 
 def split_specs(text: str) -> list[str]:
@@ -480,7 +487,11 @@ def build_runner(
         parts = cmasd_parts(spec)
         backend = target_backend(target, choice)
         chosen = make_drafter(spec, drafter, backend, target)
-        return EngineRunner(spec.label, backend, stop, chosen, policy=parts.policy or cost_aware(backend, chosen),
+        policy = parts.policy
+        if policy is None or parts.cost_cap:
+            costs = cost_aware(backend, chosen)
+            policy = costs if policy is None else CostCapped(policy, costs)
+        return EngineRunner(spec.label, backend, stop, chosen, policy=policy,
                             rule=parts.rule, confidence=parts.confidence)
     if spec.name == "specbound":  # the target drafts for itself: early exits x bound x the exact rule
         backend = LayeredBackend(target.model)

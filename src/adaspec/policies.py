@@ -278,3 +278,32 @@ class CostAware:
         for i in range(seen):  # one decay per observed token
             self.accepted = self.decay * self.accepted + (i < acc)
             self.examined = self.decay * self.examined + 1
+
+
+@dataclass
+class CostCapped:
+    """A length policy (CM-ASD's ConfidenceLength) capped by CostAware: each step drafts and verifies no more than
+    both allow (adaspec's own, `cmasd:cost=1`). The confidence rule says how far the drafter is sure; the cost rule
+    says how far verification pays on this backend for the acceptance seen so far (a llama.cpp verify of n
+    positions costs nearly n steps, where the paper's GPU setting makes it nearly free). Both observe every step;
+    with a free drafter (prompt lookup) CostAware learns from the whole proposal as ever."""
+
+    policy: LengthPolicy
+    costs: CostAware
+
+    def reset(self) -> None:
+        self.policy.reset()
+        self.costs.reset()
+
+    def draft_length(self) -> int:
+        return min(self.policy.draft_length(), self.costs.draft_length())
+
+    def keep_drafting(self, confidences: list[float]) -> bool:
+        return self.policy.keep_drafting(confidences) and self.costs.keep_drafting(confidences)
+
+    def verify_length(self, confidences: list[float]) -> int:
+        return min(self.policy.verify_length(confidences), self.costs.verify_length(confidences))
+
+    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+        self.policy.observe(drafted, accepted, proposed, emitted)
+        self.costs.observe(drafted, accepted, proposed, emitted)
