@@ -131,15 +131,15 @@ def test_keep_hidden_returns_the_final_normed_hidden_states_of_every_position(sm
 @pytest.mark.bundled
 @needs_llama
 def test_the_peer_decodes_the_same_model_greedily(smollm):
-    """The peer runs with flash attention (llama.cpp's fastest), our backend without (batch-invariant): the same
-    weights and argmax with different rounding in attention, so their texts may part at a near-tie. Teacher-forced
+    """The peer runs with flash attention where it is faster, prefilling in one batch; our backend may differ (it
+    needs exactness): the same weights and argmax with different rounding, so their texts may part at a near-tie. Teacher-forced
     through our backend, every token the peer chose is our top-1 or a near-tie of it."""
     from adaspec.backends.llamacpp import LlamaCppBackend
 
     config = GenerationConfig(max_new_tokens=40)
     peer = build_runner(parse_method("llamacpp"), smollm, None, config, ONE_THREAD)
     ours = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=1)
-    assert peer.where == ours.where == "llamacpp:q4_1"  # from llama.cpp's metadata, both
+    assert peer.where.removesuffix("+fa") == ours.where.removesuffix("+fa") == "llamacpp:q4_1"  # llama.cpp's metadata
     for prompt in PROMPTS[:2]:
         ids = ids_of(smollm, prompt)
         result = peer(ids, config)
@@ -169,15 +169,23 @@ def test_greedy_sd_on_llamacpp_equals_ar_on_llamacpp(smollm, backend, prompt):
 
 @pytest.mark.bundled
 @needs_llama
-def test_greedy_sd_equals_ar_past_a_512_token_cache_with_the_backends_own_attention_choice(smollm):
+@pytest.mark.parametrize("flash", [None, True])
+def test_greedy_sd_equals_ar_past_a_512_token_cache_with_either_attention(smollm, flash, monkeypatch):
     """Past 512 cached tokens llama.cpp's flash attention takes a split-cache path for one row; the backend turns it
-    on only where the build has that path patched out (flash_attention_exact), and then prefills apart."""
-    from adaspec.backends.llamacpp import LlamaCppBackend, batch_invariant, flash_attention_exact
+    on only where the build has that path patched out (flash_attention_exact) and it is faster here
+    (use_flash_attention), and then prefills apart. None: the backend's own choice; True: flash attention forced
+    wherever the build keeps it exact."""
+    from adaspec.backends.llamacpp import LlamaCppBackend, batch_invariant, flash_attention_exact, use_flash_attention
 
+    monkeypatch.delenv("ADASPEC_FLASH_ATTN", raising=False)
     if not batch_invariant():
         pytest.skip("this llama.cpp build rounds batches differently (tinyBLAS): build it as scripts/setup.sh does")
-    backend = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=2)
-    assert backend.llm.flash_attn == flash_attention_exact(smollm.gguf, 2) == backend.split_prefill
+    if flash and not flash_attention_exact(smollm.gguf, 2):
+        pytest.skip("flash attention is not exact on this build")
+    backend = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=2, flash_attn=flash)
+    expected = use_flash_attention(smollm.gguf, 2) if flash is None else True
+    assert backend.llm.flash_attn == expected == backend.split_prefill
+    assert backend.where.endswith("+fa") == expected
     ids = ids_of(smollm, " ".join([PROMPTS[0]] * 12))  # a summary of a repeated passage: lookup drafts much
     assert len(ids) > 540
     config = GenerationConfig(max_new_tokens=40)
@@ -315,7 +323,7 @@ def test_rstitch_runs_both_models_on_llamacpp_with_their_own_caches(smollm):
     everything_large = build_runner(parse_method("rstitch:tau_up=0,tau_down=0"), smollm, None, config, choice)
     assert isinstance(everything_large.small, LlamaCppBackend) and isinstance(everything_large.large, LlamaCppBackend)
     assert everything_large.small.llm.path != everything_large.large.llm.path
-    assert everything_large.where == "llamacpp:q4_1"  # bench records: where the target ran
+    assert everything_large.where.removesuffix("+fa") == "llamacpp:q4_1"  # bench records: where the target ran
     result = everything_large(ids, config)
     assert {s.source for s in result.steps} == {"large"}  # tau_up=0: every token handed to the large model
     ar = build_runner(parse_method("ar"), smollm, None, config, choice)

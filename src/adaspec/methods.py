@@ -389,19 +389,21 @@ class LlamaCppRunner:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from adaspec.backends.llamacpp import _init, probe_build
+        from adaspec.backends.llamacpp import _init, use_flash_attention
 
         lc = _init()
-        probe_build(self.path, self.threads)  # a build that crashes on a batch says so, not by killing the process
         threads = self.threads or torch.get_num_threads()  # llama-cpp-python's own default is half the cores
+        # flash attention where it is faster on this machine (measured once, as for our backend; llama-cpp-python's
+        # default is off, llama.cpp's CLI turns it on): the strongest plain llama.cpp, exact or not
+        self.flash_attn = use_flash_attention(self.path, threads, exact=False)
         self.llm = lc.Llama(model_path=str(self.path), n_ctx=0, n_batch=512, n_threads=threads,
-                            n_threads_batch=threads, flash_attn=True, verbose=False)  # as llama.cpp's "auto"
+                            n_threads_batch=threads, flash_attn=self.flash_attn, verbose=False)
 
     @property
     def where(self) -> str:
         from adaspec.backends.llamacpp import ftype_name
 
-        return llamacpp_where(ftype_name(self.llm.metadata.get('general.file_type')))
+        return llamacpp_where(ftype_name(self.llm.metadata.get('general.file_type')), self.flash_attn)
 
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
         s = config.sampling

@@ -89,9 +89,9 @@ def torch_where(dtype: torch.dtype | None) -> str:
     return f"torch:{str(dtype).removeprefix('torch.')}"
 
 
-def llamacpp_where(weights: str) -> str:
-    """A GGUF's place in bench records: 'llamacpp:<weight format>' (ftype_name's names)."""
-    return f"llamacpp:{weights}"
+def llamacpp_where(weights: str, flash_attn: bool = False) -> str:
+    """A GGUF's place in bench records: 'llamacpp:<weight format>' (ftype_name's names), '+fa' with flash attention."""
+    return f"llamacpp:{weights}{'+fa' if flash_attn else ''}"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def batch_invariant() -> bool:
 
 FA_ROWS = 63  # flash attention goes in tiles from 64 query rows on (ggml-cpu's GGML_FA_TILE_Q)
 PROBE_CONTEXT = 600  # cache length of the probe: past 512, where the split-cache path starts
+PROBE_STEPS = 24  # one-position steps timed after the probe's prefill
 
 
 def _build_key() -> str:
@@ -82,9 +84,24 @@ def flash_attention_exact(gguf: Path, threads: int | None = None) -> bool:
     return probe_build(gguf, threads)["flash_exact"]
 
 
+def use_flash_attention(gguf: Path, threads: int | None = None, exact: bool = True) -> bool:
+    """Whether to run with flash attention: where this build and machine run the probe's workload faster with it
+    (`probe_build`'s "flash_faster") and, for adaspec's own decoding (`exact`), it is exact
+    (`flash_attention_exact`). ADASPEC_FLASH_ATTN=0/1 overrides both."""
+    forced = os.environ.get("ADASPEC_FLASH_ATTN")
+    if forced in ("0", "1"):
+        return forced == "1"
+    found = probe_build(gguf, threads)
+    return found["flash_faster"] and (not exact or flash_attention_exact(gguf, threads))
+
+
 def probe_build(gguf: Path, threads: int | None = None) -> dict:
     """What the installed llama.cpp build does with `gguf`: {"works": it scores a batch of positions without
-    crashing, "flash_exact": flash attention keeps a position's logits the same alone and in a batch}. Probed once
+    crashing, "flash_exact": flash attention keeps a position's logits the same alone and in a batch,
+    "flash_faster": flash attention runs a 600-token prefill and 128 one-position steps after it faster, with the
+    times of both}. Flash attention prefills faster; its one-row kernel decodes faster on one CPU (an AMD EPYC:
+    9.6 against 10.0 ms a token at a 671-token context) and much slower on another (an Intel Xeon: 24 against 14
+    ms at 1000), so it is measured, not assumed. Probed once
     per build and thread count in a child process, because a build can crash outright (ggml's AMX kernels, compiled
     in by -march=native, take every batch and crash where the kernel hands a process no AMX state, as in some
     VMs), and cached in ~/.cache/adaspec/llamacpp.json. Raises if the build crashes."""
@@ -102,7 +119,7 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
         except json.JSONDecodeError:
             known = {}
     found = known.get(key)
-    if not (isinstance(found, dict) and {"works", "flash_exact"} <= found.keys()):
+    if not (isinstance(found, dict) and {"works", "flash_exact", "flash_faster"} <= found.keys()):
         child = subprocess.run([sys.executable, "-m", __name__, str(gguf), str(threads)], capture_output=True,
                                text=True)
         lines = child.stdout.strip().splitlines()
@@ -111,7 +128,7 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
             if "error" in found:  # the file, not the build: not cached
                 raise AdaspecError(found["error"])
         elif child.returncode < 0:  # killed by a signal: the build crashes
-            found = {"works": False, "flash_exact": False, "signal": -child.returncode}
+            found = {"works": False, "flash_exact": False, "flash_faster": False, "signal": -child.returncode}
         else:
             raise AdaspecError(f"probing llama.cpp with {gguf} failed: {child.stderr.strip()[-500:]}")
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -132,21 +149,31 @@ def _probe(gguf: Path, threads: int) -> dict:
         model.decode(ids[:16], 0, 16)
     finally:
         model.close()
-    if not batch_invariant():
-        return {"works": True, "flash_exact": False}
-    model = LlamaCppModel(gguf, n_ctx=PROBE_CONTEXT + 8, threads=threads, flash_attn=True)
-    try:
-        model.decode(ids[:PROBE_CONTEXT], 0, 1)
-        alone = []
-        for i in range(3):
-            model.decode([ids[PROBE_CONTEXT + i]], PROBE_CONTEXT + i, 1)
-            alone.append(model.logits(1))
-        model.truncate(PROBE_CONTEXT)
-        model.decode(ids[PROBE_CONTEXT:], PROBE_CONTEXT, 3)
-        exact = bool(torch.equal(torch.cat(alone), model.logits(3)))
-    finally:
-        model.close()
-    return {"works": True, "flash_exact": exact}
+    found: dict = {"works": True}
+    for flash in (False, True):
+        model = LlamaCppModel(gguf, n_ctx=PROBE_CONTEXT + PROBE_STEPS + 8, threads=threads, flash_attn=flash)
+        try:
+            t0 = time.perf_counter()
+            model.decode(ids[:PROBE_CONTEXT], 0, 1)
+            t1 = time.perf_counter()
+            alone = []
+            for i in range(3):
+                model.decode([ids[PROBE_CONTEXT + i]], PROBE_CONTEXT + i, 1)
+                alone.append(model.logits(1))
+            for i in range(3, PROBE_STEPS):
+                model.decode([ids[i]], PROBE_CONTEXT + i, 1)
+            step = (time.perf_counter() - t1) / PROBE_STEPS
+            found["flash" if flash else "plain"] = {"prefill_ms": round((t1 - t0) * 1e3, 2),
+                                                    "step_ms": round(step * 1e3, 3)}
+            if flash:
+                model.truncate(PROBE_CONTEXT)
+                model.decode(ids[PROBE_CONTEXT: PROBE_CONTEXT + 3], PROBE_CONTEXT, 3)
+                found["flash_exact"] = batch_invariant() and bool(torch.equal(torch.cat(alone), model.logits(3)))
+        finally:
+            model.close()
+    cost = {k: found[k]["prefill_ms"] + 128 * found[k]["step_ms"] for k in ("plain", "flash")}
+    found["flash_faster"] = cost["flash"] < cost["plain"]
+    return found
 
 
 def available() -> bool:
@@ -316,8 +343,8 @@ class LlamaCppBackend(Backend):
                  keep_hidden: bool = False, vocab_ids: list[int] | None = None, flash_attn: bool | None = None) -> None:
         super().__init__()
         probe_build(path, threads)  # a build that crashes on a batch says so here, not by killing the process
-        if flash_attn is None:  # on where this build keeps it exact (flash_attention_exact), else off
-            flash_attn = flash_attention_exact(path, threads)
+        if flash_attn is None:  # on where it is faster here and this build keeps it exact (use_flash_attention)
+            flash_attn = use_flash_attention(path, threads)
         self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden, flash_attn=flash_attn)
         self.hidden = torch.empty(0)
         self.vocab_size = self.llm.n_vocab
@@ -333,7 +360,7 @@ class LlamaCppBackend(Backend):
 
     @property
     def where(self) -> str:
-        return llamacpp_where(self.llm.weights)
+        return llamacpp_where(self.llm.weights, self.llm.flash_attn)
 
     @property
     def keep_hidden(self) -> bool:
