@@ -132,8 +132,8 @@ def test_keep_hidden_returns_the_final_normed_hidden_states_of_every_position(sm
 @needs_llama
 def test_the_peer_decodes_the_same_model_greedily(smollm):
     """The peer runs with flash attention where it is faster, prefilling in one batch; our backend may differ (it
-    needs exactness): the same weights and argmax with different rounding, so their texts may part at a near-tie. Teacher-forced
-    through our backend, every token the peer chose is our top-1 or a near-tie of it."""
+    needs exactness): the same weights and argmax with different rounding, so their texts may part at a near-tie.
+    Teacher-forced through our backend, every token the peer chose is our top-1 or a near-tie of it."""
     from adaspec.backends.llamacpp import LlamaCppBackend
 
     config = GenerationConfig(max_new_tokens=40)

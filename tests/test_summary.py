@@ -107,7 +107,7 @@ def test_per_category_has_the_same_fields(records):
     assert summary["config"] == {"x": 1}
     sd = summary["methods"]["sd"]
     assert set(sd["per_category"]) == {"qa", "translation"}
-    assert set(sd["per_category"]["qa"]) == set(sd) - {"per_category"}
+    assert set(sd["per_category"]["qa"]) == set(sd) - {"per_category", "vs_peers"}  # the peers: whole run only
     assert sd["per_category"]["qa"]["exact_match"] == 1.0
     assert sd["per_category"]["translation"]["exact_match"] == 0.0
     assert sd["per_category"]["qa"]["speedup_vs_ar"] == 2.0  # 6/1.0 vs 6/2.0
@@ -214,3 +214,20 @@ def test_time_to_first_token_and_the_decode_rate_after_it():
     assert fields["ttft_ms"] == pytest.approx(300.0)  # per turn, over the turns that observed it
     assert fields["decode_tokens_per_s"] == pytest.approx((3 + 5) / (0.8 + 0.6), abs=1e-4)  # the first is TTFT's
     assert summarize([record(1, "ar", [1], 1.0)], {})["methods"]["ar"]["ttft_ms"] is None
+
+
+def test_every_method_is_compared_with_every_peer_in_the_run(tmp_path):
+    rs = [record(1, "ar", [1, 2, 3, 4], 1.0), record(2, "ar", [5, 6], 1.0),
+          record(1, "sd", [1, 2, 3, 4], 0.5), record(2, "sd", [5, 6], 0.5),
+          record(1, "llamacpp", [1, 2, 3, 4], 0.8), record(2, "llamacpp", [5, 6], 0.8),
+          record(1, "hf-lookup:k=4", [1, 2, 3, 4], 2.0)]  # one question only
+    methods = summarize(rs, {})["methods"]
+    assert methods["sd"]["vs_peers"]["llamacpp"]["speedup"] == pytest.approx(0.8 / 0.5)
+    assert methods["sd"]["vs_peers"]["hf-lookup:k=4"]["speedup"] == pytest.approx(2.0 / 0.5)  # question 1 alone
+    assert methods["sd"]["vs_peers"]["hf-lookup:k=4"]["speedup_ci_lo"] is None  # no interval from one question
+    assert methods["ar"]["vs_peers"]["llamacpp"]["speedup"] == pytest.approx(0.8)
+    assert "llamacpp" not in methods["llamacpp"].get("vs_peers", {})  # not against itself
+    assert methods["llamacpp"]["vs_peers"]["hf-lookup:k=4"]["speedup"] == pytest.approx(2.0 / 0.8)
+    report = write_report(summarize(rs, {}), rs, tmp_path).read_text()
+    assert "## Against the peers" in report and "| method | vs hf-lookup:k=4 | vs llamacpp |" in report
+    assert "| sd | 4.00 | 1.60 [" in report

@@ -118,3 +118,7 @@ class BackendChoice:
     def label(self) -> str:
         """'torch', or 'llamacpp:FORMAT': the key of this backend's measured costs."""
         return self.kind if self.kind == "torch" else f"{self.kind}:{self.format}"
+
+# the peers: other projects' decoding of the same model, measured in the same run (methods.build_runner builds them;
+# summaries compare every method with each one that ran)
+PEERS = ("hf", "hf-assisted", "hf-lookup", "llamacpp")

@@ -95,7 +95,6 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
 }
 LIST_OPTIONS = ("exits",)  # list values continue over the bare items after them: exits=8,12,16,threshold=0.8
 EXITS = "exits"  # the kind of the shipped exit adapters (drafters/shipped/<target>/exits/)
-PEERS = ("hf", "hf-assisted", "hf-lookup", "llamacpp")
 CMASD_METHODS = ("specdec", "cmasd", "cmasd-k", "cmasd-tau")
 ROUTING_METHODS = ("rstitch", "rstitch+")
 

@@ -162,6 +162,8 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     lines += [""] + _per_category(methods, categories)
     if any(m.get("vs_backend_ar") for m in methods.values()):
         lines += [""] + _vs_backend_ar(methods)
+    if any(m.get("vs_peers") for m in methods.values()):
+        lines += [""] + _vs_peers(methods)
     if summary.get("bound"):
         lines += [""] + _bound(summary["bound"], summary.get("costs") or {})
     if summary.get("config", {}).get("ablation"):
@@ -244,6 +246,20 @@ def _vs_backend_ar(methods: dict) -> list[str]:
              _fmt(v["exact_match"]), _fmt(v["alignment"])]
             for name, m in methods.items() if (v := m.get("vs_backend_ar"))]
     return lines + _table(["method", "backend", "against", "speedup", "exact match", "alignment"], rows)
+
+
+def _vs_peers(methods: dict) -> list[str]:
+    """Every method's speed against each peer that ran (what a user would otherwise run), with its interval."""
+    peers = sorted({p for m in methods.values() for p in m.get("vs_peers", {})})
+    lines = ["## Against the peers", "",
+             "Speedup of each method over each peer measured in the same run (aggregate tokens/s ratio on the "
+             "questions both answered, 95 % bootstrap interval): above 1, faster than what a user would otherwise run.",
+             ""]
+    rows = [[name] + [speedup_cell({"speedup_vs_ar": v["speedup"], "speedup_ci_lo": v["speedup_ci_lo"],
+                                    "speedup_ci_hi": v["speedup_ci_hi"]}) if (v := m["vs_peers"].get(p)) else "–"
+                      for p in peers]
+            for name, m in methods.items() if m.get("vs_peers")]
+    return lines + _table(["method"] + [f"vs {p}" for p in peers], rows)
 
 
 def _per_category(methods: dict, categories: list[str]) -> list[str]:

@@ -21,12 +21,11 @@ from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
 from adaspec.bench.summary import load_records
-from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, BackendChoice, GenerationConfig
+from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, PEERS, BackendChoice, GenerationConfig
 from adaspec.decode import Step
 from adaspec.errors import AdaspecError
 from adaspec.methods import (
     OPTIONS,
-    PEERS,
     DrafterChoice,
     MethodSpec,
     Runner,

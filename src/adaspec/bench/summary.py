@@ -11,6 +11,7 @@ from pathlib import Path
 from adaspec.bench.calibration import calibration
 from adaspec.bench.metrics import ROUGE_KEYS, corpus_bleu, gsm8k_accuracy, rouge
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
+from adaspec.config import PEERS
 from adaspec.errors import AdaspecError
 
 BASELINE = "ar"
@@ -182,11 +183,33 @@ def same_backend(by_method: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
+def vs_peers(by_method: dict[str, list[dict]]) -> dict[str, dict]:
+    """{method: {peer: speedup against that peer with its 95 % interval}} for every method and every peer (plain
+    llama.cpp, transformers) in the run, paired over the questions both answered, as `speedup_vs_ar` is."""
+    peers = [name for name in by_method if name.split(":")[0] in PEERS]
+    out: dict[str, dict] = {}
+    for peer in peers:
+        reference = {r["question_id"]: r for r in by_method[peer]}
+        for name, rs in by_method.items():
+            if name == peer:
+                continue
+            pairs = [(r["new_tokens"], r["wall_s"], reference[r["question_id"]]["new_tokens"],
+                      reference[r["question_id"]]["wall_s"]) for r in rs if r["question_id"] in reference]
+            speedup = paired_speedup(pairs)
+            if speedup is None:
+                continue
+            lo, hi = bootstrap_speedup_ci(pairs) or (None, None)
+            out.setdefault(name, {})[peer] = {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in
+                                              {"speedup": speedup, "speedup_ci_lo": lo, "speedup_ci_hi": hi}.items()}
+    return out
+
+
 def summarize(records: list[dict], config: dict) -> dict:
     """{"config": config, "methods": {name: fields and "per_category": {category: fields}}, "calibration":
     {name: {metric: bins and Spearman}} (methods that record confidence, see bench/calibration.py),
     "histograms": {name: tokens emitted and drafted per target forward}} from records. A method's `backend` is
-    where it ran; `vs_backend_ar` holds its speed and agreement against `ar` on that backend (same_backend)."""
+    where it ran; `vs_backend_ar` holds its speed and agreement against `ar` on that backend (same_backend);
+    `vs_peers` its speed against each peer in the run (vs_peers)."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_method[r["method"]].append(r)
@@ -203,5 +226,7 @@ def summarize(records: list[dict], config: dict) -> dict:
                                          for c, crs in sorted(by_category.items())}
     for name, fields in same_backend(by_method).items():
         methods[name]["vs_backend_ar"] = fields
+    for name, fields in vs_peers(by_method).items():
+        methods[name]["vs_peers"] = fields
     return {"config": config, "methods": methods, "calibration": calibration(records),
             "histograms": histograms(records)}
