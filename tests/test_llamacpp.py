@@ -244,6 +244,7 @@ def test_a_build_that_crashes_on_a_batch_is_named_once_and_remembered(monkeypatc
     for _ in range(2):
         with pytest.raises(AdaspecError, match="crashes when it scores several positions.*signal 11.*setup.sh"):
             llamacpp.LlamaCppBackend(gguf, threads=2)
+        llamacpp._probed.clear()  # a new process: only the file remembers
     assert len(calls) == 1  # the second answer came from ~/.cache/adaspec/llamacpp.json
 
 

@@ -76,23 +76,30 @@ def flash_attention_exact(gguf: Path, threads: int | None = None) -> bool:
     """Whether this llama.cpp build, with flash attention on, gives a position the logits it gets alone also in
     a batch of a few (past a 512-token cache, with `threads` threads): `probe_build`'s answer, cached per build
     (ADASPEC_FLASH_ATTN=0/1 overrides)."""
-    forced = os.environ.get("ADASPEC_FLASH_ATTN")
-    if forced in ("0", "1"):
-        return forced == "1"
-    if not batch_invariant():
-        return False
-    return probe_build(gguf, threads)["flash_exact"]
+    forced = _forced_flash()
+    if forced is not None:
+        return forced
+    return probe_build(gguf, threads)["flash_exact"]  # False on a build that is not batch-invariant (_probe)
 
 
 def use_flash_attention(gguf: Path, threads: int | None = None, exact: bool = True) -> bool:
     """Whether to run with flash attention: where this build and machine run the probe's workload faster with it
     (`probe_build`'s "flash_faster") and, for adaspec's own decoding (`exact`), it is exact
     (`flash_attention_exact`). ADASPEC_FLASH_ATTN=0/1 overrides both."""
-    forced = os.environ.get("ADASPEC_FLASH_ATTN")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = _forced_flash()
+    if forced is not None:
+        return forced
     found = probe_build(gguf, threads)
-    return found["flash_faster"] and (not exact or flash_attention_exact(gguf, threads))
+    return found["flash_faster"] and (not exact or found["flash_exact"])
+
+
+def _forced_flash() -> bool | None:
+    """ADASPEC_FLASH_ATTN=0/1 as a decision, None where it is not set."""
+    forced = os.environ.get("ADASPEC_FLASH_ATTN")
+    return forced == "1" if forced in ("0", "1") else None
+
+
+_probed: dict[tuple[str, str], dict] = {}  # (cache file, build and threads) -> probe_build's answer, this process
 
 
 def probe_build(gguf: Path, threads: int | None = None) -> dict:
@@ -112,13 +119,8 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
     threads = threads or torch.get_num_threads()
     record = cache_root() / "llamacpp.json"
     key = f"{_build_key()}|threads={threads}"
-    known = {}
-    if record.is_file():
-        try:
-            known = json.loads(record.read_text())
-        except json.JSONDecodeError:
-            known = {}
-    found = known.get(key)
+    # every backend, drafter and peer asks: the file is read once a process
+    found = _probed.get((str(record), key)) or _read_probes(record).get(key)
     if not (isinstance(found, dict) and {"works", "flash_exact", "flash_faster"} <= found.keys()):
         child = subprocess.run([sys.executable, "-m", __name__, str(gguf), str(threads)], capture_output=True,
                                text=True)
@@ -132,12 +134,21 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
         else:
             raise AdaspecError(f"probing llama.cpp with {gguf} failed: {child.stderr.strip()[-500:]}")
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({**known, key: found}, indent=1))
+        record.write_text(json.dumps({**_read_probes(record), key: found}, indent=1))
+    _probed[str(record), key] = found
     if not found["works"]:
         raise AdaspecError(f"the installed llama.cpp (llama-cpp-python) crashes when it scores several positions at "
                            f"once (signal {found.get('signal')}): typically ggml's AMX kernels on a machine that does "
                            f"not enable AMX. Rebuild it with `bash scripts/setup.sh`, which turns AMX off")
     return found
+
+
+def _read_probes(record: Path) -> dict:
+    """Every cached probe answer in `record` ({} if none or unreadable)."""
+    try:
+        return json.loads(record.read_text()) if record.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def _probe(gguf: Path, threads: int) -> dict:

@@ -204,9 +204,9 @@ HIST_PLOTS = {"emitted": (Path("plots") / "acceptance_by_category.png", "tokens 
               "drafted": (Path("plots") / "draft_len_hist.png", "drafted tokens verified per target forward")}
 
 
-def speedup_cell(fields: dict) -> str:
-    """'1.26 [1.10, 1.41]': a speedup and its 95 % bootstrap interval ('–' where it does not apply)."""
-    s = fields.get("speedup_vs_ar")
+def speedup_cell(fields: dict, key: str = "speedup_vs_ar") -> str:
+    """'1.26 [1.10, 1.41]': a speedup (fields[key]) and its 95 % bootstrap interval ('–' where it does not apply)."""
+    s = fields.get(key)
     if s is None:
         return "–"
     lo, hi = fields.get("speedup_ci_lo"), fields.get("speedup_ci_hi")
@@ -240,10 +240,8 @@ def _vs_backend_ar(methods: dict) -> list[str]:
              "`speedup vs ar` above compares every method with `ar` on the run's backend; a method that runs elsewhere "
              "(SpecBound and the transformers peers on torch) is here compared with the `ar` variant that ran there.",
              ""]
-    rows = [[name, v["backend"], v["baseline"], speedup_cell({"speedup_vs_ar": v["speedup"],
-                                                               "speedup_ci_lo": v["speedup_ci_lo"],
-                                                               "speedup_ci_hi": v["speedup_ci_hi"]}),
-             _fmt(v["exact_match"]), _fmt(v["alignment"])]
+    rows = [[name, v["backend"], v["baseline"], speedup_cell(v, "speedup"), _fmt(v["exact_match"]),
+             _fmt(v["alignment"])]
             for name, m in methods.items() if (v := m.get("vs_backend_ar"))]
     return lines + _table(["method", "backend", "against", "speedup", "exact match", "alignment"], rows)
 
@@ -255,9 +253,7 @@ def _vs_peers(methods: dict) -> list[str]:
              "Speedup of each method over each peer measured in the same run (aggregate tokens/s ratio on the "
              "questions both answered, 95 % bootstrap interval): above 1, faster than what a user would otherwise run.",
              ""]
-    rows = [[name] + [speedup_cell({"speedup_vs_ar": v["speedup"], "speedup_ci_lo": v["speedup_ci_lo"],
-                                    "speedup_ci_hi": v["speedup_ci_hi"]}) if (v := m["vs_peers"].get(p)) else "–"
-                      for p in peers]
+    rows = [[name] + [speedup_cell(m["vs_peers"].get(p, {}), "speedup") for p in peers]
             for name, m in methods.items() if m.get("vs_peers")]
     return lines + _table(["method"] + [f"vs {p}" for p in peers], rows)
 

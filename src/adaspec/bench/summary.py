@@ -53,7 +53,12 @@ class MethodFields:
     d_max_stop_share: float | None = None
 
     def to_json(self) -> dict:
-        return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return rounded(asdict(self))
+
+
+def rounded(fields: dict) -> dict:
+    """`fields` with every float rounded to DIGITS decimals, as summary.json stores them."""
+    return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in fields.items()}
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -176,10 +181,9 @@ def same_backend(by_method: dict[str, list[dict]]) -> dict[str, dict]:
         if where in plain and name != plain[where]:
             reference = {r["question_id"]: r for r in by_method[plain[where]]}
             fields = method_fields(rs, reference)
-            out[name] = {"baseline": plain[where], "backend": where, "speedup": fields.speedup_vs_ar,
-                         "speedup_ci_lo": fields.speedup_ci_lo, "speedup_ci_hi": fields.speedup_ci_hi,
-                         "exact_match": fields.exact_match, "alignment": fields.alignment}
-            out[name] = {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in out[name].items()}
+            out[name] = rounded({"baseline": plain[where], "backend": where, "speedup": fields.speedup_vs_ar,
+                                 "speedup_ci_lo": fields.speedup_ci_lo, "speedup_ci_hi": fields.speedup_ci_hi,
+                                 "exact_match": fields.exact_match, "alignment": fields.alignment})
     return out
 
 
@@ -199,8 +203,7 @@ def vs_peers(by_method: dict[str, list[dict]]) -> dict[str, dict]:
             if speedup is None:
                 continue
             lo, hi = bootstrap_speedup_ci(pairs) or (None, None)
-            out.setdefault(name, {})[peer] = {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in
-                                              {"speedup": speedup, "speedup_ci_lo": lo, "speedup_ci_hi": hi}.items()}
+            out.setdefault(name, {})[peer] = rounded({"speedup": speedup, "speedup_ci_lo": lo, "speedup_ci_hi": hi})
     return out
 
 
