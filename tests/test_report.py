@@ -165,6 +165,17 @@ def test_method_bound_splits_the_time_per_forward():
     assert b["overhead_ms"] == pytest.approx(3.0) and b["measured_step_cost"] == 2.0
 
 
+def test_the_prefill_forward_is_not_counted_as_a_decoding_step():
+    """Each turn's first token comes from the prefill (timed as its TTFT): left out of the time per forward."""
+    step = {"drafted": 4, "accepted": 3, "confidence": [1.0] * 4}
+    first = {"drafted": 0, "accepted": 0, "confidence": []}
+    records = [{"question_id": 1, "method": "sd", "new_tokens": 10, "wall_s": 0.54, "turn_ttft_s": [0.5, 0.0],
+                "steps": [first, step, first, step]}]  # two turns: prefill + one decoding forward each
+    b = method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), measured_speedup=1.0)
+    assert b["ms_per_step"] == pytest.approx(20.0)  # 40 ms over 2 decoding forwards, not 540 over 4
+    assert b["measured_tokens_per_step"] == 4.0
+
+
 def test_each_method_is_bound_with_its_own_drafter_costs():
     costs = {"verify_ms": {"1": 10.0}, "drafter_first_ms": 2.0, "drafter_step_ms": 1.0,
              "drafters": {"lookup": {"drafter_first_ms": 0.1, "drafter_step_ms": 0.0}}}

@@ -33,8 +33,9 @@ has none there).
 Approximations: the costs are measured at one context length (costs' context_tokens) while contexts grow; real
 acceptance is not i.i.d. (compare expected and measured tokens per forward); both speedups count one bare
 target forward as the unit, so `ar`'s own per-step overhead (sampling, Python) shows as efficiency != 1.
-The measured time per forward splits into draft, verify (both from the costs) and overhead (the rest:
-acceptance, cache rollback, sampling, Python).
+The measured time per forward (decoding only: each turn's prefill forward, timed as its TTFT, is left out) splits
+into draft, verify (both from the costs) and overhead (the rest: acceptance, cache rollback, sampling, Python, and
+contexts longer than the costs' one).
 """
 
 from __future__ import annotations
@@ -141,6 +142,18 @@ def _round(d: dict) -> dict:
     return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in d.items()}
 
 
+def decode_time(records: list[dict]) -> tuple[float, int, int]:
+    """(seconds, forwards, tokens) after each turn's first token: the prefill forward that makes it (its time is
+    the turn's TTFT) is not a decoding step and would show as overhead. Records without TTFTs count whole."""
+    seconds = forwards = tokens = 0
+    for r in records:
+        ttft = r.get("turn_ttft_s") or []
+        seconds += r["wall_s"] - sum(ttft)
+        forwards += len(r["steps"]) - len(ttft)
+        tokens += r["new_tokens"] - len(ttft)
+    return seconds, forwards, tokens
+
+
 def method_bound(records: list[dict], costs: Costs, measured_speedup: float | None) -> dict | None:
     """The bound, efficiency and time split of one method's records (those with steps); None without steps
     (the peers) or when its steps are per-token routing decisions rather than target forwards (R-Stitch)."""
@@ -152,14 +165,15 @@ def method_bound(records: list[dict], costs: Costs, measured_speedup: float | No
     lengths = [(s["drafted"], s["drafted"] + s.get("cut", 0)) for s in steps]
     tokens, cost, expected = expected_speedup(alpha, lengths, costs)
     best_k, best = best_draft_length(alpha, costs)
-    ms_per_step = 1000 * sum(r["wall_s"] for r in records) / len(steps)
+    decode_s, decode_steps, decode_tokens = decode_time(records)
+    ms_per_step = 1000 * decode_s / max(1, decode_steps)
     draft_ms = sum(costs.draft(paid) for _, paid in lengths) / len(lengths)
     verify_ms = sum(costs.verify(k + 1) for k, _ in lengths) / len(lengths)
     return _round({
         "alpha": alpha,
         "mean_draft_len": sum(k for k, _ in lengths) / len(lengths),
         "expected_tokens_per_step": tokens,
-        "measured_tokens_per_step": sum(r["new_tokens"] for r in records) / len(steps),
+        "measured_tokens_per_step": decode_tokens / max(1, decode_steps),
         "expected_step_cost": cost,  # target steps per forward
         "measured_step_cost": ms_per_step / costs.step_ms,
         "expected_speedup": expected,

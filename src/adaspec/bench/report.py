@@ -280,8 +280,9 @@ def _bound(bounds: dict, costs: dict) -> list[str]:
     lines += _table(["method", "backend"] + [c for c, _ in BOUND_COLUMNS],
                     [[name, b.get("backend") or "torch"] + [_fmt(b.get(k)) for _, k in BOUND_COLUMNS]
                      for name, b in bounds.items()])
-    lines += ["", "Time per target forward (ms): draft and verify from the measured costs, overhead the rest "
-              "(acceptance, rollback, sampling, Python).", ""]
+    lines += ["", "Time per target forward while decoding (ms; each turn's prefill left out): draft and verify from "
+              "the measured costs, overhead the rest (acceptance, rollback, sampling, Python, and contexts longer "
+              "than the costs' one).", ""]
 
     def share(b: dict, k: str) -> str:
         return f"{b[k]:.2f} ({100 * b[k] / b['ms_per_step']:.0f} %)" if b["ms_per_step"] else _fmt(b[k])

@@ -238,11 +238,20 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     for s in skipped:
         console.print(f"[yellow]skipped[/] #{s['question_id']} {s['method']}: {s['error']}")
 
-    costs = measure_costs(target, drafter, encode_prompt(target.tokenizer, questions[0].turns[0], opts.chat), specs,
-                          opts.backend)
+    context = cost_context([encode_prompt(target.tokenizer, q.turns[0], opts.chat) for q in questions],
+                           gen.max_new_tokens)
+    costs = measure_costs(target, drafter, context, specs, opts.backend)
     (opts.out / COSTS).write_text(json.dumps(costs, indent=2))
     (opts.out / SKIPPED).write_text(json.dumps(skipped, indent=2))
     return rebuild(opts.out, opts.answers)  # summary.json, report.md: from these files alone, as `adaspec report`
+
+
+def cost_context(prompts: list[list[int]], max_new_tokens: int) -> list[int]:
+    """The context the costs are measured on: as long as a typical decoding step's, the median prompt plus half
+    the token budget (step costs grow with the context; a prompt's own tokens repeated make up the length)."""
+    prompt = sorted(prompts, key=len)[len(prompts) // 2]
+    length = len(prompt) + max_new_tokens // 2
+    return (prompt * (length // len(prompt) + 1))[:length]
 
 
 def measure_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int],
