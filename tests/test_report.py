@@ -174,6 +174,8 @@ def test_the_prefill_forward_is_not_counted_as_a_decoding_step():
     b = method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), measured_speedup=1.0)
     assert b["ms_per_step"] == pytest.approx(20.0)  # 40 ms over 2 decoding forwards, not 540 over 4
     assert b["measured_tokens_per_step"] == 4.0
+    records[0].update(turn_ttft_s=[0.5, None], wall_s=0.52, steps=[first, step, step])  # a turn without a TTFT
+    assert method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), 1.0)["ms_per_step"] == pytest.approx(10.0)
 
 
 def test_each_method_is_bound_with_its_own_drafter_costs():

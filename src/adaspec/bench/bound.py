@@ -144,10 +144,11 @@ def _round(d: dict) -> dict:
 
 def decode_time(records: list[dict]) -> tuple[float, int, int]:
     """(seconds, forwards, tokens) after each turn's first token: the prefill forward that makes it (its time is
-    the turn's TTFT) is not a decoding step and would show as overhead. Records without TTFTs count whole."""
+    the turn's TTFT) is not a decoding step and would show as overhead. Turns without a TTFT (none generated, or
+    older records) count whole, as in summary's decode tokens/s."""
     seconds = forwards = tokens = 0
     for r in records:
-        ttft = r.get("turn_ttft_s") or []
+        ttft = [t for t in r.get("turn_ttft_s") or [] if t is not None]
         seconds += r["wall_s"] - sum(ttft)
         forwards += len(r["steps"]) - len(ttft)
         tokens += r["new_tokens"] - len(ttft)
