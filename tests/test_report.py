@@ -26,6 +26,7 @@ from adaspec.bench.bound import (
 from adaspec.bench.data import load_questions
 from adaspec.bench.rundir import build_summary, compare, rebuild
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
+from adaspec.bench.summary import summarize
 from adaspec.cli import app
 from adaspec.config import GenerationConfig
 from adaspec.decode import GenerationResult
@@ -166,16 +167,29 @@ def test_method_bound_splits_the_time_per_forward():
 
 
 def test_the_prefill_forward_is_not_counted_as_a_decoding_step():
-    """Each turn's first token comes from the prefill (timed as its TTFT): left out of the time per forward."""
+    """Each turn's first step is the prefill (timed as its TTFT): left out of the time per forward, with every
+    token it emits, drafted ones it accepted included."""
     step = {"drafted": 4, "accepted": 3, "confidence": [1.0] * 4}
     first = {"drafted": 0, "accepted": 0, "confidence": []}
-    records = [{"question_id": 1, "method": "sd", "new_tokens": 10, "wall_s": 0.54, "turn_ttft_s": [0.5, 0.0],
+    records = [{"question_id": 1, "category": "qa", "method": "sd", "new_tokens": 10, "wall_s": 0.54,
+                "token_ids": [1] * 10, "text": "", "turns": None, "reference": None, "turn_ttft_s": [0.5, 0.0],
+                "turn_wall_s": [0.52, 0.02], "turn_new_tokens": [5, 5], "turn_steps": [2, 2],
                 "steps": [first, step, first, step]}]  # two turns: prefill + one decoding forward each
     b = method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), measured_speedup=1.0)
     assert b["ms_per_step"] == pytest.approx(20.0)  # 40 ms over 2 decoding forwards, not 540 over 4
     assert b["measured_tokens_per_step"] == 4.0
-    records[0].update(turn_ttft_s=[0.5, None], wall_s=0.52, steps=[first, step, step])  # a turn without a TTFT
-    assert method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), 1.0)["ms_per_step"] == pytest.approx(10.0)
+    records[0].update(turn_ttft_s=[0.5, None], turn_steps=[2, 1], steps=[first, step, step])  # no TTFT: whole turn
+    assert method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), 1.0)["ms_per_step"] == pytest.approx(
+        (20 + 20) / 2)
+    lookup = {"drafted": 2, "accepted": 2, "confidence": [1.0] * 2}  # a prefill that accepts 2 tokens copied
+    records[0].update(turn_ttft_s=[0.5, 0.0], turn_new_tokens=[7, 5], new_tokens=12, turn_steps=[2, 2],
+                      steps=[lookup, step, first, step])
+    assert method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), 1.0)["measured_tokens_per_step"] == 4.0
+    summary = summarize(records, {})["methods"]["sd"]
+    assert summary["decode_tokens_per_s"] == pytest.approx(8 / 0.04)  # 4 + 4 tokens after the prefills
+    assert summary["ttft_ms"] == pytest.approx(250.0)
+    records[0].pop("turn_steps")  # older records: one whole turn, no TTFT
+    assert summarize(records, {})["methods"]["sd"]["decode_tokens_per_s"] is None
 
 
 def test_each_method_is_bound_with_its_own_drafter_costs():

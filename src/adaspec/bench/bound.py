@@ -142,16 +142,38 @@ def _round(d: dict) -> dict:
     return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in d.items()}
 
 
+def turn_split(record: dict) -> list[tuple[float | None, float, int | None, int]]:
+    """Per turn of a record: (TTFT, seconds, target forwards, tokens) after the turn's first step. The first step
+    is the prefill forward, timed as the TTFT, and emits its token plus any drafted ones it accepts (prompt lookup
+    drafts from the prompt already); a peer's (no steps) one token. A turn without a TTFT (none generated, or not
+    observed) is (None, whole turn); a record without per-turn fields (older runs) one such turn. Forwards are None
+    for a peer."""
+    walls, news = record.get("turn_wall_s"), record.get("turn_new_tokens")
+    steps = record.get("steps")
+    if walls is None or news is None or (steps and record.get("turn_steps") is None):
+        return [(None, record["wall_s"], len(steps) if steps else None, record["new_tokens"])]
+    ttfts = record.get("turn_ttft_s") or [None] * len(walls)
+    counts = record.get("turn_steps") or [None] * len(walls)
+    out, at = [], 0
+    for ttft, wall, n, count in zip(ttfts, walls, news, counts, strict=True):
+        count = count or 0
+        forwards = count if steps else None
+        if ttft is None or n == 0:
+            out.append((None, wall, forwards, n))
+        else:
+            first = min(steps[at]["accepted"] + 1, n) if steps and count else 1
+            out.append((ttft, wall - ttft, forwards - 1 if forwards else forwards, n - first))
+        at += count
+    return out
+
+
 def decode_time(records: list[dict]) -> tuple[float, int, int]:
-    """(seconds, forwards, tokens) after each turn's first token: the prefill forward that makes it (its time is
-    the turn's TTFT) is not a decoding step and would show as overhead. Turns without a TTFT (none generated, or
-    older records) count whole, as in summary's decode tokens/s."""
+    """(seconds, forwards, tokens) after each turn's first step (`turn_split`): the prefill forward that makes it
+    is not a decoding step and would show as overhead. Turns without a TTFT count whole."""
     seconds = forwards = tokens = 0
     for r in records:
-        ttft = [t for t in r.get("turn_ttft_s") or [] if t is not None]
-        seconds += r["wall_s"] - sum(ttft)
-        forwards += len(r["steps"]) - len(ttft)
-        tokens += r["new_tokens"] - len(ttft)
+        for _, s, f, n in turn_split(r):
+            seconds, forwards, tokens = seconds + s, forwards + (f or 0), tokens + n
     return seconds, forwards, tokens
 
 

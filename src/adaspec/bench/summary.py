@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adaspec.bench.bound import turn_split
 from adaspec.bench.calibration import calibration
 from adaspec.bench.metrics import ROUGE_KEYS, corpus_bleu, gsm8k_accuracy, rouge
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
@@ -112,12 +113,10 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
         mean_cut=_ratio(sum(s.get("cut", 0) for s in steps), len(steps)),
         large_share=_ratio(sum(s["source"] == "large" for s in routed), len(routed)),
     )
-    timed = [(t, w, n) for r in records for t, w, n in zip(r.get("turn_ttft_s") or [], r.get("turn_wall_s") or [],
-                                                             r.get("turn_new_tokens") or [], strict=False)
-             if t is not None and n > 0]
+    timed = [(t, s, n) for r in records for t, s, _, n in turn_split(r) if t is not None]
     if timed:
         fields.ttft_ms = 1000 * sum(t for t, _, _ in timed) / len(timed)
-        fields.decode_tokens_per_s = _ratio(sum(n - 1 for _, _, n in timed), sum(w - t for t, w, _ in timed))
+        fields.decode_tokens_per_s = _ratio(sum(n for _, _, n in timed), sum(s for _, s, _ in timed))
     exits = [layer for s in steps for layer in s.get("exit_layers", [])]
     stops = [s["draft_stop"] for s in steps if s.get("draft_stop") is not None]
     fields.mean_exit_layer = _ratio(sum(exits), len(exits))
