@@ -231,6 +231,9 @@ def test_lookup_copies_what_followed_the_latest_match():
 def test_time_to_first_token_is_the_first_steps_and_within_the_wall(target):
     result = generate(target, random_prompt(0), GenerationConfig(max_new_tokens=6))
     assert result.ttft_s is not None and 0 < result.ttft_s <= result.wall_s
+    ms = [s.ms for s in result.steps]  # each step timed: together the wall, the first one the TTFT
+    assert all(m is not None and m > 0 for m in ms) and ms[0] == pytest.approx(1000 * result.ttft_s)
+    assert sum(ms) == pytest.approx(1000 * result.wall_s, rel=0.05)
 
 
 @pytest.mark.parametrize("name", ["lookup", "perturbed"])

@@ -18,12 +18,14 @@ from adaspec.bench.bound import (
     Costs,
     expected_speedup,
     expected_tokens,
+    forward_ms,
     interpolate,
     method_bound,
     method_costs,
     token_acceptance,
 )
 from adaspec.bench.data import load_questions
+from adaspec.bench.report import _forward_ms
 from adaspec.bench.rundir import build_summary, compare, rebuild
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
 from adaspec.bench.summary import summarize
@@ -192,6 +194,23 @@ def test_the_prefill_forward_is_not_counted_as_a_decoding_step():
     assert summarize(records, {})["methods"]["sd"]["decode_tokens_per_s"] is None
 
 
+def test_time_per_forward_is_measured_by_positions_scored_and_by_router_source(tmp_path):
+    """Each turn's prefill step is left out; steps without `ms` (older runs) are not counted."""
+    def step(drafted, ms, **extra):
+        return {"drafted": drafted, "accepted": 0, "confidence": [1.0] * drafted, "ms": ms, **extra}
+    sd = {"method": "sd", "turn_steps": [3, 2],
+          "steps": [step(4, 500.0), step(4, 20.0), step(0, 10.0), step(2, 900.0), step(4, 30.0)]}
+    routed = {"method": "rstitch", "turn_steps": [3],
+              "steps": [step(0, 99.0, source="small"), step(0, 2.0, source="small"), step(0, 12.0, source="large")]}
+    old = {"method": "ar", "turn_steps": [2], "steps": [{"drafted": 0, "accepted": 0, "confidence": []}] * 2}
+    times = forward_ms([sd, routed, old, {**sd, "turn_steps": None}])
+    assert times == {"sd": {"1": [10.0, 1], "5": [25.0, 2]}, "rstitch": {"large": [12.0, 1], "small": [2.0, 1]}}
+    costs = {"backends": {"llamacpp:Q4_1": {"verify_ms": {"1": 11.0, "5": 21.0}}}}
+    table = "\n".join(_forward_ms(times, costs))
+    assert "| sd | 10.0 (1) | 25.0 (2) | – | – |" in table
+    assert "| costs: verify (llamacpp:Q4_1) | 11.00 | 21.00 | – | – |" in table
+
+
 def test_each_method_is_bound_with_its_own_drafter_costs():
     costs = {"verify_ms": {"1": 10.0}, "drafter_first_ms": 2.0, "drafter_step_ms": 1.0,
              "drafters": {"lookup": {"drafter_first_ms": 0.1, "drafter_step_ms": 0.0}}}
@@ -342,7 +361,13 @@ TIMING = {"wall_s", "tokens_per_s", "speedup_vs_ar", "speedup_ci_lo", "speedup_c
 
 
 def untimed(rows: list[dict]) -> dict:
-    return {(r.get("key") or r["question_id"]): {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+    """Rows without their timings: the fields in TIMING and each step's `ms`."""
+    def strip(r: dict) -> dict:
+        out = {k: v for k, v in r.items() if k not in TIMING}
+        if out.get("steps"):
+            out["steps"] = [{k: v for k, v in s.items() if k != "ms"} for s in out["steps"]]
+        return out
+    return {(r.get("key") or r["question_id"]): strip(r) for r in rows}
 
 
 def test_sweep_on_a_local_ray_cluster_writes_what_the_sequential_sweep_writes(tiny_dir, data, tmp_path):

@@ -147,7 +147,7 @@ def test_records_and_summary_say_which_model_produced_each_token(small_model, la
     result = stitch(small, large, PROMPTS[3], CONFIG, ThresholdRouter(*MIXED))
     steps = [step_record(s) for s in result.steps]
     assert [s["source"] for s in steps] == [s.source for s in result.steps]
-    assert all(s["drafted"] == 0 and 0.0 <= s["entropy"] <= 1.0 for s in steps)
+    assert all(s["drafted"] == 0 and 0.0 <= s["entropy"] <= 1.0 and s["ms"] > 0 for s in steps)  # each token timed
     record = {"question_id": 1, "category": "x", "method": "rstitch", "new_tokens": result.new_tokens, "wall_s": 1.0,
               "token_ids": result.token_ids, "text": "", "steps": steps}
     ar = dict(record, method="ar", steps=[{"drafted": 0, "accepted": 0, "confidence": []}] * result.new_tokens)

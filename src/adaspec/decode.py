@@ -44,6 +44,9 @@ class Step:
     # ("bound": a token reached the deepest exit unsure, "d_max": the length bound, "budget", "policy")
     exit_layers: list[int] = field(default_factory=list)
     draft_stop: str | None = None
+    # wall ms from the previous step's end to this one's (drafting, the target forward, acceptance; the first
+    # step includes the prefill), set by the loop that runs the steps (None: not timed)
+    ms: float | None = None
 
 
 @dataclass
@@ -195,9 +198,11 @@ def generate(
     tokens: list[int] = []
     reason = "length"
     ttft = None
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     for step in speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator, confidence):
-        ttft = time.perf_counter() - t0 if ttft is None else ttft
+        now = time.perf_counter()
+        ttft = now - t0 if ttft is None else ttft
+        step.ms, last = 1000 * (now - last), now
         steps.append(step)
         tokens += step.tokens
         if on_step is not None:

@@ -254,9 +254,11 @@ def stitch(
     generator = torch.Generator().manual_seed(config.seed)
     steps: list[Step] = []
     ttft = None  # prefill: the small model's (and the large one's where backends prefill apart, else later)
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     for step in stitch_steps(small, large, prompt_ids, config, router, stop, generator):
-        ttft = time.perf_counter() - t0 if ttft is None else ttft
+        now = time.perf_counter()
+        ttft = now - t0 if ttft is None else ttft
+        step.ms, last = 1000 * (now - last), now
         steps.append(step)
         if on_step is not None:
             on_step(step)

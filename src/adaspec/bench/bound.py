@@ -177,6 +177,41 @@ def decode_time(records: list[dict]) -> tuple[float, int, int]:
     return seconds, forwards, tokens
 
 
+def decoding_steps(record: dict) -> list[dict]:
+    """A record's steps after each turn's first one (the prefill, `turn_split`); [] without per-turn counts."""
+    steps, counts = record.get("steps") or [], record.get("turn_steps")
+    if not steps or counts is None:
+        return []
+    out, at = [], 0
+    for count in counts:
+        out += steps[at + 1: at + (count or 0)]
+        at += count or 0
+    return out
+
+
+def forward_ms(records: list[dict]) -> dict[str, dict[str, list]]:
+    """{method: {key: [mean ms, steps]}} over the timed decoding steps (`decoding_steps`) of each method: the wall
+    time of one step as the run measured it, in situ (its real contexts), by positions the target scored
+    (drafted + 1, key "1".."n"), or for a routing method by the model that produced the token ("small", "large").
+    The costs table is one context; this is every context the run met, to read beside it."""
+    sums: dict[str, dict[str, list]] = {}
+    for r in records:
+        for s in decoding_steps(r):
+            if s.get("ms") is None:
+                continue
+            key = s["source"] if "source" in s else str(s["drafted"] + 1)
+            cell = sums.setdefault(r["method"], {}).setdefault(key, [0.0, 0])
+            cell[0] += s["ms"]
+            cell[1] += 1
+    return {m: {k: [round(total / n, DIGITS), n] for k, (total, n) in sorted(cells.items(), key=_key)}
+            for m, cells in sums.items()}
+
+
+def _key(item: tuple[str, list]) -> tuple[int, int | str]:
+    key = item[0]
+    return (0, int(key)) if key.isdigit() else (1, key)
+
+
 def method_bound(records: list[dict], costs: Costs, measured_speedup: float | None) -> dict | None:
     """The bound, efficiency and time split of one method's records (those with steps); None without steps
     (the peers) or when its steps are per-token routing decisions rather than target forwards (R-Stitch)."""

@@ -166,6 +166,8 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
         lines += [""] + _vs_peers(methods)
     if summary.get("bound"):
         lines += [""] + _bound(summary["bound"], summary.get("costs") or {})
+    if summary.get("forward_ms"):
+        lines += [""] + _forward_ms(summary["forward_ms"], summary.get("costs") or {})
     if summary.get("config", {}).get("ablation"):
         lines += [""] + _ablation(summary)
     if any(m.get("bound_stop_share") is not None for m in methods.values()):
@@ -291,6 +293,21 @@ def _bound(bounds: dict, costs: dict) -> list[str]:
                     [[name, f"{b['ms_per_step']:.2f}", *(share(b, k) for k in ("draft_ms", "verify_ms", "overhead_ms"))]
                      for name, b in bounds.items()])
     return lines
+
+
+def _forward_ms(times: dict, costs: dict) -> list[str]:
+    keys = sorted({k for cells in times.values() for k in cells}, key=lambda k: (0, int(k)) if k.isdigit() else (1, k))
+    lines = ["## Measured time per target forward", "",
+             "Mean wall ms of one decoding step as the run measured it (drafting, the target forward, acceptance; "
+             "each turn's prefill step left out), by positions the target scored (drafted + 1), with the number of "
+             "steps; a routing method's steps by the model that produced the token. Every context the run met, "
+             "where the costs table below is one.", ""]
+    rows = [[name, *(f"{cells[k][0]:.1f} ({cells[k][1]})" if k in cells else "–" for k in keys)]
+            for name, cells in times.items()]
+    for label, c in (costs.get("backends") or {}).items():  # the costs' verify time, for reference
+        rows.append([f"costs: verify ({label})", *(_fmt(c.get("verify_ms", {}).get(k)) if k.isdigit() else "–"
+                                                   for k in keys)])
+    return lines + _table(["method", *keys], rows)
 
 
 def histogram_plot(hists: dict, kind: str, path: Path) -> bool:

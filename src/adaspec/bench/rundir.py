@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from adaspec.bench.bound import bound
+from adaspec.bench.bound import bound, forward_ms
 from adaspec.bench.report import compare_markdown, write_report
 from adaspec.bench.specbench import write_answers
 from adaspec.bench.summary import load_records, summarize
@@ -54,6 +54,7 @@ def build_summary(run: Path) -> tuple[dict, list[dict]]:
         summary["environments"] = envs
     summary["skipped"] = _read_json(run / SKIPPED, legacy.get("skipped", []))
     summary["bound"] = bound(records, summary["costs"], summary["methods"])
+    summary["forward_ms"] = forward_ms(records)
     return summary, records
 
 

@@ -144,7 +144,7 @@ def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationC
 
 def step_record(s: Step) -> dict:
     """A step in records.jsonl: drafted, accepted, confidence; `cut`, `metrics`, `exact` (0/1), `source` and
-    `entropy`, `exit_layers` and `draft_stop` when present."""
+    `entropy`, `exit_layers` and `draft_stop`, `ms` (its wall time) when present."""
     record: dict = {"drafted": s.drafted, "accepted": s.accepted, "confidence": [round(c, 4) for c in s.confidence]}
     if s.cut:
         record["cut"] = s.cut
@@ -158,6 +158,8 @@ def step_record(s: Step) -> dict:
     if s.draft_stop is not None:  # early-exit drafting (SpecBound): exit layer per drafted token, why the draft ended
         record["exit_layers"] = s.exit_layers
         record["draft_stop"] = s.draft_stop
+    if s.ms is not None:
+        record["ms"] = round(s.ms, 3)
     return record
 
 
