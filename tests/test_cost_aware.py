@@ -44,9 +44,25 @@ def test_flat_costs_verify_the_longest_draft():
     assert policy.best() == 8
 
 
-def test_a_free_drafter_drafts_the_most_and_verifies_the_best_length():
+def test_a_free_drafter_drafts_the_most_and_verifies_the_tokens_it_is_sure_of():
     policy = CostAware(STEEP, draft_ratio=0.0, k_max=6)
-    assert policy.draft_length() == 6 and policy.verify_length([1.0] * 6) == 0
+    assert policy.draft_length() == 6
+    assert policy.verify_length([0.3] * 6) == 0  # at 1.85 steps for 2 positions, a 0.3 token does not pay
+    assert policy.verify_length([0.99] * 6) >= 4 and CostAware(FLAT, k_max=6).verify_length([0.99] * 6) == 6
+    assert policy.verify_length([0.99, 0.99, 0.2, 0.99]) == 2  # the rest hangs on the unsure third token
+
+
+def test_each_confidence_bin_learns_what_its_tokens_are_worth_also_from_tokens_not_verified():
+    policy = CostAware(STEEP, draft_ratio=0.0, k_max=6)
+    for _ in range(20):
+        assert policy.verify_length([0.95, 0.95]) in (0, 2)
+        policy.observe(0, 0, [5, 6], [7])  # the target's token differs: a 0.95 token that was wrong
+    assert policy.rate(0.95) < 0.2 and policy.verify_length([0.95] * 6) == 0
+    assert policy.rate(0.55) == pytest.approx(0.55) and policy.verify_length([0.55] * 3) == 0  # untouched: its prior
+    for _ in range(40):
+        policy.verify_length([0.55] * 3)
+        policy.observe(0, 0, [5, 6, 7], [5, 6, 7, 8])  # the next tokens the target emits: all three were right
+    assert policy.rate(0.55) > 0.9 and policy.verify_length([0.55] * 3) >= 2
 
 
 def test_a_paid_drafter_drafts_only_what_pays_and_probes_after_plain_steps():
@@ -136,11 +152,11 @@ def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):
     from adaspec.policies import ConfidenceLength, CostCapped
 
     capped = CostCapped(ConfidenceLength(alpha=1.0, k_min=1, k_max=6), CostAware(STEEP, draft_ratio=0.0, k_max=6))
-    assert capped.draft_length() == 6 and capped.verify_length([1.0] * 6) == 0  # steep costs, alpha 0.5: plain
+    assert capped.draft_length() == 6 and capped.verify_length([0.45] * 6) == 0  # steep costs, unsure: plain
     for _ in range(30):
+        capped.verify_length([0.45] * 4)
         capped.observe(0, 0, [1, 2, 3, 4], [1, 2, 3, 4])  # copies that keep coming true lift the estimate
-    assert capped.verify_length([1.0] * 6) >= 2
-    assert capped.verify_length([1.0] * 6) <= capped.policy.verify_length([1.0] * 6)
+    assert 2 <= capped.verify_length([0.45] * 6) <= capped.policy.verify_length([0.45] * 6)
     with pytest.raises(AdaspecError, match="cost must be 0"):
         parse_method("cmasd:cost=2")
     target = LoadedModel("tiny", tmp_path, tiny_llama(1, scale=6.0), None)

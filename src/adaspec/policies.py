@@ -214,10 +214,14 @@ class CostAware:
     acceptance a is a recency-weighted estimate (weight `decay` per observed token, Beta(1, 1) prior), so runs of
     copyable text lift it and ordinary text lets it fall. k = 0 is a plain step.
 
-    A free drafter (draft == 0, prompt lookup) always proposes k_max tokens and the policy verifies the first k:
-    the rest are judged against what the target emits next (`shadow_acceptance`), so the estimate keeps learning
-    while nothing is verified. A paid drafter drafts only k; after `probe` plain steps in a row it drafts one token
-    to learn again. Whether a token is verified depends only on earlier tokens: exact verification stays exact.
+    A free drafter (draft == 0, prompt lookup) always proposes k_max tokens and the policy verifies the first k,
+    token by token: each drafted token i is kept with chance a_i, the drafter's confidence in it refined online by
+    what tokens of that confidence did so far (per confidence bin of width 1/`bins`, recency-weighted, the
+    confidence itself a prior worth `prior` tokens), and k maximises (1 + sum_j prod_{i<=j} a_i) / verify(k + 1).
+    The tokens not verified are judged against what the target emits next (`shadow_acceptance`), so the estimates
+    keep learning while nothing is verified. A paid drafter drafts only k; after `probe` plain steps in a row it
+    drafts one token to learn again. Whether a token is verified depends only on earlier tokens: exact verification
+    stays exact.
     """
 
     verify_ratio: dict[int, float]  # n -> cost of scoring n positions / cost of one (measured; 1 -> 1.0)
@@ -225,6 +229,8 @@ class CostAware:
     k_max: int = 8
     decay: float = 0.9
     probe: int = 16
+    bins: int = 10
+    prior: float = 2.0
 
     def __post_init__(self) -> None:
         if self.k_max < 1:
@@ -244,6 +250,27 @@ class CostAware:
         self.accepted = 0.0  # recency-weighted counts of accepted and examined drafted tokens
         self.examined = 0.0
         self.plain = 0  # plain steps in a row
+        self.bin_accepted = [0.0] * self.bins  # the same, per confidence bin (a free drafter's tokens)
+        self.bin_examined = [0.0] * self.bins
+        self.pending: list[float] = []  # the confidences of the proposal being verified
+
+    def _bin(self, confidence: float) -> int:
+        return min(self.bins - 1, max(0, int(confidence * self.bins)))
+
+    def rate(self, confidence: float) -> float:
+        """The chance a drafted token of this confidence is kept: its bin's record, with the confidence as prior."""
+        b = self._bin(confidence)
+        return (self.bin_accepted[b] + self.prior * confidence) / (self.bin_examined[b] + self.prior)
+
+    def best_for(self, confidences: list[float]) -> int:
+        """The k <= len(confidences) that maximises expected tokens per cost, token i kept with `rate`."""
+        best, gain, run, tokens = 0, 1.0 / self.cost[0], 1.0, 1.0
+        for k, c in enumerate(confidences[: self.k_max], start=1):
+            run *= self.rate(c)
+            tokens += run
+            if tokens / self.cost[k] > gain:
+                best, gain = k, tokens / self.cost[k]
+        return best
 
     @property
     def alpha(self) -> float:
@@ -269,8 +296,12 @@ class CostAware:
 
     def verify_length(self, confidences: list[float]) -> int:
         if not confidences:  # nothing proposed (lookup found no match)
+            self.pending = []
             return 0
-        return min(len(confidences), self.best()) if self.free else len(confidences)
+        if not self.free:
+            return len(confidences)
+        self.pending = list(confidences)
+        return self.best_for(confidences)
 
     def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
         acc, seen = shadow_acceptance(proposed, emitted) if self.free else (accepted, accepted + (accepted < drafted))
@@ -278,6 +309,12 @@ class CostAware:
         for i in range(seen):  # one decay per observed token
             self.accepted = self.decay * self.accepted + (i < acc)
             self.examined = self.decay * self.examined + 1
+        if self.free:
+            for i, c in enumerate(self.pending[:seen]):
+                b = self._bin(c)
+                self.bin_accepted[b] = self.decay * self.bin_accepted[b] + (i < acc)
+                self.bin_examined[b] = self.decay * self.bin_examined[b] + 1
+            self.pending = []
 
 
 @dataclass
