@@ -70,8 +70,9 @@ class PromptLookupDrafter:
         sizes = range(self.min_ngram, self.max_ngram + 1)
         # n -> {n-gram: its starts s, oldest first}, over the starts whose n-gram has a token after it
         self.starts: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in sizes}
-        # n -> {n-gram: Counter of the tokens that followed it}
+        # n -> {n-gram: Counter of the tokens that followed it}, and {n-gram: how many times it was followed}
         self.follows: dict[int, dict[tuple[int, ...], Counter]] = {n: {} for n in sizes}
+        self.totals: dict[int, Counter] = {n: Counter() for n in sizes}
 
     def index(self, ids: list[int]) -> None:
         """Bring the tables up to `ids`: extend them when `ids` continues the indexed sequence, else rebuild."""
@@ -80,11 +81,12 @@ class PromptLookupDrafter:
             self.reset()
             old = 0
         for n in self.starts:
-            starts, follows = self.starts[n], self.follows[n]
+            starts, follows, totals = self.starts[n], self.follows[n], self.totals[n]
             for s in range(max(0, old - n), len(ids) - n):  # the starts that gained a following token
                 gram = tuple(ids[s: s + n])
                 starts.setdefault(gram, []).append(s)
                 follows.setdefault(gram, Counter())[ids[s + n]] += 1
+                totals[gram] += 1
         self.seen.extend(ids[old:])
 
     def match_length(self, ids: list[int], end: int) -> int:
@@ -106,9 +108,10 @@ class PromptLookupDrafter:
     def agreement(self, context: list[int], token: int) -> float:
         """count / (occurrences + 1) of `token` after the longest indexed n-gram ending `context` (0 if none)."""
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
-            follows = self.follows[n].get(tuple(context[-n:]))
+            gram = tuple(context[-n:])
+            follows = self.follows[n].get(gram)
             if follows:
-                return follows[token] / (sum(follows.values()) + 1)
+                return follows[token] / (self.totals[n][gram] + 1)
         return 0.0
 
     def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
