@@ -21,7 +21,7 @@ from pathlib import Path
 from adaspec.bench.data import load_questions
 from adaspec.config import SamplingConfig
 from adaspec.drafters import DraftContext, PromptLookupDrafter
-from adaspec.drafters.lookup import AGREEMENT_BINS, MATCH_BINS
+from adaspec.drafters.lookup import AGREEMENT_BINS, MATCH_BINS, acceptance_bin
 from adaspec.models import encode_prompt, load_model
 from adaspec.policies import CostAware, FixedLength
 
@@ -48,12 +48,8 @@ def turns(run: Path, data: Path) -> list[tuple[list[int], list[int]]]:
 def bins(drafter: PromptLookupDrafter, ids: list[int], draft: list[int]) -> list[tuple[int, int]]:
     """(match-length bin, agreement bin) of each drafted token, as drafters/lookup.acceptance bins them."""
     _, match = drafter.source(ids)
-    out = []
-    for i, token in enumerate(draft):
-        agreement = drafter.agreement(ids[-drafter.max_ngram:] + draft[:i], token)
-        row = next((b for b, top in enumerate(MATCH_BINS) if match + i <= top), len(MATCH_BINS))
-        out.append((row, sum(agreement >= a for a in AGREEMENT_BINS)))
-    return out
+    return [acceptance_bin(match + i, drafter.agreement(ids[-drafter.max_ngram:] + draft[:i], token))
+            for i, token in enumerate(draft)]
 
 
 def table(data: list[tuple[list[int], list[int]]], k: int) -> dict[tuple[int, int], list[int]]:

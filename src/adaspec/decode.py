@@ -197,12 +197,9 @@ def generate(
     steps: list[Step] = []
     tokens: list[int] = []
     reason = "length"
-    ttft = None
-    t0 = last = time.perf_counter()
-    for step in speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator, confidence):
-        now = time.perf_counter()
-        ttft = now - t0 if ttft is None else ttft
-        step.ms, last = 1000 * (now - last), now
+    t0 = time.perf_counter()
+    for step in timed(speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator,
+                                        confidence), t0):
         steps.append(step)
         tokens += step.tokens
         if on_step is not None:
@@ -210,4 +207,18 @@ def generate(
     wall = time.perf_counter() - t0
     if steps and steps[-1].stop is not None:
         reason = steps[-1].stop
-    return GenerationResult(list(prompt_ids), tokens, steps, wall, reason, ttft)
+    return GenerationResult(list(prompt_ids), tokens, steps, wall, reason, first_step_s(steps))
+
+
+def timed(steps: Iterator[Step], start: float) -> Iterator[Step]:
+    """`steps` with `Step.ms` set: the wall ms from the previous step's yield (the first: from `start`)."""
+    last = start
+    for step in steps:
+        now = time.perf_counter()
+        step.ms, last = 1000 * (now - last), now
+        yield step
+
+
+def first_step_s(steps: list[Step]) -> float | None:
+    """The time to the first new token (the prefill and the first step) of timed steps; None without steps."""
+    return steps[0].ms / 1000 if steps else None

@@ -29,7 +29,7 @@ import torch
 
 from adaspec.backends.base import Backend
 from adaspec.config import GenerationConfig
-from adaspec.decode import GenerationResult, Step, StopCriteria
+from adaspec.decode import GenerationResult, Step, StopCriteria, first_step_s, timed
 from adaspec.errors import AdaspecError
 from adaspec.sampling import probs_from_logits, sample
 
@@ -253,18 +253,16 @@ def stitch(
     """Run `stitch_steps` to the end with a generator seeded from config.seed (sampling draws from it)."""
     generator = torch.Generator().manual_seed(config.seed)
     steps: list[Step] = []
-    ttft = None  # prefill: the small model's (and the large one's where backends prefill apart, else later)
-    t0 = last = time.perf_counter()
-    for step in stitch_steps(small, large, prompt_ids, config, router, stop, generator):
-        now = time.perf_counter()
-        ttft = now - t0 if ttft is None else ttft
-        step.ms, last = 1000 * (now - last), now
+    t0 = time.perf_counter()
+    for step in timed(stitch_steps(small, large, prompt_ids, config, router, stop, generator), t0):
         steps.append(step)
         if on_step is not None:
             on_step(step)
     wall = time.perf_counter() - t0
     reason = steps[-1].stop if steps and steps[-1].stop is not None else "length"
-    return GenerationResult(list(prompt_ids), [t for s in steps for t in s.tokens], steps, wall, reason, ttft)
+    # TTFT: the small model's prefill (and the large one's where backends prefill apart, else later)
+    return GenerationResult(list(prompt_ids), [t for s in steps for t in s.tokens], steps, wall, reason,
+                            first_step_s(steps))
 
 
 def large_share(steps: list[Step]) -> float:

@@ -203,13 +203,7 @@ def forward_ms(records: list[dict]) -> dict[str, dict[str, list]]:
             cell = sums.setdefault(r["method"], {}).setdefault(key, [0.0, 0])
             cell[0] += s["ms"]
             cell[1] += 1
-    return {m: {k: [round(total / n, DIGITS), n] for k, (total, n) in sorted(cells.items(), key=_key)}
-            for m, cells in sums.items()}
-
-
-def _key(item: tuple[str, list]) -> tuple[int, int | str]:
-    key = item[0]
-    return (0, int(key)) if key.isdigit() else (1, key)
+    return {m: {k: [round(total / n, DIGITS), n] for k, (total, n) in cells.items()} for m, cells in sums.items()}
 
 
 def method_bound(records: list[dict], costs: Costs, measured_speedup: float | None) -> dict | None:

@@ -296,7 +296,7 @@ def _bound(bounds: dict, costs: dict) -> list[str]:
 
 
 def _forward_ms(times: dict, costs: dict) -> list[str]:
-    keys = sorted({k for cells in times.values() for k in cells}, key=lambda k: (0, int(k)) if k.isdigit() else (1, k))
+    keys = sorted({k for cells in times.values() for k in cells}, key=_key_order)
     lines = ["## Measured time per target forward", "",
              "Mean wall ms of one decoding step as the run measured it (drafting, the target forward, acceptance; "
              "each turn's prefill step left out), by positions the target scored (drafted + 1), with the number of "

@@ -44,10 +44,16 @@ ACCEPTANCE = (
 )
 
 
+def acceptance_bin(match: int, agreement: float) -> tuple[int, int]:
+    """(row, column) of `ACCEPTANCE` for a copied token's match length and agreement."""
+    row = next((i for i, top in enumerate(MATCH_BINS) if match <= top), len(MATCH_BINS))
+    return row, bisect_right(AGREEMENT_BINS, agreement)
+
+
 def acceptance(match: int, agreement: float) -> float:
     """The prior chance that a copied token is kept (`ACCEPTANCE`), for its match length and agreement."""
-    row = next((i for i, top in enumerate(MATCH_BINS) if match <= top), len(MATCH_BINS))
-    return ACCEPTANCE[row][bisect_right(AGREEMENT_BINS, agreement)]
+    row, column = acceptance_bin(match, agreement)
+    return ACCEPTANCE[row][column]
 
 
 class PromptLookupDrafter:
@@ -70,9 +76,8 @@ class PromptLookupDrafter:
         sizes = range(self.min_ngram, self.max_ngram + 1)
         # n -> {n-gram: its starts s, oldest first}, over the starts whose n-gram has a token after it
         self.starts: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in sizes}
-        # n -> {n-gram: Counter of the tokens that followed it}, and {n-gram: how many times it was followed}
+        # n -> {n-gram: Counter of the tokens that followed it} (their total: the n-gram's number of starts)
         self.follows: dict[int, dict[tuple[int, ...], Counter]] = {n: {} for n in sizes}
-        self.totals: dict[int, Counter] = {n: Counter() for n in sizes}
 
     def index(self, ids: list[int]) -> None:
         """Bring the tables up to `ids`: extend them when `ids` continues the indexed sequence, else rebuild."""
@@ -81,12 +86,11 @@ class PromptLookupDrafter:
             self.reset()
             old = 0
         for n in self.starts:
-            starts, follows, totals = self.starts[n], self.follows[n], self.totals[n]
+            starts, follows = self.starts[n], self.follows[n]
             for s in range(max(0, old - n), len(ids) - n):  # the starts that gained a following token
                 gram = tuple(ids[s: s + n])
                 starts.setdefault(gram, []).append(s)
                 follows.setdefault(gram, Counter())[ids[s + n]] += 1
-                totals[gram] += 1
         self.seen.extend(ids[old:])
 
     def match_length(self, ids: list[int], end: int) -> int:
@@ -100,9 +104,9 @@ class PromptLookupDrafter:
         """(where the copy starts, its match length) for the longest matching n-gram, None without a match."""
         for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
             starts = self.starts[n].get(tuple(ids[-n:]))
-            if starts:
-                best = max(reversed(starts[-self.candidates:]), key=lambda s: self.match_length(ids, s + n))
-                return best + n, self.match_length(ids, best + n)
+            if starts:  # the longest match; of equals, the latest start
+                match, best = max((self.match_length(ids, s + n), s) for s in starts[-self.candidates:])
+                return best + n, match
         return None
 
     def agreement(self, context: list[int], token: int) -> float:
@@ -111,7 +115,7 @@ class PromptLookupDrafter:
             gram = tuple(context[-n:])
             follows = self.follows[n].get(gram)
             if follows:
-                return follows[token] / (self.totals[n][gram] + 1)
+                return follows[token] / (len(self.starts[n][gram]) + 1)
         return 0.0
 
     def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
