@@ -167,3 +167,17 @@ def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):
     ar = build_runner(parse_method("ar"), target, None, config)
     prompt = random_prompt(0) * 3
     assert runner(prompt, config).token_ids == ar(prompt, config).token_ids  # the exact rule stays exact
+
+
+def test_cost_table_markdown_says_what_acceptance_each_backend_needs():
+    from adaspec.bench.costs import cost_table_markdown
+
+    def row(label: str, ratios: dict) -> dict:
+        return {"backend": label, "verify_ms": {n: 10.0 * r for n, r in ratios.items()}, "verify_ratio": ratios,
+                "prefill_ms": 100.0, "drafter_small": {"drafter_cost_ratio": 0.2}}
+
+    lines = cost_table_markdown([row("flat", FLAT), row("linear", {n: float(n) for n in FLAT})]).splitlines()
+    assert lines[0].endswith("| small drafter / step | alpha for 1.3x | alpha for 1.8x |")
+    flat, linear = (line.split(" | ") for line in lines[2:])
+    assert 0 < float(flat[-2]) < float(flat[-1].rstrip(" |")) < 1  # 1.8x needs a better drafter than 1.3x
+    assert linear[-2:] == ["–", "– |"]  # scoring n positions costs n steps: no acceptance pays

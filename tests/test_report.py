@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from adaspec.bench.bound import (
     Costs,
+    alpha_needed,
+    best_draft_length,
     expected_speedup,
     expected_tokens,
     forward_ms,
@@ -25,7 +27,7 @@ from adaspec.bench.bound import (
     token_acceptance,
 )
 from adaspec.bench.data import load_questions
-from adaspec.bench.report import _forward_ms
+from adaspec.bench.report import _ceiling, _forward_ms
 from adaspec.bench.rundir import build_summary, compare, rebuild
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
 from adaspec.bench.summary import summarize
@@ -123,6 +125,31 @@ def test_expected_tokens_follow_leviathan_et_al():
     assert expected_tokens(1.0, 4) == 5.0
     assert expected_tokens(0.0, 4) == 1.0
     assert expected_tokens(0.5, 0) == 1.0  # a forward without a draft emits its one token
+
+
+def test_alpha_needed_inverts_the_bound():
+    flat = Costs({"1": 10.0, "8": 10.0})  # scoring 8 positions costs one step: k = 7 at no extra cost
+    # E(7) = (1 - alpha^8) / (1 - alpha) = 2 just above alpha = 0.5 (E = 1.992 there)
+    alpha = alpha_needed(2.0, flat)
+    assert 0.5 < alpha < 0.51 and best_draft_length(alpha, flat)[1] >= 2.0 > best_draft_length(alpha - 0.002, flat)[1]
+    assert alpha_needed(9.0, flat) is None  # 8 tokens a forward at most
+    linear = Costs({"1": 10.0, "8": 80.0})  # verify(n) = n steps: no draft pays
+    assert alpha_needed(1.1, linear) is None and alpha_needed(1.0, linear) <= 0.001
+    dear = Costs({"1": 10.0, "8": 10.0}, draft_first_ms=10.0, draft_step_ms=10.0)  # a drafter as dear as the target
+    assert alpha_needed(1.3, dear) is None
+
+
+def test_ceiling_table_in_the_report(tmp_path):
+    costs = {"context_tokens": 78, "backends": {"llamacpp:shipped": {
+        "verify_ms": {"1": 13.326, "2": 17.812, "4": 27.499, "6": 37.477, "8": 48.234}, "drafter": "lookup",
+        "drafter_first_ms": 0.003, "drafter_step_ms": 0.0}, "torch:float32": {"verify_ms": {"1": 50.0, "8": 55.0}}}}
+    lines = _ceiling(costs)
+    assert lines[0] == "## What these costs allow"
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| llamacpp") or
+            line.startswith("| torch")}
+    assert "| 1.12 (k=1) |" in rows["llamacpp:shipped"] and rows["llamacpp:shipped"].endswith("| 0.93 | 0.97 |")
+    assert "| free |" in rows["torch:float32"]  # no drafter measured there: what a free one could do
+    assert _ceiling({"backend": "torch"}) == []  # no verify curve, no table
 
 
 def test_expected_speedup_against_hand_computed_values():

@@ -26,6 +26,10 @@ The best draft length: for the method's alpha and its backend's costs, the fixed
 E(k) / (draft(k) + verify(k + 1)); on a backend whose verify cost grows steeply with n (llama.cpp on quantized
 weights) it is short, on one where scoring n positions costs about one step (torch) it is long.
 
+What the costs allow at all (the report's ceiling table, alpha_needed): the best expected speedup at a given
+alpha, and the least alpha at which some fixed k reaches a given speedup. On a backend whose verify(n) grows near
+n, a high speedup needs an alpha near 1 whatever the drafter, which says what a better drafter can and cannot buy.
+
 Costs are per backend (costs.json "backends", keyed by `BackendChoice.label`): each method is modelled with its own
 backend's, and its measured speedup for the bound is against `ar` on that same backend in the run (None if the run
 has none there).
@@ -47,6 +51,8 @@ from adaspec.policies import expected_tokens, interpolate  # the cost model Cost
 
 DIGITS = 4
 BEST_K_MAX = 16
+CEILING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the report's "what these costs allow" table
+CEILING_SPEEDUPS = (1.3, 1.5, 1.8, 2.0)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,13 @@ class Costs:
     def draft(self, k: float) -> float:
         return 0.0 if k <= 0 else self.draft_first_ms + (k - 1) * self.draft_step_ms
 
+    @classmethod
+    def of(cls, verify_ms: dict[str, float], drafter: dict) -> Costs:
+        """From a costs.json verify curve and a drafter entry (drafter_first_ms, drafter_step_ms; only the marginal
+        cost in older runs; {}: a free drafter)."""
+        step = float(drafter.get("drafter_step_ms", 0.0))
+        return cls(verify_ms, float(drafter.get("drafter_first_ms", step)), step)
+
 
 def best_draft_length(alpha: float | None, costs: Costs, k_max: int = BEST_K_MAX) -> tuple[int | None, float | None]:
     """(k, expected speedup) of the fixed draft length that maximises E(k) / (draft(k) + verify(k + 1)), k at most
@@ -78,6 +91,19 @@ def best_draft_length(alpha: float | None, costs: Costs, k_max: int = BEST_K_MAX
     step = costs.step_ms
     return max(((k, expected_tokens(alpha, k) * step / (costs.draft(k) + costs.verify(k + 1)))
                 for k in range(k_max + 1)), key=lambda kv: kv[1])
+
+
+def alpha_needed(speedup: float, costs: Costs, tol: float = 1e-3) -> float | None:
+    """The least per-token acceptance alpha at which some fixed draft length (within the measured verify sizes) is
+    expected to reach `speedup` under `costs`, to within tol; None if none is even when every drafted token is
+    accepted. E(k) grows with alpha at every k, so the best expected speedup does too: bisection."""
+    if best_draft_length(1.0, costs)[1] < speedup:
+        return None
+    lo, hi = 0.0, 1.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if best_draft_length(mid, costs)[1] >= speedup else (mid, hi)
+    return hi
 
 
 def token_acceptance(steps: list[dict]) -> float | None:
@@ -134,8 +160,7 @@ def method_costs(method: str, costs: dict) -> Costs | None:
     drafter = costs.get("drafters", {}).get(str(option)) if option else costs
     if not drafter or "drafter_step_ms" not in drafter:
         return None
-    step = float(drafter["drafter_step_ms"])
-    return Costs(costs["verify_ms"], float(drafter.get("drafter_first_ms", step)), step)
+    return Costs.of(costs["verify_ms"], drafter)
 
 
 def _round(d: dict) -> dict:

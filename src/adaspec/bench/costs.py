@@ -104,6 +104,7 @@ def bandwidth_floor(model: nn.Module, bandwidth_gbs: float | None = None) -> dic
             "floor_ms": round(nbytes / gbs / 1e6, 3)}
 
 
+NEEDED_SPEEDUPS = (1.3, 1.8)  # `adaspec costs`: the acceptance a free drafter needs for these
 COST_TABLE_BACKENDS = ("torch:float32", "torch:bfloat16", "llamacpp:shipped", "llamacpp:q4_0", "llamacpp:q8_0",
                        "llamacpp:f16", "llamacpp:bf16")
 
@@ -143,12 +144,19 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
 
 
 def cost_table_markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table, with the per-token acceptance a free drafter would need on each backend for a
+    1.3x and a 1.8x expected speedup (bench/bound.alpha_needed; –: not reachable within 8 positions)."""
+    from adaspec.bench.bound import Costs, alpha_needed
+
     sizes = list(rows[0]["verify_ms"]) if rows else []
     drafters = [k for k in (rows[0] if rows else {}) if k.startswith("drafter_")]
-    head = ["backend", *(f"n={n} ms (x1)" for n in sizes), "prefill ms", *(f"{d[8:]} drafter / step" for d in drafters)]
+    head = ["backend", *(f"n={n} ms (x1)" for n in sizes), "prefill ms", *(f"{d[8:]} drafter / step" for d in drafters),
+            *(f"alpha for {s}x" for s in NEEDED_SPEEDUPS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["backend"]] + [f"{r['verify_ms'][n]:.1f} ({r['verify_ratio'][n]:.2f})" for n in sizes]
         cells += [f"{r['prefill_ms']:.0f}"] + [f"{r[d]['drafter_cost_ratio']:.2f}" for d in drafters]
+        needed = (alpha_needed(s, Costs({str(n): v for n, v in r["verify_ms"].items()})) for s in NEEDED_SPEEDUPS)
+        cells += ["–" if a is None else f"{a:.2f}" for a in needed]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

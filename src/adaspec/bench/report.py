@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from adaspec.bench import calibration as calib
+from adaspec.bench.bound import CEILING_ALPHAS, CEILING_SPEEDUPS, Costs, alpha_needed, best_draft_length
 
 COLUMNS = [
     ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("TTFT ms", "ttft_ms"),
@@ -43,7 +44,7 @@ def _costs(costs: dict) -> list[str]:
     """The verify-cost curve of every backend the run used (one row per backend: ms to score n positions and the
     ratio to one), then each backend's drafter costs as bullets. Runs from before per-backend costs have only the
     top-level entries, shown the same way under their one backend."""
-    per = costs.get("backends") or {costs.get("backend", "torch"): costs}
+    per = {label: c for label, c, _ in _backend_drafters(costs)}
     sizes = sorted({n for c in per.values() for n in c.get("verify_ms", {})}, key=_key_order)
     lines = ["## Measured costs", "",
              f"Time to score n positions on a {costs.get('context_tokens', '?')}-token context (ms), and its ratio to "
@@ -54,13 +55,46 @@ def _costs(costs: dict) -> list[str]:
     rows += [[label, c.get("weights", "–"), "ratio"] + [_fmt(c["verify_ratio"].get(n)) for n in sizes]
              for label, c in per.items() if "verify_ratio" in c]
     lines += _table(["backend", "weights", ""] + sizes, sorted(rows, key=lambda r: r[0])) + [""]
-    for label, c in per.items():
-        drafters = {c["drafter"]: c} if "drafter" in c else {}
-        drafters.update(c.get("drafters") or {})
+    for label, _, drafters in _backend_drafters(costs):
         lines += [f"- {label}, drafter {name}: first token {_fmt(d.get('drafter_first_ms'))} ms, each further "
                   f"{_fmt(d.get('drafter_step_ms'))} ms ({_fmt(d.get('drafter_cost_ratio'))} of a target step)"
                   for name, d in drafters.items()]
-    return lines if lines[-1] else lines[:-1]
+    return (lines if lines[-1] else lines[:-1]) + [""] + _ceiling(costs)
+
+
+def _backend_drafters(costs: dict) -> list[tuple[str, dict, dict]]:
+    """(backend label, its costs, {drafter name: its cost entry}) for every backend in a costs.json; runs from before
+    per-backend costs have only the top-level entries, shown under their one backend."""
+    per = costs.get("backends") or {costs.get("backend", "torch"): costs}
+    out = []
+    for label, c in per.items():
+        drafters = {c["drafter"]: c} if "drafter" in c else {}
+        drafters.update(c.get("drafters") or {})
+        out.append((label, c, drafters))
+    return out
+
+
+def _ceiling(costs: dict) -> list[str]:
+    """What the measured costs allow any drafter: per backend and drafter, the best expected speedup at per-token
+    acceptance alpha (and the fixed k that gives it), and the least alpha each speedup needs."""
+    rows = []
+    for label, c, drafters in _backend_drafters(costs):
+        if "verify_ms" not in c:
+            continue
+        for name, d in (drafters or {"free": {}}).items():
+            cost = Costs.of(c["verify_ms"], d)
+            best = (best_draft_length(a, cost) for a in CEILING_ALPHAS)
+            rows.append([label, name, *(f"{s:.2f} (k={k})" for k, s in best),
+                         *(_fmt(alpha_needed(s, cost)) for s in CEILING_SPEEDUPS)])
+    if not rows:
+        return []
+    lines = ["## What these costs allow", "",
+             "The analytic bound turned around: with these costs, the best expected speedup over one-token decoding "
+             "at a per-token acceptance alpha (max over fixed draft lengths within the measured verify sizes, i.i.d. "
+             "acceptance), and the least alpha at which some draft length reaches a speedup (– : none does, even "
+             "at alpha = 1).", ""]
+    return lines + _table(["backend", "drafter", *(f"alpha {a}" for a in CEILING_ALPHAS),
+                           *(f"alpha for {s}x" for s in CEILING_SPEEDUPS)], rows)
 
 
 def acceptance_plot(records: list[dict], path: Path) -> bool:
