@@ -543,6 +543,16 @@ def test_sweep_refuses_another_configuration_in_the_same_directory(tiny_dirs, tm
     assert e.value.code == 2
 
 
+def test_sweep_measures_its_points_against_ar_on_the_base_methods_backend():
+    from adaspec.bench.sweep import baseline_spec
+
+    assert baseline_spec("cmasd:gamma=2") == "ar"  # the default backend, as the points
+    assert baseline_spec("sd:backend=llamacpp,format=q8_0,k=3") == "ar:backend=llamacpp,format=q8_0"
+    assert baseline_spec("rstitch:backend=torch") == "ar:backend=torch"
+    assert baseline_spec("specbound:adapters=none") == "ar:backend=torch"  # SpecBound runs on torch only
+    assert parse_method(baseline_spec("specbound")).options == {"backend": "torch"}
+
+
 def test_sweep_grid_specs_and_empty_axes():
     specs = point_specs("cmasd:early_stop=0", {"alpha": (0.5, 1.0), "gamma": (1.0,), "tau_base": ()})
     assert specs == [("cmasd:early_stop=0,alpha=0.5,gamma=1", {"alpha": 0.5, "gamma": 1.0}),

@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from adaspec.bench.data import Question
-from adaspec.bench.summary import BASELINE, load_records
-from adaspec.bench.sweep import SweepOptions, append_line, load_models, run_method, sweep_point
+from adaspec.bench.summary import load_records
+from adaspec.bench.sweep import SweepOptions, append_line, baseline_spec, load_models, run_method, sweep_point
 from adaspec.errors import AdaspecError
 
 INSTALL = "pip install 'adaspec\\[ray]'"  # the backslash keeps rich from reading [ray] as markup
@@ -48,7 +48,7 @@ def require_ray():
 
 def baseline_records(opts: SweepOptions, questions: list[Question]) -> list[dict]:
     """A task: `ar`'s records on `questions`."""
-    return list(run_method(BASELINE, opts, load_models(opts), questions))
+    return list(run_method(baseline_spec(opts.base), opts, load_models(opts), questions))
 
 
 def point_record(spec: str, opts: SweepOptions, baseline: list[dict]) -> dict:
@@ -83,7 +83,7 @@ def run_on_ray(opts: SweepOptions, ray_opts: RayOptions, todo: list[str], ar_tod
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("", total=(len(todo) + bool(ar_todo)) * questions)
             if ar_todo:
-                progress.update(task, description=BASELINE)
+                progress.update(task, description=baseline_spec(opts.base))
                 progress.advance(task, questions - len(ar_todo))
                 remote = ray.remote(num_cpus=ray_opts.cpus_per_task)(baseline_records)
                 for r in _get(ray, remote.remote(opts, ar_todo)):

@@ -1,5 +1,6 @@
 """`adaspec sweep`: CM-ASD hyperparameters over a grid, each point one method spec run through the bench
-runner on the same prompts, against `ar` measured once on those prompts and reused for every point.
+runner on the same prompts, against `ar` (on the backend the base method runs on: `baseline_spec`) measured once
+on those prompts and reused for every point.
 
 Writes into --out: `ar.jsonl` (the baseline's records), `sweep.jsonl` (one line per grid point: its spec,
 grid values and the bench fields; a rerun skips points already there), `pareto.json` (the points no other
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from adaspec.bench.data import Question, load_questions
-from adaspec.bench.summary import BASELINE, load_records, method_fields
+from adaspec.bench.summary import load_records, method_fields
 from adaspec.config import SPECBOUND_SWEEP, GenerationConfig
 from adaspec.errors import AdaspecError
 from adaspec.methods import OPTIONS, DrafterChoice, build_runner, default_drafter, load_drafter, parse_method
@@ -84,6 +85,16 @@ def point_specs(base: str, grid: dict[str, tuple[float, ...]]) -> list[tuple[str
         parse_method(label)  # every point's values must be valid
         points.append((label.rstrip(":"), point))
     return points
+
+
+def baseline_spec(base: str) -> str:
+    """The `ar` a sweep's points are measured against: on the backend the base method runs on (its backend= and
+    format= options over the default; a method without them, SpecBound, runs on torch)."""
+    spec = parse_method(base)
+    if "backend" not in OPTIONS[spec.name]:
+        return "ar:backend=torch"
+    options = [f"{k}={spec.options[k]}" for k in ("backend", "format") if k in spec.options]
+    return "ar:" + ",".join(options) if options else "ar"
 
 
 def questions_of(opts: SweepOptions) -> list[Question]:
@@ -201,7 +212,7 @@ def sweep_config(opts: SweepOptions, target_name: str) -> dict:
         "grid": {k: list(v) for k, v in opts.grid.items()}, "target": target_name,
         "drafter": opts.drafter or default_drafter(target_name), "dtype": opts.dtype, "chat": opts.chat,
         "max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature, "top_k": gen.sampling.top_k,
-        "top_p": gen.sampling.top_p, "seed": gen.seed,
+        "top_p": gen.sampling.top_p, "seed": gen.seed, "baseline": baseline_spec(opts.base),
     }
 
 
@@ -251,9 +262,9 @@ def run_sweep(opts: SweepOptions, console: Console | None = None, ray: RayOption
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("", total=(len(todo) + bool(ar_todo)) * len(questions))
             if ar_todo:
-                progress.update(task, description=BASELINE)
+                progress.update(task, description=baseline_spec(opts.base))
                 progress.advance(task, len(questions) - len(ar_todo))
-                for r in run_method(BASELINE, opts, models, ar_todo, lambda: progress.advance(task)):
+                for r in run_method(baseline_spec(opts.base), opts, models, ar_todo, lambda: progress.advance(task)):
                     append_line(ar_path, r)
                 baseline = load_records(ar_path)
             for spec in todo:
