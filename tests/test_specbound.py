@@ -42,8 +42,8 @@ def damped_llama(seed: int, damp: float = 0.3, scale: float = 40.0, **kwargs):
     return model
 
 
-def specbound(model, exits=(1, 2, 4), threshold=0.35, a=1.0, d_max=4, artifact=None):
-    backend = LayeredBackend(model)
+def specbound(model, exits=(1, 2, 4), threshold=0.35, a=1.0, d_max=4, artifact=None, lean=None):
+    backend = LayeredBackend(model, lean=lean)
     bound = ExitBound(tuple(exits), LAYERS, threshold, a, d_max)
     return backend, EarlyExitDrafter(backend, bound, artifact), bound
 
@@ -73,6 +73,21 @@ def test_greedy_specbound_equals_ar_token_for_token(seed, damp, exits, threshold
     assert any(s.accepted < s.drafted for s in steps), "no rejection: rollback was not exercised"
     assert any(s.accepted == s.drafted > 0 for s in steps), "no fully accepted draft"
     assert all(len(s.exit_layers) == s.drafted and set(s.exit_layers) <= set(exits) for s in steps)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_both_layer_implementations_give_ar_and_the_same_steps(lean):
+    model = damped_llama(1, 0.5)
+    prompt = random_prompt(1, 9)
+    backend, drafter, bound = specbound(model, threshold=0.3, d_max=3, lean=lean)
+    assert (backend.lean is not None) == lean  # a tiny Llama: the lean layers unless told otherwise
+    result = generate(backend, prompt, GenerationConfig(max_new_tokens=40), drafter, bound)
+    assert result.token_ids == ar_tokens(model, prompt, 40) == naive_greedy(model, prompt, 40)
+    assert any(s.accepted < s.drafted for s in result.steps) and any(s.accepted > 0 for s in result.steps)
+    other = specbound(model, threshold=0.3, d_max=3, lean=not lean)
+    again = generate(other[0], prompt, GenerationConfig(max_new_tokens=40), other[1], other[2])
+    assert [(s.drafted, s.accepted, s.exit_layers) for s in again.steps] == [
+        (s.drafted, s.accepted, s.exit_layers) for s in result.steps]
 
 
 def test_greedy_specbound_equals_the_cache_free_reference_under_random_thresholds():
@@ -106,10 +121,10 @@ def test_kv_cache_after_rollback_equals_a_cache_free_forward():
     fresh = TorchBackend(model, lean=False)  # transformers' DynamicCache, laid out as the layered backend's
     fresh.extend(ids)
     for j in range(LAYERS):
-        mine, ref = backend.cache.layers[j], fresh.cache.layers[j]
+        (keys, values), ref = backend.layer_kv(j), fresh.cache.layers[j]
         assert backend.cached(j) == len(ids)
-        torch.testing.assert_close(mine.keys, ref.keys, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(mine.values, ref.values, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(keys, ref.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(values, ref.values, atol=1e-5, rtol=1e-4)
     # and the next position scores as in a fresh forward of everything
     want = full_logits(model, prompt + result.token_ids)[-1:]
     torch.testing.assert_close(backend.extend(result.token_ids[-1:]), want, atol=1e-4, rtol=1e-4)

@@ -16,6 +16,11 @@ not recomputed, their KV at layer j is already cached. Every computed value is t
 approximation): a position only runs layer j once every earlier position has its KV at layer j.
 Verification is `advance(L)` (with the positions the draft did not run appended at depth 0); rollback
 crops every layer to the kept length.
+
+Where the lean forward can run the model (`backends/lean.py`: Llama), a layer is its ops over a preallocated
+`LayerKV` (per-layer lengths, rollback by length, no concatenation); otherwise transformers' decoder layer over
+a `DynamicCache`. A step that drafts nothing then costs about what `ar`'s lean step does, not transformers'
+per-layer plumbing on top of it.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from adaspec.backends.base import Backend, common_prefix
-from adaspec.cache import new_cache
+from adaspec.backends.lean import LeanLlama, lean_unsupported, rms_norm
+from adaspec.backends.lean import causal_mask as lean_mask
+from adaspec.cache import StaticKV, new_cache
+from adaspec.config import TORCH_CACHE_LEN
 from adaspec.errors import AdaspecError
 
 LAYERED_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # embeddings unscaled, pre-norm decoder layers, one RoPE
@@ -48,10 +56,29 @@ class Pending:
         self.hidden = None if m == 0 or self.hidden is None else self.hidden[:m]
 
 
-class LayeredBackend(Backend):
-    """A Llama-style causal LM whose positions advance through the layers on demand."""
+class LayerKV(StaticKV):
+    """A `StaticKV` whose layers hold different numbers of positions (`lengths`): pending positions have run
+    only their first layers. `write` appends at the layer's own length."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype) -> None:
+        super().__init__(layers, kv_heads, head_dim, capacity, dtype)
+        self.lengths = [0] * layers
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [1, kv, n, D] to `layer`; its keys and values [1, kv, length, D] (views)."""
+        start = self.lengths[layer]
+        end = start + k.shape[2]
+        self.keys[layer, :, :, start: end] = k
+        self.values[layer, :, :, start: end] = v
+        self.lengths[layer] = end
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class LayeredBackend(Backend):
+    """A Llama-style causal LM whose positions advance through the layers on demand. `lean`: None runs the lean
+    layers when the architecture allows it, False transformers' (as `TorchBackend`)."""
+
+    def __init__(self, model: PreTrainedModel, lean: bool | None = None, cache_len: int = TORCH_CACHE_LEN) -> None:
         super().__init__()
         model_type = getattr(model.config, "model_type", "")
         if model_type not in LAYERED_MODEL_TYPES:
@@ -62,32 +89,54 @@ class LayeredBackend(Backend):
         self.depth = int(model.config.num_hidden_layers)
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        self.cache = new_cache(model)
+        use_lean = lean is not False and lean_unsupported(model) is None
+        self.lean = LeanLlama(model, min(cache_len, self.max_context)) if use_lean else None
+        if self.lean is not None:
+            self.max_context = self.lean.capacity
+        self.cache = self._new_cache()
         self.pending = Pending()
         self.layer_runs = 0  # layer calls so far (one per layer per batch): a cost counter for tests and benches
 
     # -- lengths and cropping
 
+    def _new_cache(self) -> LayerKV | DynamicCache:
+        lean = self.lean
+        if lean is None:
+            return new_cache(self.model)
+        return LayerKV(self.depth, lean.kv_heads, lean.head_dim, lean.capacity, lean.dtype)
+
     def cached(self, layer: int) -> int:
         """Positions in layer `layer`'s KV cache."""
-        return self.cache.layers[layer].get_seq_length()
+        return self.cache.lengths[layer] if self.lean else self.cache.layers[layer].get_seq_length()
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s cached keys and values [1, kv, cached, D]."""
+        if self.lean:
+            n = self.cache.lengths[layer]
+            return self.cache.keys[layer, :, :, :n], self.cache.values[layer, :, :, :n]
+        return self.cache.layers[layer].keys, self.cache.layers[layer].values
+
+    def _crop(self, layer: int, length: int) -> None:
+        """Keep at most `length` positions of layer `layer`'s cache."""
+        have = self.cached(layer)
+        if have > length:
+            if self.lean:
+                self.cache.lengths[layer] = length
+            else:
+                self.cache.layers[layer].crop(length - have)
 
     def _crop_layers(self) -> None:
         """Crop each layer's cache to what `tokens` and `pending` say it holds."""
         for j in range(self.depth):
-            want = len(self.tokens) + sum(d > j for d in self.pending.depth)
-            have = self.cached(j)
-            if have > want:
-                self.cache.layers[j].crop(want - have)
+            self._crop(j, len(self.tokens) + sum(d > j for d in self.pending.depth))
 
     def _truncate(self, length: int) -> None:
         self.pending = Pending()
-        if length == 0:
+        if length == 0 and self.lean is None:
             self.cache = new_cache(self.model)
             return
         for j in range(self.depth):
-            if self.cached(j) > length:
-                self.cache.layers[j].crop(length - self.cached(j))
+            self._crop(j, length)
 
     def rollback(self, length: int) -> None:
         """Forget every position at index >= length, fully computed or pending."""
@@ -126,17 +175,31 @@ class LayeredBackend(Backend):
         while p.depth[-1] < depth:
             j = p.depth[-1]
             s = p.depth.index(j)  # the suffix s..m-1 sits at depth j; positions before it are deeper
-            if rope is None:
-                rope = self.body.rotary_emb(p.hidden[None], position_ids=positions)  # (cos, sin) [1, m, D]
-            cos, sin = (r[:, s:] for r in rope)
             x = p.hidden[None, s:]  # [1, n, H]
-            out = self.body.layers[j](x, attention_mask=causal_mask(base + s, x.shape[1], x.dtype),
-                                      position_embeddings=(cos, sin), position_ids=positions[:, s:], cache=self.cache,
-                                      use_cache=True)
+            if self.lean is not None:
+                out = self._lean_layer(j, x, base + s)
+            else:
+                if rope is None:
+                    rope = self.body.rotary_emb(p.hidden[None], position_ids=positions)  # (cos, sin) [1, m, D]
+                cos, sin = (r[:, s:] for r in rope)
+                out = self.body.layers[j](x, attention_mask=causal_mask(base + s, x.shape[1], x.dtype),
+                                          position_embeddings=(cos, sin), position_ids=positions[:, s:],
+                                          cache=self.cache, use_cache=True)
             self.layer_runs += 1
             p.hidden = torch.cat([p.hidden[:s], out[0]])
             p.depth[s:] = [j + 1] * (len(p) - s)
         return p.hidden
+
+    def _lean_layer(self, j: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Layer j (the lean ops) over x [1, n, H] at positions start..; its keys and values appended to layer j."""
+        lean, w = self.lean, self.lean.layers[j]
+        n = x.shape[1]
+        if self.cache.lengths[j] != start:
+            raise RuntimeError(f"layer {j} holds {self.cache.lengths[j]} positions, not the {start} before these")
+        cos, sin = lean.cos[start: start + n, None], lean.sin[start: start + n, None]  # [n, 1, D]
+        mask = lean_mask(start, n, lean.heads // lean.kv_heads)
+        x = x + lean.attention(j, w, rms_norm(x, w.attn_norm, lean.eps), cos, sin, mask, self.cache)
+        return x + lean.mlp(w, rms_norm(x, w.mlp_norm, lean.eps))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-layer residual stream [n, H] -> float logits [n, V] (final norm, LM head)."""
