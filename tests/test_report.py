@@ -303,6 +303,20 @@ def test_records_carry_the_environment_and_per_turn_fields(bench_run):
     assert "## Environment" in report and f"| torch_threads | {records[0]['environment']['torch_threads']} |" in report
 
 
+def test_records_name_the_commit_that_measured_them(tmp_path):
+    import subprocess
+
+    from adaspec.bench.runner import source_revision
+
+    package = Path(__file__).resolve().parents[1] / "src" / "adaspec"
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
+    revision = source_revision()
+    if head.returncode != 0:  # not a git checkout (an sdist): nothing to name
+        assert revision is None
+        return
+    assert revision is not None and revision.removesuffix("-dirty") == head.stdout.strip()
+
+
 def test_report_rebuilds_summary_and_report_from_the_records(bench_run):
     summary_before = (bench_run / "summary.json").read_text()
     report_before = (bench_run / "report.md").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -76,6 +77,25 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def source_revision() -> str | None:
+    """The git commit adaspec runs from ('-dirty' appended when tracked files differ from it), so that a run
+    resumed across changes says which code measured which records; None outside a git checkout."""
+    here = str(Path(__file__).resolve().parents[1])  # the adaspec package: the code that measures
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return commit + ("-dirty" if dirty else "")
+
+
 def environment() -> dict:
     """Where the numbers come from, carried by every record: package versions, torch threads, the CPU."""
     from importlib.metadata import PackageNotFoundError, version
@@ -90,6 +110,7 @@ def environment() -> dict:
     return {
         "python": sys.version.split()[0],
         "adaspec": installed("adaspec"),
+        "adaspec_commit": source_revision(),
         "torch": torch.__version__,
         "transformers": installed("transformers"),
         "numpy": installed("numpy"),
