@@ -27,7 +27,7 @@ from adaspec.bench.bound import (
     token_acceptance,
 )
 from adaspec.bench.data import load_questions
-from adaspec.bench.report import _ceiling, _forward_ms
+from adaspec.bench.report import _backend_drafters, _ceiling, _forward_ms
 from adaspec.bench.rundir import build_summary, compare, rebuild
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
 from adaspec.bench.summary import summarize
@@ -143,13 +143,13 @@ def test_ceiling_table_in_the_report(tmp_path):
     costs = {"context_tokens": 78, "backends": {"llamacpp:shipped": {
         "verify_ms": {"1": 13.326, "2": 17.812, "4": 27.499, "6": 37.477, "8": 48.234}, "drafter": "lookup",
         "drafter_first_ms": 0.003, "drafter_step_ms": 0.0}, "torch:float32": {"verify_ms": {"1": 50.0, "8": 55.0}}}}
-    lines = _ceiling(costs)
+    lines = _ceiling(_backend_drafters(costs))
     assert lines[0] == "## What these costs allow"
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| llamacpp") or
             line.startswith("| torch")}
     assert "| 1.12 (k=1) |" in rows["llamacpp:shipped"] and rows["llamacpp:shipped"].endswith("| 0.93 | 0.97 |")
     assert "| free |" in rows["torch:float32"]  # no drafter measured there: what a free one could do
-    assert _ceiling({"backend": "torch"}) == []  # no verify curve, no table
+    assert _ceiling(_backend_drafters({"backend": "torch"})) == []  # no verify curve, no table
 
 
 def test_expected_speedup_against_hand_computed_values():

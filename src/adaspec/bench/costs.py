@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from adaspec.backends.base import Backend
+from adaspec.bench.bound import Costs, alpha_needed
 from adaspec.config import GenerationConfig, SamplingConfig
 from adaspec.decode import generate
 from adaspec.drafters.base import DraftContext, Drafter
@@ -146,8 +147,6 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
 def cost_table_markdown(rows: list[dict]) -> str:
     """The rows as a markdown table, with the per-token acceptance a free drafter would need on each backend for a
     1.3x and a 1.8x expected speedup (bench/bound.alpha_needed; –: not reachable within 8 positions)."""
-    from adaspec.bench.bound import Costs, alpha_needed
-
     sizes = list(rows[0]["verify_ms"]) if rows else []
     drafters = [k for k in (rows[0] if rows else {}) if k.startswith("drafter_")]
     head = ["backend", *(f"n={n} ms (x1)" for n in sizes), "prefill ms", *(f"{d[8:]} drafter / step" for d in drafters),

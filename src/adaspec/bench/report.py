@@ -44,7 +44,8 @@ def _costs(costs: dict) -> list[str]:
     """The verify-cost curve of every backend the run used (one row per backend: ms to score n positions and the
     ratio to one), then each backend's drafter costs as bullets. Runs from before per-backend costs have only the
     top-level entries, shown the same way under their one backend."""
-    per = {label: c for label, c, _ in _backend_drafters(costs)}
+    entries = _backend_drafters(costs)
+    per = {label: c for label, c, _ in entries}
     sizes = sorted({n for c in per.values() for n in c.get("verify_ms", {})}, key=_key_order)
     lines = ["## Measured costs", "",
              f"Time to score n positions on a {costs.get('context_tokens', '?')}-token context (ms), and its ratio to "
@@ -55,11 +56,11 @@ def _costs(costs: dict) -> list[str]:
     rows += [[label, c.get("weights", "–"), "ratio"] + [_fmt(c["verify_ratio"].get(n)) for n in sizes]
              for label, c in per.items() if "verify_ratio" in c]
     lines += _table(["backend", "weights", ""] + sizes, sorted(rows, key=lambda r: r[0])) + [""]
-    for label, _, drafters in _backend_drafters(costs):
+    for label, _, drafters in entries:
         lines += [f"- {label}, drafter {name}: first token {_fmt(d.get('drafter_first_ms'))} ms, each further "
                   f"{_fmt(d.get('drafter_step_ms'))} ms ({_fmt(d.get('drafter_cost_ratio'))} of a target step)"
                   for name, d in drafters.items()]
-    return (lines if lines[-1] else lines[:-1]) + [""] + _ceiling(costs)
+    return (lines if lines[-1] else lines[:-1]) + [""] + _ceiling(entries)
 
 
 def _backend_drafters(costs: dict) -> list[tuple[str, dict, dict]]:
@@ -74,11 +75,11 @@ def _backend_drafters(costs: dict) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def _ceiling(costs: dict) -> list[str]:
-    """What the measured costs allow any drafter: per backend and drafter, the best expected speedup at per-token
-    acceptance alpha (and the fixed k that gives it), and the least alpha each speedup needs."""
+def _ceiling(entries: list[tuple[str, dict, dict]]) -> list[str]:
+    """What the measured costs (`_backend_drafters`) allow any drafter: per backend and drafter, the best expected
+    speedup at per-token acceptance alpha (and the fixed k that gives it), and the least alpha each speedup needs."""
     rows = []
-    for label, c, drafters in _backend_drafters(costs):
+    for label, c, drafters in entries:
         if "verify_ms" not in c:
             continue
         for name, d in (drafters or {"free": {}}).items():

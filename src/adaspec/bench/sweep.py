@@ -262,9 +262,9 @@ def run_sweep(opts: SweepOptions, console: Console | None = None, ray: RayOption
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("", total=(len(todo) + bool(ar_todo)) * len(questions))
             if ar_todo:
-                progress.update(task, description=baseline_spec(opts.base))
+                progress.update(task, description=config["baseline"])
                 progress.advance(task, len(questions) - len(ar_todo))
-                for r in run_method(baseline_spec(opts.base), opts, models, ar_todo, lambda: progress.advance(task)):
+                for r in run_method(config["baseline"], opts, models, ar_todo, lambda: progress.advance(task)):
                     append_line(ar_path, r)
                 baseline = load_records(ar_path)
             for spec in todo:
