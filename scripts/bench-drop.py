@@ -1,11 +1,13 @@
 """Drop records from an `adaspec bench` run directory so that its resume reruns them:
 
-  python scripts/bench-drop.py RUN [--pauses LOG] [--incomplete]
+  python scripts/bench-drop.py RUN [--pauses LOG] [--incomplete] [--apart]
 
 --pauses: records whose time span overlaps a window between `stop` and `cont` in LOG (scripts/bench-pause) measured
 a stopped process. --incomplete: records of questions that lack one of the run's methods, so that every question's
-methods are measured together (on one machine, when a run is resumed on another). The old file is kept beside it
-as records.jsonl.<unix time>.bak; nothing else is touched. Stop the bench first (it appends to the file).
+methods are measured together (on one machine, when a run is resumed on another); with --pauses, it also drops the
+other records of a question that lost one to a pause. --apart: every record of the questions whose records ended
+more than 15 minutes apart (`summary.APART_S`: the pairs the report's "Measured apart" table counts). The old file
+is kept beside it as records.jsonl.<unix time>.bak; nothing else is touched. Stop the bench first (it appends).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import shutil
 import time
 from pathlib import Path
+
+from adaspec.bench.summary import APART_S
 
 
 def pause_windows(log: Path) -> list[tuple[float, float]]:
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--pauses", type=Path)
     parser.add_argument("--incomplete", action="store_true")
+    parser.add_argument("--apart", action="store_true")
     args = parser.parse_args()
     path = args.run / "records.jsonl"
     lines = [line for line in path.read_text().split("\n") if line.strip()]
@@ -49,6 +54,13 @@ def main() -> None:
             end = r["tstamp"]
             begin = end - r["wall_s"] - 1.0  # a second of slack for the work around the timed call
             if any(begin < b and a < end for a, b in windows):
+                keep[i] = False
+    if args.apart:
+        ends: dict[int | str, list[float]] = {}
+        for r in records:
+            ends.setdefault(r["question_id"], []).append(r["tstamp"])
+        for i, r in enumerate(records):
+            if max(ends[r["question_id"]]) - min(ends[r["question_id"]]) > APART_S:
                 keep[i] = False
     if args.incomplete:
         methods = set(json.loads((args.run / "config.json").read_text())["methods"])

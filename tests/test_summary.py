@@ -231,3 +231,26 @@ def test_every_method_is_compared_with_every_peer_in_the_run(tmp_path):
     report = write_report(summarize(rs, {}), rs, tmp_path).read_text()
     assert "## Against the peers" in report and "| method | vs hf-lookup:k=4 | vs llamacpp |" in report
     assert "| sd | 4.00 | 1.60 [" in report
+
+
+def test_pairs_measured_far_apart_are_counted_and_left_out_of_the_together_speedup(tmp_path):
+    # question 1: sd measured with ar (2x); question 2: sd rerun an hour later on a faster machine state (4x)
+    at = {(1, "ar"): 1000.0, (1, "sd"): 1010.0, (2, "ar"): 1020.0, (2, "sd"): 4620.0}
+    rs = [record(1, "ar", [1] * 10, 2.0), record(1, "sd", [1] * 10, 1.0),
+          record(2, "ar", [1] * 10, 2.0), record(2, "sd", [1] * 10, 0.5)]
+    for r in rs:
+        r["tstamp"] = at[r["question_id"], r["method"]]
+    summary = summarize(rs, {})
+    sd = summary["methods"]["sd"]
+    assert sd["measured_apart"] == 1
+    assert sd["speedup_vs_ar"] == round(20 / 1.5 / (20 / 4.0), 4)  # every pair
+    assert sd["speedup_together"] == 2.0  # question 1 alone
+    assert summary["methods"]["ar"]["measured_apart"] == 0 and summary["methods"]["ar"]["speedup_together"] is None
+    report = write_report(summary, rs, tmp_path).read_text()
+    assert "## Measured apart" in report and "| sd | 1 | 2.67 [2.00, 4.00] | 2.00 |" in report
+    for r in rs:  # all measured together: no section
+        r["tstamp"] = 1000.0
+    assert "## Measured apart" not in write_report(summarize(rs, {}), rs, tmp_path).read_text()
+    for r in rs:  # records without a time: unknown, not zero
+        del r["tstamp"]
+    assert summarize(rs, {})["methods"]["sd"]["measured_apart"] is None

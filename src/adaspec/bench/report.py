@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adaspec.bench import calibration as calib
 from adaspec.bench.bound import CEILING_ALPHAS, CEILING_SPEEDUPS, Costs, alpha_needed, best_draft_length
+from adaspec.bench.summary import APART_S
 
 COLUMNS = [
     ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("TTFT ms", "ttft_ms"),
@@ -194,6 +195,8 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     lines += _table(["method", "all"] + categories,
                     [[name, speedup_cell(methods[name])] + [speedup_cell(pc.get(c, {})) for c in categories]
                      for name, pc in per_category.items()])
+    if any(m.get("measured_apart") for m in methods.values()):
+        lines += [""] + _apart(methods)
     lines += [""] + _per_category(methods, categories)
     if any(m.get("vs_backend_ar") for m in methods.values()):
         lines += [""] + _vs_backend_ar(methods)
@@ -241,12 +244,13 @@ HIST_PLOTS = {"emitted": (Path("plots") / "acceptance_by_category.png", "tokens 
               "drafted": (Path("plots") / "draft_len_hist.png", "drafted tokens verified per target forward")}
 
 
-def speedup_cell(fields: dict, key: str = "speedup_vs_ar") -> str:
-    """'1.26 [1.10, 1.41]': a speedup (fields[key]) and its 95 % bootstrap interval ('–' where it does not apply)."""
+def speedup_cell(fields: dict, key: str = "speedup_vs_ar", ci: str = "speedup_ci") -> str:
+    """'1.26 [1.10, 1.41]': a speedup (fields[key]) and its 95 % bootstrap interval (fields[ci + '_lo'], '_hi'); '–'
+    where it does not apply."""
     s = fields.get(key)
     if s is None:
         return "–"
-    lo, hi = fields.get("speedup_ci_lo"), fields.get("speedup_ci_hi")
+    lo, hi = fields.get(f"{ci}_lo"), fields.get(f"{ci}_hi")
     return f"{s:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
 
 
@@ -269,6 +273,18 @@ def _environment(summary: dict) -> list[str]:
     for e in summary.get("environments") or []:
         lines.append(f"- {e['records']} records: {environment_line(e['environment'])}")
     return lines + [""]
+
+
+def _apart(methods: dict) -> list[str]:
+    """Methods some of whose records ended far from their question's `ar` record, with the speedup over the
+    questions measured together beside the one over all."""
+    lines = ["## Measured apart", "",
+             f"Questions whose record and `ar`'s ended more than {APART_S / 60:.0f} minutes apart (a run resumed on "
+             "another day, a method rerun later) compare two states of the machine; the speedup over the questions "
+             "measured together is the one to trust where the two differ.", ""]
+    rows = [[name, str(m["measured_apart"]), speedup_cell(m), speedup_cell(m, "speedup_together", "together_ci")]
+            for name, m in methods.items() if m.get("measured_apart")]
+    return lines + _table(["method", "questions apart", "speedup, all", "speedup, measured together"], rows)
 
 
 def _vs_backend_ar(methods: dict) -> list[str]:

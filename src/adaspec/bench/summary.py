@@ -18,6 +18,9 @@ from adaspec.errors import AdaspecError
 BASELINE = "ar"
 REQUIRED = ("question_id", "category", "method", "new_tokens", "wall_s")
 DIGITS = 4  # every float in a summary is rounded to this many decimals
+# a question's record and its `ar` record that ended further apart than this were measured in different machine
+# states (a resumed run, a method rerun later): the speedup over the questions measured together is given beside
+APART_S = 900.0
 
 
 @dataclass
@@ -35,6 +38,10 @@ class MethodFields:
     speedup_vs_ar: float | None = None  # on the questions `ar` also answered
     speedup_ci_lo: float | None = None  # its 95 % bootstrap interval over those questions (bench/stats.py)
     speedup_ci_hi: float | None = None
+    measured_apart: int | None = None  # paired questions whose two records ended more than APART_S apart
+    speedup_together: float | None = None  # on the other paired questions, where some were apart
+    together_ci_lo: float | None = None
+    together_ci_hi: float | None = None
     mean_accepted: float | None = None  # tokens emitted per target forward, bonus included
     acceptance_rate: float | None = None  # accepted / drafted
     mean_draft_len: float | None = None  # drafted per target forward
@@ -127,6 +134,7 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
         pairs = [(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) for r, b in paired]
         fields.speedup_vs_ar = paired_speedup(pairs)
         fields.speedup_ci_lo, fields.speedup_ci_hi = bootstrap_speedup_ci(pairs) or (None, None)
+        _together(fields, paired)
         fields.exact_match = sum(r["token_ids"] == b["token_ids"] for r, b in paired) / len(paired)
         fields.alignment = corpus_bleu([r["text"] for r, _ in paired], [b["text"] for _, b in paired])
     fields.bleu = corpus_bleu(*_with_reference(records, "translation"))
@@ -134,6 +142,20 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
     fields.rouge1, fields.rouge2, fields.rougeL = (scores.get(k) for k in ROUGE_KEYS)
     fields.gsm8k_acc = gsm8k_accuracy(*_with_reference(records, "math_reasoning"))
     return fields
+
+
+def _together(fields: MethodFields, paired: list[tuple[dict, dict]]) -> None:
+    """Set `measured_apart` (None when records carry no `tstamp`) and, where some pairs were apart, the speedup with
+    its interval over the pairs measured together."""
+    timed = [(r, b) for r, b in paired if r.get("tstamp") is not None and b.get("tstamp") is not None]
+    if not timed:
+        return
+    together = [(r, b) for r, b in timed if abs(r["tstamp"] - b["tstamp"]) <= APART_S]
+    fields.measured_apart = len(timed) - len(together)
+    if fields.measured_apart and together:
+        pairs = [(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) for r, b in together]
+        fields.speedup_together = paired_speedup(pairs)
+        fields.together_ci_lo, fields.together_ci_hi = bootstrap_speedup_ci(pairs) or (None, None)
 
 
 def _histogram(steps: list[dict]) -> dict[str, dict[str, int]]:
