@@ -58,9 +58,11 @@ def main() -> None:
     if args.apart:
         ends: dict[int | str, list[float]] = {}
         for r in records:
-            ends.setdefault(r["question_id"], []).append(r["tstamp"])
+            if r.get("tstamp") is not None:  # records from before `tstamp`: their time is unknown, kept
+                ends.setdefault(r["question_id"], []).append(r["tstamp"])
         for i, r in enumerate(records):
-            if max(ends[r["question_id"]]) - min(ends[r["question_id"]]) > APART_S:
+            at = ends.get(r["question_id"], [0.0])
+            if max(at) - min(at) > APART_S:
                 keep[i] = False
     if args.incomplete:
         methods = set(json.loads((args.run / "config.json").read_text())["methods"])

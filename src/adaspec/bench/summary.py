@@ -131,9 +131,7 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
     fields.d_max_stop_share = _ratio(sum(x == "d_max" for x in stops), len(stops))
     paired = [(r, baseline[r["question_id"]]) for r in records if r["question_id"] in baseline]
     if paired:
-        pairs = [(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) for r, b in paired]
-        fields.speedup_vs_ar = paired_speedup(pairs)
-        fields.speedup_ci_lo, fields.speedup_ci_hi = bootstrap_speedup_ci(pairs) or (None, None)
+        fields.speedup_vs_ar, fields.speedup_ci_lo, fields.speedup_ci_hi = _speedup(paired)
         _together(fields, paired)
         fields.exact_match = sum(r["token_ids"] == b["token_ids"] for r, b in paired) / len(paired)
         fields.alignment = corpus_bleu([r["text"] for r, _ in paired], [b["text"] for _, b in paired])
@@ -142,6 +140,13 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
     fields.rouge1, fields.rouge2, fields.rougeL = (scores.get(k) for k in ROUGE_KEYS)
     fields.gsm8k_acc = gsm8k_accuracy(*_with_reference(records, "math_reasoning"))
     return fields
+
+
+def _speedup(paired: list[tuple[dict, dict]]) -> tuple[float | None, float | None, float | None]:
+    """(speedup, interval low, interval high) of records over their paired reference records (bench/stats.py)."""
+    pairs = [(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) for r, b in paired]
+    lo, hi = bootstrap_speedup_ci(pairs) or (None, None)
+    return paired_speedup(pairs), lo, hi
 
 
 def _together(fields: MethodFields, paired: list[tuple[dict, dict]]) -> None:
@@ -153,9 +158,7 @@ def _together(fields: MethodFields, paired: list[tuple[dict, dict]]) -> None:
     together = [(r, b) for r, b in timed if abs(r["tstamp"] - b["tstamp"]) <= APART_S]
     fields.measured_apart = len(timed) - len(together)
     if fields.measured_apart and together:
-        pairs = [(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) for r, b in together]
-        fields.speedup_together = paired_speedup(pairs)
-        fields.together_ci_lo, fields.together_ci_hi = bootstrap_speedup_ci(pairs) or (None, None)
+        fields.speedup_together, fields.together_ci_lo, fields.together_ci_hi = _speedup(together)
 
 
 def _histogram(steps: list[dict]) -> dict[str, dict[str, int]]:
@@ -218,12 +221,9 @@ def vs_peers(by_method: dict[str, list[dict]]) -> dict[str, dict]:
         for name, rs in by_method.items():
             if name == peer:
                 continue
-            pairs = [(r["new_tokens"], r["wall_s"], reference[r["question_id"]]["new_tokens"],
-                      reference[r["question_id"]]["wall_s"]) for r in rs if r["question_id"] in reference]
-            speedup = paired_speedup(pairs)
+            speedup, lo, hi = _speedup([(r, reference[r["question_id"]]) for r in rs if r["question_id"] in reference])
             if speedup is None:
                 continue
-            lo, hi = bootstrap_speedup_ci(pairs) or (None, None)
             out.setdefault(name, {})[peer] = rounded({"speedup": speedup, "speedup_ci_lo": lo, "speedup_ci_hi": hi})
     return out
 
