@@ -57,26 +57,65 @@ DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens
 FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a target step drafts for free (lookup)
 
+
+@dataclass(frozen=True)
+class ServerSide:
+    """The type of a string option that may name a file on the machine running the method (a path) or make it write
+    one (`writes`: a weight format converted into the cache). Only the values in `free` do neither. parse_method hands
+    every other value to its `server_side` check: the server refuses those from requests unless its operator named
+    them at start-up."""
+
+    free: tuple[str, ...] = ()
+    writes: bool = False
+
+    @property
+    def __name__(self) -> str:  # parse_method names an option's type by it
+        return "str"
+
+    def __call__(self, value: object) -> str:
+        return str(value)
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """The type of an int option with a least value."""
+
+    least: int
+
+    @property
+    def __name__(self) -> str:
+        return f"an integer >= {self.least}"
+
+    def __call__(self, value: object) -> int:
+        n = int(str(value))
+        if n < self.least:
+            raise ValueError(n)
+        return n
+
+
+DRAFTER = ServerSide(DRAFTER_NAMES)  # a shipped drafter or prompt lookup, else a directory
+NGRAM = AtLeast(1)
+
 # CM-ASD / SpecDec option groups (README "CM-ASD"): drafter, adaptive length, relaxed verification, confidence
-_DRAFTING = {"drafter": (str, None), "ngram": (int, 3)}
+_DRAFTING = {"drafter": (DRAFTER, None), "ngram": (NGRAM, 3)}
 _LENGTH = {"alpha": (float, CMASD_ALPHA), "k_min": (int, CMASD_K_MIN), "k_max": (int, CMASD_K_MAX),
            "early_stop": (int, CMASD_EARLY_STOP), "cost": (int, CMASD_COST)}
 _TAU = {"beta": (int, SPECDEC_BETA), "tau_base": (float, CMASD_TAU_BASE), "gamma": (float, CMASD_GAMMA),
         "tau_mode": (str, CMASD_TAU_MODE)}
 # where the method runs (config.BackendChoice): backend torch | llamacpp, format: llama.cpp weights (shipped, q8_0, ...)
-_BACKEND = {"backend": (str, None), "format": (str, None)}
+_BACKEND = {"backend": (str, None), "format": (ServerSide(("shipped",), writes=True), None)}
 _CONFIDENCE = {"l1": (float, 1 / 3), "l2": (float, 1 / 3), "l3": (float, 1 / 3), "scale": (float, 1.0),
                "metric": (str, None)}
 
-# method -> {option: (type, default)}
+# method -> {option: (type, default)}; a ServerSide type marks the options a server request may not set freely
 OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "ar": {**_BACKEND},
     # sd: k=auto (policies.CostAware: the length the backend's measured costs favour) or a fixed k
-    "sd": {"k": (str, "auto"), "drafter": (str, None), "ngram": (int, 3), **_BACKEND},
+    "sd": {"k": (str, "auto"), "drafter": (DRAFTER, None), "ngram": (NGRAM, 3), **_BACKEND},
     "hf": {},
-    "hf-assisted": {"k": (int, None), "drafter": (str, None)},
-    "hf-lookup": {"k": (int, HF_LOOKUP_TOKENS), "ngram": (int, 2)},
-    "llamacpp": {"format": (str, None)},  # llama.cpp's own plain decoding (llama-cpp-python) of the target's GGUF
+    "hf-assisted": {"k": (AtLeast(1), None), "drafter": (DRAFTER, None)},
+    "hf-lookup": {"k": (AtLeast(1), HF_LOOKUP_TOKENS), "ngram": (NGRAM, 2)},
+    "llamacpp": {"format": _BACKEND["format"]},  # llama.cpp's own plain decoding (llama-cpp-python) of the GGUF
     "specdec": {"k": (str, str(DEFAULT_DRAFT_LENGTH)), "beta": (int, SPECDEC_BETA), "tau": (float, SPECDEC_TAU),
                 **_DRAFTING, **_BACKEND},
     "cmasd": {**_LENGTH, **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
@@ -84,14 +123,14 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "cmasd-tau": {"k": (str, str(DEFAULT_DRAFT_LENGTH)), **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
     # R-Stitch (routing.py): `drafter` is the small model (`small`, the shipped one, or DIR; default: --drafter
     # if it is a model, else the target's shipped `small`); tau_down None: the same as tau_up
-    "rstitch": {"drafter": (str, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN),
+    "rstitch": {"drafter": (DRAFTER, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN),
                 **_BACKEND},
     # router: a router.json (default: the shipped one)
-    "rstitch+": {"drafter": (str, None), "router": (str, None), **_BACKEND},
+    "rstitch+": {"drafter": (DRAFTER, None), "router": (ServerSide(), None), **_BACKEND},
     # SpecBound (drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default SPECBOUND_EXITS),
     # adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
     "specbound": {"exits": (str, None), "threshold": (float, SPECBOUND_THRESHOLD), "a": (float, SPECBOUND_A),
-                  "d_max": (int, SPECBOUND_D_MAX), "adapters": (str, None)},
+                  "d_max": (int, SPECBOUND_D_MAX), "adapters": (ServerSide(("none", "shipped")), None)},
 }
 LIST_OPTIONS = ("exits",)  # list values continue over the bare items after them: exits=8,12,16,threshold=0.8
 EXITS = "exits"  # the kind of the shipped exit adapters (drafters/shipped/<target>/exits/)
@@ -109,7 +148,10 @@ class MethodSpec:
         return self.options.get(key, OPTIONS[self.name][key][1])
 
 
-def parse_method(spec: str) -> MethodSpec:
+def parse_method(spec: str, server_side: Callable[[str, str, ServerSide], str] | None = None) -> MethodSpec:
+    """`NAME[:key=value,...]` checked against OPTIONS, before any model loads. `server_side(key, value, type)` sees
+    each value of a ServerSide option outside its free values before anything reads it, and returns the value to use
+    or raises (the server's check: serve/policy.py)."""
     name, _, rest = spec.strip().partition(":")
     if name not in OPTIONS:
         raise AdaspecError(f"unknown method '{name}'; choose one of: {', '.join(OPTIONS)}")
@@ -131,6 +173,8 @@ def parse_method(spec: str) -> MethodSpec:
             options[key] = kind(value)
         except ValueError:
             raise AdaspecError(f"option {key}={value!r} of '{name}' must be {kind.__name__}") from None
+        if server_side is not None and isinstance(kind, ServerSide) and options[key] not in kind.free:
+            options[key] = server_side(key, str(options[key]), kind)
     method = MethodSpec(name, options, spec.strip())
     backend_choice(method)  # a bad backend or format fails here too
     if name == "sd":
@@ -190,6 +234,8 @@ def specbound_bound(spec: MethodSpec, depth: int | None = None) -> ExitBound:
             exits = SPECBOUND_EXITS if text is None else tuple(int(x) for x in str(text).replace("/", ",").split(","))
         except ValueError:
             raise AdaspecError(f"exits must be layer numbers separated by ',' or '/', got {text!r}") from None
+        if any(e < 1 for e in exits):
+            raise AdaspecError(f"exits must be layer numbers >= 1 (the first layer is 1), got {text!r}")
         adapters = spec.get("adapters")
         if adapters not in (None, "none", "shipped") and not is_exits_dir(Path(str(adapters)).expanduser()):
             raise AdaspecError(f"adapters={adapters}: not a directory of exit adapters; give none, shipped or a "
