@@ -116,3 +116,31 @@ def test_bench_writes_records_and_summary(tmp_path):
     # a rerun with the same options resumes: nothing is run twice
     run_bench(opts)
     assert len((out / "records.jsonl").read_text().splitlines()) == 3 * 4
+
+
+def test_bench_with_concurrency_decodes_questions_together_and_reports_the_load(tmp_path):
+    # torch, 3 questions (one of two turns: its second turn joins the batch when its first ends), 2 at a time
+    from adaspec.bench.runner import BenchOptions, run_bench
+
+    data = tmp_path / "q.jsonl"
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    chosen = [next(r for r in rows if r["category"] == c) for c in ("translation", "math_reasoning")]
+    chosen.append(next(r for r in rows if len(r["turns"]) == 2))
+    data.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    out = tmp_path / "run"
+    opts = BenchOptions(data=data, out=out, methods=["ar", "sd", "sd:k=3"], concurrency=2,
+                        generation=GenerationConfig(max_new_tokens=12), backend=BackendChoice("torch"))
+    summary = run_bench(opts)
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 3 and all(r["concurrency"] == 2 and r["block_wall_s"] > 0 for r in records)
+    assert max(s["batch"] for r in records for s in r["steps"]) == 2
+    for name, m in summary["methods"].items():
+        assert m["exact_match"] == 1.0, name
+        load = m["load"]
+        assert load["concurrency"] == 2 and load["aggregate_tokens_per_s"] > 0
+        assert load["latency_p50_s"] <= load["latency_p99_s"] and load["ttft_p50_ms"] > 0
+    assert summary["methods"]["ar"]["load"]["aggregate_vs_ar"] == 1.0
+    assert "batch_ms" in summary["costs"] and "## Under load" in (out / "report.md").read_text()
+    with pytest.raises(AdaspecError, match="cannot run batched"):
+        run_bench(BenchOptions(data=data, out=tmp_path / "peer", methods=["ar", "hf"], concurrency=2,
+                               generation=GenerationConfig(max_new_tokens=4), backend=BackendChoice("torch")))

@@ -147,6 +147,8 @@ def bench(
                                                "<target>-<method>.jsonl")] = False,
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
+    concurrency: Annotated[int, typer.Option(help="decode N questions at a time with the batched engine (ar, sd, "
+                                                  "specdec, CM-ASD methods); report throughput and latency")] = 1,
 ) -> None:
     """Benchmark methods against `ar` and the transformers peers on the same prompts."""
     from adaspec.bench.data import DEFAULT_DATA
@@ -158,17 +160,21 @@ def bench(
         categories=categories.split(",") if categories else None, limit=limit, target=target,
         drafter=drafter, dtype=dtype, chat=chat,
         generation=_generation(max_new_tokens, temperature, top_k, top_p, seed), ablation=ablation,
-        answers=answers, backend=BackendChoice(backend, weights),
+        answers=answers, backend=BackendChoice(backend, weights), concurrency=concurrency,
     )
     summary = run_bench(opts, err)
     table = Table(title=f"adaspec bench -> {out}")
     cols = ("tokens_per_s", "speedup_vs_ar", "mean_accepted", "exact_match", "alignment", "bleu", "rougeL",
             "gsm8k_acc")
+    if concurrency > 1:  # under load: the batched run's throughput and latency (summary "load")
+        cols = ("aggregate_tokens_per_s", "aggregate_vs_ar", "latency_p50_s", "ttft_p50_ms", "tpot_p50_ms",
+                "exact_match")
     table.add_column("method")
     for c in cols:
         table.add_column(c, justify="right")
     for name, m in summary["methods"].items():
-        table.add_row(name, *("–" if m.get(c) is None else f"{m[c]:.3g}" for c in cols))
+        fields = {**m, **(m.get("load") or {})}
+        table.add_row(name, *("–" if fields.get(c) is None else f"{fields[c]:.3g}" for c in cols))
     Console().print(table)
     costs = summary.get("costs", {})
     if costs:

@@ -15,6 +15,15 @@ DEFAULT_SEED = 0
 # positions: 189 MB of address space); memory pages are committed only as positions are written (400: 12 MB).
 TORCH_CACHE_LEN = 32768
 
+# Batched decoding (batch.py): positions each sequence's cache holds, prompt tokens a step prefills in all (the
+# rest of a long prompt waits for the next steps, so that running sequences keep stepping), the sizes (total positions
+# scored in one call) at which the batch cost curve is measured, and vLLM-style draft lengths by batch size (the
+# `sd:k=table` baseline: batch size -> k, the largest size not above the batch's).
+BATCH_CONTEXT = 4096
+BATCH_PREFILL_CHUNK = 256
+BATCH_COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+BATCH_K_TABLE = {1: 5, 2: 4, 4: 3, 8: 2, 16: 1, 32: 0}
+
 # CM-ASD and SpecDec (issue 5; README "CM-ASD" says how they were chosen). tau is in nats of the target's
 # log-probabilities; beta is SpecDec's top-beta.
 CMASD_ALPHA = 0.5

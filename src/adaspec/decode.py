@@ -47,6 +47,8 @@ class Step:
     # wall ms from the previous step's end to this one's (drafting, the target forward, acceptance; the first
     # step includes the prefill), set by the loop that runs the steps (None: not timed)
     ms: float | None = None
+    # batched decoding (batch.py): how many sequences the step's target call decoded together
+    batch: int | None = None
 
 
 @dataclass
@@ -100,6 +102,98 @@ class StopCriteria:
         return len(generated), None
 
 
+class Decoding:
+    """One sequence's decoding state, its step split around the target call: `propose` (step 1) returns the draft
+    whose [last token, d_1..d_k] the caller scores in one forward, `accept` (steps 3-6) takes those logits [k+1, V].
+    `speculative_steps` runs one sequence this way; the batched engine (batch.py) scores many in one call. The
+    caller rolls the target's cache back to `cached` after each step (step 4)."""
+
+    def __init__(self, prompt_ids: list[int], config: GenerationConfig, max_context: int,
+                 drafter: Drafter | None = None, policy: LengthPolicy | None = None,
+                 rule: AcceptanceRule | None = None, stop: StopCriteria | None = None,
+                 generator: torch.Generator | None = None, confidence: ConfidenceEnsemble | None = None) -> None:
+        check_prompt(prompt_ids, config, max_context)
+        self.config = config
+        self.drafter = drafter
+        self.policy = policy or FixedLength(1)
+        self.rule = rule or rule_for(config.sampling)
+        self.stop = stop or StopCriteria()
+        self.generator = generator
+        self.confidence = confidence
+        self.score = None if confidence is None else lambda logits: float(confidence(logits))
+        self.ids = list(prompt_ids)
+        self.generated: list[int] = []
+        self.done = False
+        self.draft = Draft()
+        self.proposed: list[int] = []  # the whole draft before any cut
+        self.policy.reset()
+        if drafter is not None:
+            drafter.reset()
+
+    @property
+    def cached(self) -> int:
+        """Positions the target's cache holds between steps: every token but the last one emitted."""
+        return len(self.ids) - 1
+
+    def prefilled(self) -> None:
+        """The target cached all but the prompt's last token apart from the first step (a drafter reading target
+        features sees the prompt's)."""
+        if self.drafter is not None:
+            self.drafter.observe(0, self.ids[:-1])
+
+    def budget(self) -> int:
+        """The most tokens a draft may hold this step: the policy's length, never more than the budget can use
+        (the step always emits one extra token)."""
+        return min(self.policy.draft_length(), self.config.max_new_tokens - len(self.generated) - 1)
+
+    def propose(self, limit: int | None = None) -> Draft:
+        """1 draft (at most `limit` tokens, else the policy's length), cut to what the policy verifies."""
+        k_max = self.budget() if limit is None else min(limit, self.budget())
+        draft = Draft()
+        if self.drafter is not None and k_max > 0:
+            ctx = DraftContext(self.ids, k_max, self.config.sampling, self.generator, self.score)
+            draft = self.drafter.propose(ctx, self.policy)
+        self.drafted, self.proposed = len(draft), draft.tokens
+        self.draft = draft.prefix(self.policy.verify_length(draft.confidence))  # CM-ASD's paper variant cuts to k_j
+        return self.draft
+
+    def cut(self, n: int) -> None:
+        """Verify only the first n drafted tokens (a batch's cost rule)."""
+        self.draft = self.draft.prefix(n)
+
+    def accept(self, logits: torch.Tensor) -> Step:
+        """3 accept by the rule from the target's logits [k+1, V] over [last, d_1..d_k]; 5 append the accepted tokens
+        and the correction/bonus token, cut at a stop or the budget; 6 record the step."""
+        draft = self.draft
+        n, x = self.rule(logits, draft.tokens, draft.probs, self.config.sampling, self.generator,
+                         confidence=draft.confidence)
+        emitted = draft.tokens[:n] + [x]
+        self.policy.observe(len(draft), n, self.proposed, emitted)
+        if self.drafter is not None:
+            self.drafter.observe(n, self.ids + emitted)
+        generated = self.generated
+        generated += emitted
+        keep, reason = self.stop.cut(generated, len(emitted))
+        keep = min(keep, self.config.max_new_tokens)
+        emitted = emitted[: len(emitted) - (len(generated) - keep)]
+        del generated[keep:]
+        self.ids += emitted
+        self.done = reason is not None or len(generated) >= self.config.max_new_tokens
+        return Step(len(draft), n, emitted, draft.confidence, reason, self.drafted - len(draft),
+                    **calibration_fields(self.confidence, draft, logits), exit_layers=draft.exit_layers,
+                    draft_stop=draft.stop)
+
+
+def check_prompt(prompt_ids: list[int], config: GenerationConfig, max_context: int) -> None:
+    if not prompt_ids:
+        raise AdaspecError("the prompt is empty: give at least one token")
+    if len(prompt_ids) + config.max_new_tokens > max_context:
+        raise AdaspecError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens} exceeds the "
+            f"model context of {max_context} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+
+
 def speculative_steps(
     target: Backend,
     prompt_ids: list[int],
@@ -116,56 +210,15 @@ def speculative_steps(
     drafter=None is plain autoregressive decoding. `confidence` (CM-ASD) rates each drafted token from the
     drafter's logits; the policy and the rule then see it as the draft's confidence, and steps record it.
     """
-    if not prompt_ids:
-        raise AdaspecError("the prompt is empty: give at least one token")
-    if len(prompt_ids) + config.max_new_tokens > target.max_context:
-        raise AdaspecError(
-            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens} exceeds the "
-            f"model context of {target.max_context} tokens; shorten the prompt or lower --max-new-tokens"
-        )
-    policy = policy or FixedLength(1)
-    rule = rule or rule_for(config.sampling)
-    stop = stop or StopCriteria()
-    sampling = config.sampling
-    score = None if confidence is None else lambda logits: float(confidence(logits))
-    ids = list(prompt_ids)
-    generated: list[int] = []
-    policy.reset()
-    if drafter is not None:
-        drafter.reset()
-    if target.start(ids) and drafter is not None:  # prefilled apart (Backend.split_prefill): every later forward
-        drafter.observe(0, ids[:-1])  # scores a few positions; a drafter reading target features sees the prompt's
-    while len(generated) < config.max_new_tokens:
-        # 1 draft: never more than the budget can use (the step always emits one extra token)
-        k_max = min(policy.draft_length(), config.max_new_tokens - len(generated) - 1)
-        draft = Draft()
-        if drafter is not None and k_max > 0:
-            draft = drafter.propose(DraftContext(ids, k_max, sampling, generator, score), policy)
-        drafted, proposed = len(draft), draft.tokens
-        draft = draft.prefix(policy.verify_length(draft.confidence))  # CM-ASD's paper variant cuts to k_j
-        # 2 verify: score [last token, d_1..d_k] in one forward -> logits [k+1, V]
-        logits = target.sync(ids + draft.tokens, keep=len(draft) + 1)
-        # 3 accept
-        n, x = rule(logits, draft.tokens, draft.probs, sampling, generator, confidence=draft.confidence)
-        # 4 roll the target cache back to the accepted length (ids[-1] and n drafted tokens stay)
-        target.rollback(len(ids) + n)
-        # 5 append the accepted tokens and the correction/bonus token
-        emitted = draft.tokens[:n] + [x]
-        policy.observe(len(draft), n, proposed, emitted)
-        if drafter is not None:
-            drafter.observe(n, ids + emitted)
-        generated += emitted
-        keep, reason = stop.cut(generated, len(emitted))
-        keep = min(keep, config.max_new_tokens)
-        emitted = emitted[: len(emitted) - (len(generated) - keep)]
-        del generated[keep:]
-        ids += emitted
-        # 6 record
-        yield Step(len(draft), n, emitted, draft.confidence, reason, drafted - len(draft),
-                   **calibration_fields(confidence, draft, logits), exit_layers=draft.exit_layers,
-                   draft_stop=draft.stop)
-        if reason is not None:
-            return
+    seq = Decoding(prompt_ids, config, target.max_context, drafter, policy, rule, stop, generator, confidence)
+    if target.start(seq.ids):  # prefilled apart (Backend.split_prefill): every later forward scores a few positions
+        seq.prefilled()
+    while not seq.done:
+        draft = seq.propose()  # 1 draft
+        logits = target.sync(seq.ids + draft.tokens, keep=len(draft) + 1)  # 2 verify [last, d_1..d_k] -> [k+1, V]
+        step = seq.accept(logits)  # 3 accept, 5 append, 6 record
+        target.rollback(seq.cached)  # 4 the cache keeps ids[-1]'s predecessors: the accepted drafts stay
+        yield step
 
 
 def calibration_fields(confidence: ConfidenceEnsemble | None, draft: Draft, target_logits: torch.Tensor) -> dict:

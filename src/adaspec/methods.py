@@ -7,6 +7,7 @@ the peers alike.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from adaspec.config import (
     BackendChoice,
     GenerationConfig,
 )
-from adaspec.decode import GenerationResult, Step, StopCriteria, generate
+from adaspec.decode import Decoding, GenerationResult, Step, StopCriteria, generate
 from adaspec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
 from adaspec.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
 from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits_dir
@@ -365,6 +366,17 @@ class EngineRunner:
         policy = self.policy or FixedLength(self.k)
         return generate(self.target, prompt_ids, config, self.drafter, policy, self.rule, self.stop, on_step,
                         self.confidence)
+
+    def decoding(self, prompt_ids: list[int], config: GenerationConfig, max_context: int) -> Decoding:
+        """A new sequence of this method for the batched engine: its own copies of the drafter and the length policy
+        (their state is per sequence), its own generator seeded from config.seed."""
+        if self.drafter is not None and not isinstance(self.drafter, PromptLookupDrafter):
+            raise AdaspecError(f"{self.label}: batched decoding drafts with prompt lookup or nothing so far; the "
+                               f"{self.drafter.name} drafter runs one sequence at a time (leave --concurrency at 1)")
+        policy = copy.deepcopy(self.policy or FixedLength(self.k))
+        drafter = None if self.drafter is None else copy.deepcopy(self.drafter)
+        return Decoding(prompt_ids, config, max_context, drafter, policy, self.rule, self.stop,
+                        torch.Generator().manual_seed(config.seed), self.confidence)
 
 
 @dataclass

@@ -344,3 +344,34 @@ class CostCapped:
     def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
         self.policy.observe(drafted, accepted, proposed, emitted)
         self.costs.observe(drafted, accepted, proposed, emitted)
+
+
+@dataclass(frozen=True)
+class BatchCosts:
+    """The measured cost of one target call by the total positions it scores, over every sequence in it (ms): what
+    the batched engine's cost rule (batch.plan_lengths) weighs drafted tokens against. Linear between the measured
+    sizes, extended linearly beyond them."""
+
+    ms_by_positions: dict[int, float]
+
+    def __post_init__(self) -> None:
+        if not self.ms_by_positions or min(self.ms_by_positions) != 1:
+            raise AdaspecError("batch costs need the cost of one position and of larger calls")
+        floor, smooth = 0.0, {}
+        for n in sorted(self.ms_by_positions):  # scoring more positions never costs less: smooth out timing noise
+            floor = smooth[n] = max(floor, float(self.ms_by_positions[n]))
+        object.__setattr__(self, "ms_by_positions", smooth)
+
+    def ms(self, positions: int) -> float:
+        return interpolate(self.ms_by_positions, positions)
+
+
+def token_rates(policy: LengthPolicy, confidences: list[float]) -> list[float] | None:
+    """The chance that each drafted token is kept given the ones before it, by what a cost-aware policy has learned
+    (CostAware, also as the cap of CostCapped); None for a policy whose length is fixed by its own rule."""
+    costs = policy.costs if isinstance(policy, CostCapped) else policy
+    if not isinstance(costs, CostAware):
+        return None
+    if costs.free:
+        return [costs.rate(c) for c in confidences]
+    return [costs.alpha] * len(confidences)

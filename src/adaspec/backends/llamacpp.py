@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from adaspec.backends.base import Backend, llamacpp_where
-from adaspec.config import LLAMACPP_FORMATS
+from adaspec.backends.batched import BatchBackend, Row
+from adaspec.config import BATCH_CONTEXT, LLAMACPP_FORMATS
 from adaspec.errors import AdaspecError
 
 INSTALL_HINT = ("pip install 'adaspec[llamacpp]', or `bash scripts/setup.sh`, which builds it the batch-invariant "
@@ -257,7 +258,10 @@ class LlamaCppModel:
     """A loaded GGUF model and one context (KV cache) on it; freed on close or garbage collection."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
-                 embeddings: bool = False, flash_attn: bool = False) -> None:
+                 embeddings: bool = False, flash_attn: bool = False, sequences: int = 1, n_batch: int | None = None
+                 ) -> None:
+        """`sequences` > 1: one KV stream of `n_ctx` cells per sequence (llama.cpp's non-unified cache), so that a
+        sequence's keys lie in its own cells in the order they would alone, whatever the others do."""
         self.lc = lc = _init()
         self.path = path
         if not path.is_file():
@@ -272,9 +276,13 @@ class LlamaCppModel:
         found = lc.llama_model_meta_val_str(self.model, b"general.file_type", buf, len(buf)) >= 0
         self.weights = ftype_name(buf.value.decode() if found else None)  # the weight format, from the metadata
         params = lc.llama_context_default_params()
-        params.n_ctx = params.n_batch = n_ctx or self.n_ctx_train
-        params.n_ubatch = min(512, params.n_ctx)
-        params.n_seq_max = 1
+        n_ctx = n_ctx or self.n_ctx_train
+        params.n_ctx = n_ctx * sequences
+        params.n_batch = n_batch or n_ctx
+        params.n_ubatch = min(512, params.n_batch)
+        params.n_seq_max = sequences
+        if sequences > 1:
+            params.kv_unified = False
         self.threads = threads or torch.get_num_threads()
         params.n_threads = params.n_threads_batch = self.threads
         params.embeddings = embeddings
@@ -285,7 +293,8 @@ class LlamaCppModel:
             lc.llama_model_free(self.model)
             self.model = None
             raise AdaspecError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {path}")
-        self.n_ctx = int(lc.llama_n_ctx(self.ctx))
+        self.n_ctx = int(lc.llama_n_ctx(self.ctx)) // sequences  # per sequence
+        self.n_batch = int(params.n_batch)
         self.memory = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(params.n_batch, 0, 1)
         self.embeddings = embeddings
@@ -304,6 +313,28 @@ class LlamaCppModel:
         rc = self.lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise AdaspecError(f"llama.cpp decode of {n} tokens at position {start} failed (code {rc})")
+
+    def decode_rows(self, rows: list[tuple[int, int, list[int], int]]) -> None:
+        """One llama_decode over several sequences: each (seq_id, start, ids, outputs) feeds `ids` at positions
+        start.. of that sequence; the last `outputs` of each get logits, in the order of the rows."""
+        b, i = self.batch, 0
+        for seq, start, ids, outputs in rows:
+            n = len(ids)
+            for j, t in enumerate(ids):
+                b.token[i] = t
+                b.pos[i] = start + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = j >= n - outputs
+                i += 1
+        b.n_tokens = i
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise AdaspecError(f"llama.cpp decode of {i} tokens over {len(rows)} sequences failed (code {rc})")
+
+    def truncate_seq(self, seq: int, length: int) -> None:
+        if not self.lc.llama_memory_seq_rm(self.memory, seq, length, -1):
+            raise AdaspecError(f"llama.cpp could not roll sequence {seq} back to {length} positions")
 
     def logits(self, outputs: int) -> torch.Tensor:
         """Logits of the last decode's output positions -> [outputs, V] float32 (a copy: one memmove, the cheapest
@@ -407,6 +438,36 @@ class LlamaCppBackend(Backend):
 
     def _truncate(self, length: int) -> None:
         self.llm.truncate(length)
+
+
+class LlamaCppBatchBackend(BatchBackend):
+    """`BatchBackend` on a GGUF model: one `llama_decode` over a batch of several sequences (one seq_id per slot),
+    rollback per sequence (`llama_memory_seq_rm`). Flash attention stays off: its kernels take other paths by the
+    number of query rows, and a batch of sequences changes that number (plain attention is row by row)."""
+
+    def __init__(self, path: Path, slots: int, context: int = BATCH_CONTEXT, threads: int | None = None,
+                 n_batch: int = 1024) -> None:
+        super().__init__(slots)
+        probe_build(path, threads)
+        self.llm = LlamaCppModel(path, context, threads, flash_attn=False, sequences=slots, n_batch=n_batch)
+        self.vocab_size = self.llm.n_vocab
+        self.max_context = self.llm.n_ctx
+        self.max_call = self.llm.n_batch  # positions one call may score in all
+
+    @property
+    def where(self) -> str:
+        return llamacpp_where(self.llm.weights)
+
+    def _forward(self, rows: list[Row]) -> list[torch.Tensor]:
+        total = sum(len(r.ids) for r in rows)
+        if total > self.max_call:
+            raise AdaspecError(f"a batch call of {total} positions exceeds llama.cpp's batch of {self.max_call}")
+        self.llm.decode_rows([(r.slot, r.start, r.ids, r.keep) for r in rows])
+        logits = self.llm.logits(sum(r.keep for r in rows))  # [outputs, V], rows in order
+        return list(logits.split([r.keep for r in rows]))
+
+    def _truncate(self, slot: int, length: int) -> None:
+        self.llm.truncate_seq(slot, length)
 
 
 if __name__ == "__main__":  # probe_build's child: python -m adaspec.backends.llamacpp GGUF THREADS

@@ -202,6 +202,8 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
         lines += [""] + _vs_backend_ar(methods)
     if any(m.get("vs_peers") for m in methods.values()):
         lines += [""] + _vs_peers(methods)
+    if any(m.get("load") for m in methods.values()):
+        lines += [""] + _load(methods, (summary.get("costs") or {}).get("batch_ms") or {})
     if summary.get("bound"):
         lines += [""] + _bound(summary["bound"], summary.get("costs") or {})
     if summary.get("forward_ms"):
@@ -242,6 +244,39 @@ BOUND_COLUMNS = [
 ]
 HIST_PLOTS = {"emitted": (Path("plots") / "acceptance_by_category.png", "tokens emitted per target forward"),
               "drafted": (Path("plots") / "draft_len_hist.png", "drafted tokens verified per target forward")}
+
+
+LOAD_COLUMNS = [
+    ("N", "concurrency"), ("aggregate tokens/s", "aggregate_tokens_per_s"), ("vs ar", "aggregate_vs_ar"),
+    ("latency p50 s", "latency_p50_s"), ("latency p99 s", "latency_p99_s"), ("TTFT p50 ms", "ttft_p50_ms"),
+    ("TTFT p99 ms", "ttft_p99_ms"), ("TPOT p50 ms", "tpot_p50_ms"), ("TPOT p99 ms", "tpot_p99_ms"),
+    ("sequences per call", "mean_batch"),
+]
+
+
+def _load(methods: dict, batch_ms: dict) -> list[str]:
+    """Throughput and latency of a batched run, the draft lengths the cost rule chose by batch size, and the measured
+    cost of one call by total positions it was choosing against."""
+    lines = ["## Under load", "", "Questions decoded N at a time (`--concurrency N`); a request is one turn. "
+             "Aggregate tokens/s: every new token over the wall time of the blocks the method decoded.", ""]
+    loaded = {name: m["load"] for name, m in methods.items() if m.get("load")}
+    lines += _table(["method"] + [c for c, _ in LOAD_COLUMNS],
+                    [[name] + [_fmt(f.get(k)) for _, k in LOAD_COLUMNS] for name, f in loaded.items()])
+    sizes = sorted({int(b) for f in loaded.values() for b in f.get("drafted_by_batch", {})})
+    if sizes:
+        lines += ["", "Mean tokens drafted and verified per sequence, by sequences in the call:", ""]
+        lines += _table(["method"] + [str(b) for b in sizes],
+                        [[name] + [_fmt(f.get("drafted_by_batch", {}).get(str(b))) for b in sizes]
+                         for name, f in loaded.items()])
+    for label, table in batch_ms.items():
+        sizes = sorted(table, key=int)
+        one = table[sizes[0]]
+        lines += ["", f"Measured cost of one call on `{label}` by total positions scored (ms, and per position "
+                  "relative to one alone):", ""]
+        lines += _table(["positions"] + sizes, [["ms"] + [f"{table[n]:.1f}" for n in sizes],
+                                                ["per position / one"] + [f"{table[n] / int(n) / one:.2f}"
+                                                                          for n in sizes]])
+    return lines
 
 
 def speedup_cell(fields: dict, key: str = "speedup_vs_ar", ci: str = "speedup_ci") -> str:

@@ -18,13 +18,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from adaspec.backends.batched import BatchBackend
+from adaspec.batch import BatchEngine, Request, machine_costs
 from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
 from adaspec.bench.summary import load_records
 from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, PEERS, BackendChoice, GenerationConfig
-from adaspec.decode import Step
+from adaspec.decode import GenerationResult, Step
 from adaspec.errors import AdaspecError
+from adaspec.machine import cpu_model
 from adaspec.methods import (
     OPTIONS,
     DrafterChoice,
@@ -39,9 +42,11 @@ from adaspec.methods import (
     parse_method,
     resolve_backend,
     target_backend,
+    target_gguf,
 )
 from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
 
+BLOCK_PER_SLOT = 4  # --concurrency N: questions per block, per sequence slot (a block's tail runs below N)
 DEFAULT_METHODS = ("ar", "sd", "hf", "hf-assisted", "hf-lookup")
 # --ablation (CM-ASD, the paper's Table III), plus the variants of cmasd's defaults it asks to compare: the
 # other drafting variant (early_stop) and the other reading of tau (tau_mode)
@@ -64,17 +69,7 @@ class BenchOptions:
     ablation: bool = False  # run ABLATION (then `methods` are added after it) and write its table
     answers: bool = False  # also write Spec-Bench answer files, out/model_answer/<target>-<method>.jsonl
     backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name (Linux /proc/cpuinfo, else what platform knows), None if nothing says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+    concurrency: int = 1  # > 1: questions decoded this many at a time by the batched engine (batch.py)
 
 
 def source_revision() -> str | None:
@@ -125,42 +120,108 @@ def environment() -> dict:
     }
 
 
-def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationConfig, chat: bool) -> dict:
-    """Run every turn of a question (earlier answers become assistant turns, as Spec-Bench does); the record
-    keeps the totals and, per turn, the text, new tokens, seconds, target forwards (None for a peer) and the time
-    to the first new token (prefill and first step; None where a runner cannot observe it)."""
-    messages: list[dict] = []
-    token_ids: list[int] = []
-    texts: list[str] = []
-    steps: list[dict] | None = []
-    wall = 0.0
-    turn_tokens: list[int] = []
-    turn_wall: list[float] = []
-    turn_steps: list[int | None] = []
-    turn_ttft: list[float | None] = []
-    for turn in q.turns:
-        messages.append({"role": "user", "content": turn})
-        prompt = encode_prompt(target.tokenizer, messages, chat)
-        result = runner(prompt, config)
+class Answer:
+    """A question's record, built turn by turn: earlier answers become assistant turns, as Spec-Bench does."""
+
+    def __init__(self, q: Question) -> None:
+        self.q = q
+        self.messages: list[dict] = []
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+        self.steps: list[dict] | None = []
+        self.turn_tokens: list[int] = []
+        self.turn_wall: list[float] = []
+        self.turn_steps: list[int | None] = []
+        self.turn_ttft: list[float | None] = []
+        self.wall = 0.0
+
+    @property
+    def done(self) -> bool:
+        return len(self.texts) == len(self.q.turns)
+
+    def next_prompt(self, target: LoadedModel, chat: bool) -> list[int]:
+        self.messages.append({"role": "user", "content": self.q.turns[len(self.texts)]})
+        return encode_prompt(target.tokenizer, self.messages, chat)
+
+    def add(self, result: GenerationResult, target: LoadedModel) -> None:
         text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        messages.append({"role": "assistant", "content": text})
-        token_ids += result.token_ids
-        texts.append(text)
-        wall += result.wall_s
-        turn_tokens.append(len(result.token_ids))
-        turn_wall.append(round(result.wall_s, 5))
-        turn_ttft.append(None if result.ttft_s is None else round(result.ttft_s, 5))
-        turn_steps.append(len(result.steps) if result.steps else None)
-        if result.steps and steps is not None:
-            steps += [step_record(s) for s in result.steps]
+        self.messages.append({"role": "assistant", "content": text})
+        self.token_ids += result.token_ids
+        self.texts.append(text)
+        self.turn_tokens.append(len(result.token_ids))
+        self.wall += result.wall_s
+        self.turn_wall.append(round(result.wall_s, 5))
+        self.turn_ttft.append(None if result.ttft_s is None else round(result.ttft_s, 5))
+        self.turn_steps.append(len(result.steps) if result.steps else None)
+        if result.steps and self.steps is not None:
+            self.steps += [step_record(s) for s in result.steps]
         else:
-            steps = None  # a peer: its steps are not visible
-    return {
-        "question_id": q.question_id, "category": q.category, "method": runner.label,
-        "new_tokens": len(token_ids), "wall_s": round(wall, 5), "token_ids": token_ids,
-        "text": "\n\n".join(texts), "turns": texts, "reference": q.reference, "steps": steps,
-        "turn_new_tokens": turn_tokens, "turn_wall_s": turn_wall, "turn_steps": turn_steps, "turn_ttft_s": turn_ttft,
-    }
+            self.steps = None  # a peer: its steps are not visible
+
+    def record(self, label: str) -> dict:
+        q = self.q
+        return {
+            "question_id": q.question_id, "category": q.category, "method": label,
+            "new_tokens": len(self.token_ids), "wall_s": round(self.wall, 5), "token_ids": self.token_ids,
+            "text": "\n\n".join(self.texts), "turns": self.texts, "reference": q.reference, "steps": self.steps,
+            "turn_new_tokens": self.turn_tokens, "turn_wall_s": self.turn_wall, "turn_steps": self.turn_steps,
+            "turn_ttft_s": self.turn_ttft,
+        }
+
+
+def answer(runner: Runner, target: LoadedModel, q: Question, config: GenerationConfig, chat: bool) -> dict:
+    """Run every turn of a question; the record keeps the totals and, per turn, the text, new tokens, seconds,
+    target forwards (None for a peer) and the time to the first new token (prefill and first step; None where a
+    runner cannot observe it)."""
+    a = Answer(q)
+    while not a.done:
+        a.add(runner(a.next_prompt(target, chat), config), target)
+    return a.record(runner.label)
+
+
+def answer_batch(engine: BatchEngine, runner: Runner, target: LoadedModel, questions: list[Question],
+                 config: GenerationConfig, chat: bool) -> tuple[list[dict], list[dict], float]:
+    """Every turn of `questions` decoded together on `engine`: a question's next turn joins the batch when its
+    previous one ends. (records, skipped, wall seconds of the whole block); a turn's wall_s is its request's
+    latency, from its submission to its last token."""
+    if not hasattr(runner, "decoding"):
+        raise AdaspecError(f"{runner.label} cannot run batched (--concurrency > 1): only adaspec's own decoding loop "
+                           "(ar, sd, specdec and the CM-ASD methods) can")
+    answers = {q.question_id: Answer(q) for q in questions}
+    records, skipped = [], []
+
+    def submit(a: Answer) -> None:
+        prompt = a.next_prompt(target, chat)
+        engine.submit(Request(prompt, lambda: runner.decoding(prompt, config, engine.backend.max_context), tag=a))
+
+    t0 = time.perf_counter()
+    for a in answers.values():
+        submit(a)
+    while not engine.idle:
+        for s in engine.step():
+            a = s.request.tag
+            if s.error is not None:
+                skipped.append({"question_id": a.q.question_id, "method": runner.label, "error": str(s.error)})
+                continue
+            a.add(s.result, target)
+            if a.done:
+                records.append(a.record(runner.label))
+            else:
+                submit(a)
+    return records, skipped, time.perf_counter() - t0
+
+
+def batch_engine(target: LoadedModel, choice: BackendChoice, slots: int) -> BatchEngine:
+    """A batched engine on the target, on backend `choice`, with `slots` sequences and its measured costs."""
+    if choice.kind == "torch":
+        from adaspec.backends.batched import TorchBatchBackend
+
+        backend: BatchBackend = TorchBatchBackend(target.model, slots)
+    else:
+        from adaspec.backends.llamacpp import LlamaCppBatchBackend
+
+        backend = LlamaCppBatchBackend(target_gguf(target, choice.format), slots, threads=choice.threads)
+    return BatchEngine(backend, machine_costs(backend, target.name))
 
 
 def step_record(s: Step) -> dict:
@@ -181,6 +242,8 @@ def step_record(s: Step) -> dict:
         record["draft_stop"] = s.draft_stop
     if s.ms is not None:
         record["ms"] = round(s.ms, 3)
+    if s.batch is not None:  # batched decoding: sequences in the step's target call
+        record["batch"] = s.batch
     return record
 
 
@@ -214,6 +277,10 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     }
     if opts.ablation:
         config["ablation"] = True
+    if opts.concurrency != 1:
+        if opts.concurrency < 1:
+            raise AdaspecError(f"--concurrency must be >= 1, got {opts.concurrency}")
+        config["concurrency"] = opts.concurrency
     opts.out.mkdir(parents=True, exist_ok=True)
     records_path = opts.out / "records.jsonl"
     config_path = opts.out / "config.json"
@@ -236,7 +303,10 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
         runner(warm, GenerationConfig(max_new_tokens=8, sampling=gen.sampling, seed=gen.seed))
 
     skipped: list[dict] = []
-    todo = [(qi, q) for qi, q in enumerate(questions)]
+    engines: dict[str, BatchEngine] = {}
+    if opts.concurrency > 1:
+        skipped = run_batched(opts, specs, runners, target, questions, done, records_path, env, console, engines)
+    todo = [] if opts.concurrency > 1 else [(qi, q) for qi, q in enumerate(questions)]
     total = sum(1 for _, q in todo for s in specs if (q.question_id, s.label) not in done)
     columns = (TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
@@ -264,9 +334,48 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     context = cost_context([encode_prompt(target.tokenizer, q.turns[0], opts.chat) for q in questions],
                            gen.max_new_tokens)
     costs = measure_costs(target, drafter, context, specs, opts.backend)
+    if engines:  # the batch cost curve each batched engine's rule chose against
+        costs["batch_ms"] = {label: {str(n): ms for n, ms in e.costs.ms_by_positions.items()}
+                             for label, e in engines.items()}
     (opts.out / COSTS).write_text(json.dumps(costs, indent=2))
     (opts.out / SKIPPED).write_text(json.dumps(skipped, indent=2))
     return rebuild(opts.out, opts.answers)  # summary.json, report.md: from these files alone, as `adaspec report`
+
+
+def run_batched(opts: BenchOptions, specs: list[MethodSpec], runners: list[Runner], target: LoadedModel,
+                questions: list[Question], done: set, records_path: Path, env: dict, console: Console,
+                engines: dict[str, BatchEngine]) -> list[dict]:
+    """--concurrency N: blocks of BLOCK_PER_SLOT * N questions, each decoded by every method in turn (the order
+    rotating per block), N at a time on one batched engine per backend; each record carries the block's wall time,
+    from which the summary's aggregate throughput comes."""
+    n = opts.concurrency
+    skipped: list[dict] = []
+    size = BLOCK_PER_SLOT * n
+    blocks = [questions[i: i + size] for i in range(0, len(questions), size)]
+    with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console) as progress, records_path.open("a") as sink:
+        task = progress.add_task("", total=len(blocks) * len(runners))
+        for bi, block in enumerate(blocks):
+            order = list(zip(specs, runners, strict=True))
+            order = order[bi % len(order):] + order[: bi % len(order)]
+            for spec, runner in order:
+                todo = [q for q in block if (q.question_id, runner.label) not in done]
+                progress.update(task, description=f"block {bi + 1}/{len(blocks)} {runner.label}")
+                if todo:
+                    choice = resolve_backend(target.gguf is not None, backend_choice(spec, opts.backend))
+                    if choice.label not in engines:
+                        engines[choice.label] = batch_engine(target, choice, n)
+                    records, failed, wall = answer_batch(engines[choice.label], runner, target, todo, opts.generation,
+                                                         opts.chat)
+                    skipped += failed
+                    for record in records:
+                        record.update(backend=engines[choice.label].backend.where, environment=env,
+                                      tstamp=round(time.time(), 3), concurrency=n, block=bi,
+                                      block_wall_s=round(wall, 5))
+                        sink.write(json.dumps(record) + "\n")
+                    sink.flush()
+                progress.advance(task)
+    return skipped
 
 
 def cost_context(prompts: list[list[int]], max_new_tokens: int) -> list[int]:

@@ -4,6 +4,7 @@ with `ar`, and task quality. A field that does not apply is None (null), never a
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,6 +143,52 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
     return fields
 
 
+def _quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile of `values` (nearest rank), None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def load_fields(records: list[dict], baseline: list[dict]) -> dict | None:
+    """Throughput and latency under load, for records of a batched run (`adaspec bench --concurrency N`; None for a
+    run decoded one question at a time): aggregate tokens/s (all new tokens over the wall time of the blocks the
+    method decoded, each block's questions N at a time) and its ratio to `ar`'s in the same run, and per request (a
+    turn) p50 / p99 latency, time to first token and time per output token after it; the mean number of sequences
+    per target call, and per batch size the mean tokens drafted (verified) per sequence: what the cost rule chose."""
+    if not records or records[0].get("concurrency") is None:
+        return None
+
+    def aggregate(rs: list[dict]) -> float | None:
+        blocks = {r["block"]: r["block_wall_s"] for r in rs}
+        return _ratio(sum(r["new_tokens"] for r in rs), sum(blocks.values()))
+
+    turns = [(w, t, n) for r in records for w, t, n in zip(r["turn_wall_s"], r["turn_ttft_s"], r["turn_new_tokens"],
+                                                          strict=True)]
+    latency = [w for w, _, _ in turns]
+    ttft = [t for _, t, _ in turns if t is not None]
+    tpot = [(w - t) / (n - 1) for w, t, n in turns if t is not None and n > 1]
+    steps = [s for r in records for s in r.get("steps") or [] if s.get("batch")]
+    by_batch: dict[int, list[int]] = defaultdict(list)
+    for st in steps:
+        by_batch[st["batch"]].append(st["drafted"])
+    mine, ar = aggregate(records), aggregate(baseline) if baseline else None
+    return rounded({
+        "concurrency": records[0]["concurrency"], "aggregate_tokens_per_s": mine,
+        "aggregate_vs_ar": _ratio(mine, ar) if mine and ar else None,
+        "latency_p50_s": _quantile(latency, 0.5), "latency_p99_s": _quantile(latency, 0.99),
+        "ttft_p50_ms": _ms(_quantile(ttft, 0.5)), "ttft_p99_ms": _ms(_quantile(ttft, 0.99)),
+        "tpot_p50_ms": _ms(_quantile(tpot, 0.5)), "tpot_p99_ms": _ms(_quantile(tpot, 0.99)),
+        "mean_batch": _ratio(sum(s["batch"] for s in steps), len(steps)),
+        "drafted_by_batch": {str(b): round(sum(d) / len(d), DIGITS) for b, d in sorted(by_batch.items())},
+    })
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
 def _speedup(paired: list[tuple[dict, dict]]) -> tuple[float | None, float | None, float | None]:
     """(speedup, interval low, interval high) of records over their paired reference records (bench/stats.py)."""
     pairs = [(r["new_tokens"], r["wall_s"], b["new_tokens"], b["wall_s"]) for r, b in paired]
@@ -246,6 +293,8 @@ def summarize(records: list[dict], config: dict) -> dict:
         methods[name] = method_fields(rs, baseline).to_json()
         if where := _backend(rs):
             methods[name]["backend"] = where
+        if (load := load_fields(rs, by_method.get(BASELINE, []))) is not None:
+            methods[name]["load"] = load
         methods[name]["per_category"] = {c: method_fields(crs, baseline).to_json()
                                          for c, crs in sorted(by_category.items())}
     for name, fields in same_backend(by_method).items():

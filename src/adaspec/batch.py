@@ -1,0 +1,263 @@
+"""Batched speculative decoding: many sequences advance together, each step scoring every active sequence's
+[last token, d_1..d_k_i] in one target call.
+
+Each sequence is a `decode.Decoding` with its own drafter state, length policy, acceptance rule, stop criteria and
+sampling generator; the engine only decides which rows go into a call:
+
+    0 admit     queued requests take free cache slots (a finished sequence frees its slot for the next)
+    1 draft     every decoding sequence proposes (`Decoding.propose`)
+    2 plan      the cost rule cuts the drafts of cost-aware sequences (`plan_lengths`): k_i from the measured cost
+                of one call by total positions and each sequence's per-token acceptance, so that drafting shrinks
+                as the batch grows and stops where it does not pay
+    3 score     one call: the decoding rows, and chunks of long prompts still prefilling (at most `prefill_chunk`
+                prompt positions a step, so that running sequences keep stepping)
+    4 accept    per sequence (`Decoding.accept`), then its cache rolls back on its own
+
+Greedy output of a sequence does not depend on what else is in its batch where the backend's kernels give a row
+the same result whatever the other rows are (tests/test_batch.py checks both backends).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from adaspec.backends.batched import BatchBackend
+from adaspec.config import BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
+from adaspec.decode import Decoding, GenerationResult, Step
+from adaspec.errors import AdaspecError
+from adaspec.machine import cpu_model
+from adaspec.policies import BatchCosts, token_rates
+
+
+@dataclass
+class Request:
+    """One generation for the engine: `start` builds its `Decoding` (own drafter, policy, generator) when it is
+    admitted; `on_step` sees each of its steps as it lands."""
+
+    prompt_ids: list[int]
+    start: Callable[[], Decoding]
+    on_step: Callable[[Step], None] | None = None
+    tag: object = None  # the caller's
+
+
+@dataclass
+class Sequence:
+    """A request inside the engine, and its result once done."""
+
+    request: Request
+    submitted: float
+    slot: int | None = None
+    seq: Decoding | None = None
+    steps: list[Step] = field(default_factory=list)
+    first: float | None = None  # when its first token landed
+    result: GenerationResult | None = None
+    error: AdaspecError | None = None
+
+
+def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: float, costs: BatchCosts) -> list[int]:
+    """The draft lengths k_i that maximise the call's expected tokens per ms.
+
+    gains[i][j] is the chance that sequence i's (j+1)-th drafted token is emitted as an accepted token (the product
+    of its per-token acceptance up to j: non-increasing in j). The call scores `fixed_positions` positions whatever
+    is drafted and emits `fixed_tokens` expected tokens from them; drafting m more tokens scores m more positions.
+    The best set of m drafted tokens is the m largest gains (a prefix of each sequence's, as they do not rise), so
+    the rule is one scan over m: maximise (fixed_tokens + sum of the m largest gains) / cost(fixed_positions + m)."""
+    ranked = sorted(((g, i, j) for i, row in enumerate(gains) for j, g in enumerate(row)), key=lambda t: (-t[0], t[1],
+                                                                                                          t[2]))
+    best_m, best_rate, tokens = 0, fixed_tokens / costs.ms(fixed_positions), fixed_tokens
+    for m, (g, _, _) in enumerate(ranked, start=1):
+        tokens += g
+        rate = tokens / costs.ms(fixed_positions + m)
+        if rate > best_rate:
+            best_m, best_rate = m, rate
+    ks = [0] * len(gains)
+    for _, i, _ in ranked[:best_m]:
+        ks[i] += 1
+    return ks
+
+
+class BatchEngine:
+    """Runs many `Request`s on one `BatchBackend`, at most `max_batch` at once (default: every slot).
+
+    `costs`: the measured cost of one call by total positions (policies.BatchCosts); without it the drafts of
+    cost-aware sequences are verified as their own policy says (no batch rule)."""
+
+    def __init__(self, backend: BatchBackend, costs: BatchCosts | None = None, max_batch: int | None = None,
+                 prefill_chunk: int = BATCH_PREFILL_CHUNK) -> None:
+        if prefill_chunk < 1:
+            raise AdaspecError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.backend = backend
+        self.costs = costs
+        self.max_batch = min(max_batch or backend.slots, backend.slots)
+        if self.max_batch < 1:
+            raise AdaspecError(f"max_batch must be >= 1, got {max_batch}")
+        self.prefill_chunk = prefill_chunk
+        self.queue: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free = list(range(backend.slots))[::-1]
+
+    def submit(self, request: Request) -> Sequence:
+        s = Sequence(request, time.perf_counter())
+        self.queue.append(s)
+        return s
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.running
+
+    def _admit(self) -> list[Sequence]:
+        failed = []
+        while self.queue and len(self.running) < self.max_batch and self.free:
+            s = self.queue.popleft()
+            try:
+                s.seq = s.request.start()
+                if len(s.seq.ids) + s.seq.config.max_new_tokens > self.backend.max_context:
+                    raise AdaspecError(f"prompt of {len(s.seq.ids)} tokens + max_new_tokens "
+                                       f"{s.seq.config.max_new_tokens} exceeds the context of "
+                                       f"{self.backend.max_context} positions per sequence in a batch")
+            except AdaspecError as e:
+                s.error = e
+                failed.append(s)
+                continue
+            s.slot = self.free.pop()
+            self.backend.reset(s.slot)
+            self.running.append(s)
+        return failed
+
+    def step(self) -> list[Sequence]:
+        """One call over every running sequence; returns the sequences that ended in it (or failed to start)."""
+        ended = self._admit()
+        if not self.running:
+            return ended
+        budget = self.prefill_chunk
+        decoding: list[Sequence] = []
+        prefilling: list[tuple[Sequence, int]] = []
+        for s in self.running:  # oldest first: a long prompt is prefilled in chunks while the others step
+            missing = s.seq.cached - len(self.backend.tokens[s.slot])
+            if missing <= budget:
+                decoding.append(s)
+                budget -= max(0, missing)
+            else:
+                prefilling.append((s, missing))
+        for s in decoding:
+            s.seq.propose()
+        chunks = []
+        for s, missing in prefilling:
+            if budget <= 0:
+                break
+            n = min(budget, missing)
+            budget -= n
+            chunks.append((s.slot, s.seq.ids[: len(self.backend.tokens[s.slot]) + n], 0))
+        self._plan(decoding, sum(len(c[1]) - len(self.backend.tokens[c[0]]) for c in chunks))
+        wants = [(s.slot, s.seq.ids + s.seq.draft.tokens, len(s.seq.draft) + 1) for s in decoding] + chunks
+        t0 = time.perf_counter()
+        logits = self.backend.sync(wants)
+        now = time.perf_counter()
+        for s, row in zip(decoding, logits, strict=False):
+            step = s.seq.accept(row)
+            self.backend.rollback(s.slot, s.seq.cached)
+            step.ms, step.batch = 1000 * (time.perf_counter() - t0), len(decoding)
+            s.first = s.first or now
+            s.steps.append(step)
+            if s.request.on_step is not None:
+                s.request.on_step(step)
+            if s.seq.done:
+                ended.append(self._finish(s))
+        return ended
+
+    def _plan(self, decoding: list[Sequence], prefill_positions: int) -> None:
+        """2 plan: cut the drafts of cost-aware sequences to the lengths the batch's costs favour."""
+        if self.costs is None or not decoding:
+            return
+        adaptive, gains = [], []
+        fixed_positions, fixed_tokens = prefill_positions, 0.0
+        for s in decoding:
+            fixed_positions += s.seq.cached + 1 - len(self.backend.tokens[s.slot])  # the prompt left, the last token
+            rates = token_rates(s.seq.policy, s.seq.draft.confidence)
+            if rates is None:  # a fixed length: its draft is scored as it is
+                fixed_positions += len(s.seq.draft)
+                fixed_tokens += 1 + 0.5 * len(s.seq.draft)
+                continue
+            fixed_tokens += 1
+            adaptive.append(s)
+            gains.append(list(itertools.accumulate(rates, lambda a, b: a * b)))
+        for s, k in zip(adaptive, plan_lengths(gains, fixed_positions, fixed_tokens, self.costs), strict=True):
+            s.seq.cut(k)
+
+    def _finish(self, s: Sequence) -> Sequence:
+        self.running.remove(s)
+        self.free.append(s.slot)
+        seq = s.seq
+        end = time.perf_counter()
+        reason = s.steps[-1].stop or "length"
+        s.result = GenerationResult(list(s.request.prompt_ids), list(seq.generated), s.steps, end - s.submitted,
+                                    reason, None if s.first is None else s.first - s.submitted)
+        return s
+
+    def run(self, requests: Iterable[Request]) -> list[Sequence]:
+        """Submit `requests` and step until all are done; the sequences in the order given."""
+        sequences = [self.submit(r) for r in requests]
+        while not self.idle:
+            self.step()
+        return sequences
+
+
+
+def measure_costs(backend: BatchBackend, context: list[int], sizes: Iterable[int] = BATCH_COST_SIZES,
+                  repeats: int = 5) -> dict[int, float]:
+    """Median ms of one call scoring T positions in all, for each T in `sizes`: spread over min(T, slots) sequences
+    that each hold `context`, every position with logits (as verification needs). The sizes take turns in every
+    round, so a load that comes and goes weighs on all alike."""
+    sizes = sorted(set(sizes))
+    used = min(backend.slots, max(sizes))
+    for slot in range(used):  # prefill each slot's context, a chunk at a time
+        backend.reset(slot)
+        for end in range(BATCH_PREFILL_CHUNK, len(context) + BATCH_PREFILL_CHUNK, BATCH_PREFILL_CHUNK):
+            backend.sync([(slot, context[: min(end, len(context))], 0)])
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    extra = [(7919 * i + 17) % backend.vocab_size for i in range(max(sizes))]  # any ids will do
+    for _ in range(repeats):
+        for n in sizes:
+            b = min(n, used)
+            wants = []
+            for slot in range(b):
+                m = n // b + (slot < n % b)
+                backend.rollback(slot, len(context))
+                wants.append((slot, context + extra[:m], m))
+            t0 = time.perf_counter()
+            backend.sync(wants)
+            times[n].append(time.perf_counter() - t0)
+    for slot in range(used):
+        backend.reset(slot)
+    return {n: 1000 * statistics.median(t) for n, t in times.items()}
+
+
+def machine_costs(backend: BatchBackend, model_key: str, context_tokens: int = 256,
+                  refresh: bool = False) -> BatchCosts:
+    """`measure_costs` on a `context_tokens`-token context, cached per machine in ~/.cache/adaspec/batch_costs.json
+    by model, backend, slots, threads and CPU (a few seconds the first time)."""
+    from adaspec.models import cache_root
+
+    record = cache_root() / "batch_costs.json"
+    key = "|".join([model_key, backend.where, f"slots={backend.slots}", f"threads={torch.get_num_threads()}",
+                    f"context={context_tokens}", platform.machine(), cpu_model() or "cpu"])
+    try:
+        cached = json.loads(record.read_text()) if record.is_file() else {}
+    except json.JSONDecodeError:
+        cached = {}
+    if refresh or key not in cached:
+        context = [(100 + 7919 * i) % backend.vocab_size for i in range(context_tokens)]
+        cached[key] = {str(n): round(ms, 3) for n, ms in measure_costs(backend, context).items()}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(cached, indent=1))
+    return BatchCosts({int(n): float(ms) for n, ms in cached[key].items()})
+

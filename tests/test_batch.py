@@ -1,0 +1,212 @@
+"""The batched engine: a sequence decoded among others gives the tokens it gets alone (greedy, and sampling with its
+own seed), whatever joins or leaves around it; lossless sampling stays lossless; the cost rule drafts where it pays
+and stops where it does not; bad requests fail alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from conftest import random_prompt, tiny_llama
+from test_lossless import N, PROMPT, T1, TOKENS, V, exact_joint, fit_pvalue
+
+from adaspec.backends import TorchBackend
+from adaspec.backends.batched import TorchBatchBackend
+from adaspec.batch import BatchEngine, Request, measure_costs, plan_lengths
+from adaspec.config import GenerationConfig, SamplingConfig
+from adaspec.decode import Decoding, StopCriteria, generate
+from adaspec.drafters import PromptLookupDrafter
+from adaspec.errors import AdaspecError
+from adaspec.policies import BatchCosts, ConfidenceLength, CostAware, FixedLength, token_rates
+from adaspec.verify import TopBetaTau
+
+MAX_NEW = 24
+PROMPTS = [random_prompt(seed, length=1 + (7 * seed) % 40) for seed in range(14)]  # lengths 1..40
+CHEAP = BatchCosts({1: 10.0, 64: 12.0})  # scoring more positions costs almost nothing: drafting pays
+STEEP = BatchCosts({1: 10.0, 2: 20.0, 64: 640.0})  # every position costs a step: drafting never pays
+FREE = CostAware({n: 1.0 + 0.01 * n for n in range(1, 10)})  # a free drafter's cost-aware policy
+# (drafter, policy, rule) per method: ar, fixed-k lookup, cost-aware lookup, CM-ASD's adaptive length, SpecDec
+METHODS = {
+    "ar": (None, FixedLength(1), None),
+    "sd:k=3": (PromptLookupDrafter(), FixedLength(3), None),
+    "sd:k=auto": (PromptLookupDrafter(), FREE, None),
+    "cmasd-k": (PromptLookupDrafter(), ConfidenceLength(), None),
+    "specdec": (PromptLookupDrafter(), FixedLength(4), TopBetaTau(beta=3, tau_base=0.5)),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(0, scale=8.0)
+
+
+@pytest.fixture(scope="module")
+def alone(model) -> dict[str, list[list[int]]]:
+    """Every method's greedy output on every prompt, decoded alone by the one-sequence loop."""
+    backend = TorchBackend(model)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    return {name: [generate(backend, p, config, copy.deepcopy(d), copy.deepcopy(pol), rule).token_ids
+                   for p in PROMPTS]
+            for name, (d, pol, rule) in METHODS.items()}
+
+
+def request(prompt: list[int], method: str, config: GenerationConfig, tag: object = None, stop=None) -> Request:
+    drafter, policy, rule = METHODS[method]
+
+    def start() -> Decoding:
+        return Decoding(prompt, config, 256, copy.deepcopy(drafter), copy.deepcopy(policy), rule, stop,
+                        __import__("torch").Generator().manual_seed(config.seed))
+
+    return Request(prompt, start, tag=tag)
+
+
+@pytest.mark.parametrize("slots,chunk,costs", [(1, 256, None), (4, 256, CHEAP), (5, 7, STEEP), (16, 3, CHEAP)])
+def test_greedy_sequences_in_a_batch_equal_each_decoded_alone(model, alone, slots, chunk, costs):
+    # mixed methods, prompt lengths and budgets; more requests than slots, so sequences join as others leave, and
+    # long prompts are prefilled in chunks of `chunk` while the others step
+    engine = BatchEngine(TorchBatchBackend(model, slots, context=256), costs, prefill_chunk=chunk)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    jobs = [(i, name) for name in METHODS for i in range(len(PROMPTS))]
+    jobs = jobs[slots % 3:] + jobs[: slots % 3]  # another join order per case
+    done = engine.run([request(PROMPTS[i], name, config, (i, name)) for i, name in jobs])
+    for s in done:
+        i, name = s.request.tag
+        assert s.result.token_ids == alone[name][i], (name, i)
+        assert sum(len(st.tokens) for st in s.result.steps) == len(s.result.token_ids)
+        assert all(1 <= st.batch <= slots for st in s.result.steps)
+
+
+def test_a_sequence_joining_a_running_batch_leaves_the_others_unchanged(model, alone):
+    engine = BatchEngine(TorchBatchBackend(model, 4, context=256), CHEAP, prefill_chunk=5)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    first = engine.submit(request(PROMPTS[3], "sd:k=auto", config))
+    for _ in range(3):
+        engine.step()
+    late = [engine.submit(request(PROMPTS[i], "ar", config)) for i in (9, 13)]
+    while not engine.idle:
+        engine.step()
+    assert first.result.token_ids == alone["sd:k=auto"][3]
+    assert [s.result.token_ids for s in late] == [alone["ar"][9], alone["ar"][13]]
+
+
+def test_sampled_sequences_with_a_fixed_length_equal_themselves_alone(model):
+    # each sequence draws from its own generator, seeded by its request: the batch does not change its draws
+    backend = TorchBackend(model)
+    sampling = SamplingConfig(temperature=0.9, top_k=20)
+    configs = [GenerationConfig(max_new_tokens=MAX_NEW, sampling=sampling, seed=s) for s in range(6)]
+    expected = [generate(backend, PROMPTS[s], c, PromptLookupDrafter(), FixedLength(3)).token_ids
+                for s, c in enumerate(configs)]
+    engine = BatchEngine(TorchBatchBackend(model, 3, context=256), None)
+    done = engine.run([request(PROMPTS[s], "sd:k=3", c) for s, c in enumerate(configs)])
+    assert [s.result.token_ids for s in done] == expected
+
+
+def test_lossless_sampling_stays_lossless_under_the_batch_cost_rule():
+    # the cost rule cuts each draft by what else is in the batch: the law of the tokens must not move
+    target = tiny_llama(10, vocab=V, layers=1, scale=10.0)
+    joint = exact_joint(target, T1)
+    engine = BatchEngine(TorchBatchBackend(target, 16, context=64), CHEAP)
+    policy = CostAware({n: 1.0 for n in range(1, 10)})
+
+    def start(seed: int) -> Decoding:
+        config = GenerationConfig(max_new_tokens=TOKENS, sampling=T1, seed=seed)
+        return Decoding(PROMPT, config, 64, PromptLookupDrafter(), copy.deepcopy(policy), None, None,
+                        __import__("torch").Generator().manual_seed(seed))
+
+    done = engine.run([Request(PROMPT, lambda s=seed: start(s)) for seed in range(N)])
+    drafted = sum(st.drafted for s in done for st in s.result.steps)
+    assert drafted > N  # the rule let drafts through
+    assert fit_pvalue([tuple(s.result.token_ids[:TOKENS]) for s in done], joint) > 1e-3
+
+
+def test_the_cost_rule_drafts_where_scoring_is_cheap_and_not_where_it_is_steep():
+    sure = [[0.9, 0.81, 0.73]] * 4
+    assert plan_lengths(sure, 4, 4.0, CHEAP) == [3, 3, 3, 3]
+    assert plan_lengths(sure, 4, 4.0, STEEP) == [0, 0, 0, 0]
+    # in between: each further position costs 10 % of a step; a token pays where its gain beats the tokens per position
+    # the call already makes (3.85 / 13 ms with the first two drafts: 0.296 a position)
+    mid = BatchCosts({1: 10.0, 64: 10.0 + 63.0})
+    assert plan_lengths([[0.95, 0.9, 0.2], [0.25, 0.1, 0.05]], 2, 2.0, mid) == [2, 0]
+
+
+def test_the_cost_rule_drafts_less_as_the_batch_grows():
+    # a compute-bound call: 4 positions cost 2 steps, 16 cost 6, 64 cost 22
+    costs = BatchCosts({1: 10.0, 4: 20.0, 16: 60.0, 64: 220.0})
+    gains = [0.8, 0.64, 0.51, 0.41, 0.33]
+    drafted = [sum(plan_lengths([gains] * b, b, float(b), costs)) / b for b in (1, 4, 16)]
+    assert drafted[0] > drafted[1] > drafted[2]
+
+
+def test_token_rates_come_from_cost_aware_policies_only():
+    assert token_rates(FixedLength(3), [0.9, 0.9]) is None
+    assert token_rates(ConfidenceLength(), [0.9]) is None
+    rates = token_rates(copy.deepcopy(FREE), [0.95, 0.2])
+    assert len(rates) == 2 and rates[0] > rates[1]
+
+
+def test_measured_costs_cover_every_size_and_grow(model):
+    backend = TorchBatchBackend(model, 4, context=128)
+    ms = measure_costs(backend, list(range(1, 40)), sizes=(1, 2, 8, 16), repeats=2)
+    assert set(ms) == {1, 2, 8, 16} and all(v > 0 for v in ms.values())
+    assert backend.tokens == [[]] * 4  # the slots are left empty
+
+
+def test_a_request_that_does_not_fit_fails_alone(model, alone):
+    engine = BatchEngine(TorchBatchBackend(model, 2, context=64), None)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    too_long = engine.submit(request(list(range(50)), "ar", config))
+    fine = engine.submit(request(PROMPTS[2], "ar", config))
+    while not engine.idle:
+        engine.step()
+    assert isinstance(too_long.error, AdaspecError) and "context" in str(too_long.error)
+    assert too_long.result is None
+    assert fine.result.token_ids == alone["ar"][2]
+
+
+def test_stop_strings_and_eos_end_a_sequence_in_a_batch(model, alone):
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    target = alone["ar"][4]
+    stop = StopCriteria(frozenset({target[5]}))  # the 6th token ends it as EOS
+    engine = BatchEngine(TorchBatchBackend(model, 3, context=256), CHEAP)
+    s = engine.run([request(PROMPTS[4], "ar", config, stop=stop), request(PROMPTS[5], "ar", config)])
+    cut = target.index(target[5]) + 1
+    assert s[0].result.token_ids == target[:cut] and s[0].result.stop_reason == "eos"
+    assert s[1].result.token_ids == alone["ar"][5]
+
+
+def test_a_batch_backend_needs_a_slot_and_refuses_a_slot_twice_in_a_call(model):
+    with pytest.raises(AdaspecError, match="slot"):
+        TorchBatchBackend(model, 0)
+    backend = TorchBatchBackend(model, 2, context=32)
+    with pytest.raises(AdaspecError, match="twice"):
+        backend.sync([(0, [1, 2], 1), (0, [1, 2, 3], 1)])
+
+
+@pytest.mark.bundled
+def test_greedy_sequences_batched_on_llamacpp_equal_each_decoded_alone(monkeypatch):
+    # the bundled GGUF, real prompts of 40-700 tokens, more requests than slots; alone: the one-sequence loop with
+    # flash attention off, as the batched backend runs (README: where exactness holds)
+    from test_llamacpp import _have_llama_cpp
+
+    if not _have_llama_cpp():
+        pytest.skip("the llamacpp extra is not installed")
+    from adaspec.backends.llamacpp import LlamaCppBatchBackend
+    from adaspec.batch import machine_costs
+    from adaspec.bench.data import DEFAULT_DATA, load_questions
+    from adaspec.config import BackendChoice
+    from adaspec.methods import build_runner, parse_method
+    from adaspec.models import encode_prompt, load_model
+
+    monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
+    target = load_model()
+    questions = load_questions(DEFAULT_DATA, None, 1)[:7]
+    prompts = [encode_prompt(target.tokenizer, q.turns[0]) for q in questions]
+    config = GenerationConfig(max_new_tokens=24)
+    runners = [build_runner(parse_method(m), target, "lookup", config, BackendChoice("llamacpp"))
+               for m in ("ar", "sd", "sd:k=3")]
+    backend = LlamaCppBatchBackend(target.gguf, 3, context=1024)
+    engine = BatchEngine(backend, machine_costs(backend, target.name), prefill_chunk=64)
+    for runner in runners:
+        alone = [runner(p, config).token_ids for p in prompts]
+        done = engine.run([Request(p, lambda p=p: runner.decoding(p, config, backend.max_context)) for p in prompts])
+        assert [s.result.token_ids for s in done] == alone, runner.label
