@@ -199,12 +199,13 @@ def report(
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="bench output directories")],
-    out: Annotated[Path | None, typer.Option(help="also write the comparison (markdown) to this file")] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the comparison (markdown) to this file, and beside it "
+                                                  "a plot of throughput and p99 latency against concurrency")] = None,
 ) -> None:
     """Put bench runs side by side: configurations, environments, speedups with their 95 % intervals, quality."""
     from adaspec.bench.rundir import compare as compare_runs
 
-    text = compare_runs(runs)
+    text = compare_runs(runs, None if out is None else out.with_name(out.stem + "_throughput.png"))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
@@ -536,10 +537,27 @@ def serve(
     log_level: str = "info",
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
+    max_body_bytes: Annotated[int | None, typer.Option(help="larger request bodies get 413",
+                                                       show_default="1048576")] = None,
+    body_timeout: Annotated[float | None, typer.Option(help="s for a request body to arrive (408 after)",
+                                                       show_default="30")] = None,
+    runner_cache: Annotated[int | None, typer.Option(help="method configurations kept built",
+                                                     show_default="4")] = None,
+    runner_cache_mib: Annotated[float | None, typer.Option(help="and fewer while their memory passes this",
+                                                           show_default="4096")] = None,
+    request_methods: Annotated[str | None, typer.Option(
+        help="methods a request's `speculative` may choose, comma-separated (none: only --method)",
+        show_default="all")] = None,
+    artifact: Annotated[list[str] | None, typer.Option(
+        help="NAME=PATH a request may name as drafter=, router= or adapters= (repeatable); requests never name "
+             "paths")] = None,
+    allow_format: Annotated[list[str] | None, typer.Option(
+        help="llama.cpp weight format a request's format= may name, converted once into the cache (repeatable)")]
+    = None,
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE too), /v1/models, /health, /metrics."""
     try:
-        from adaspec.server import ServerOptions, create_app, make_server
+        from adaspec.serve import RequestPolicy, ServerOptions, create_app, make_server
     except ModuleNotFoundError as e:
         if e.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
@@ -553,9 +571,22 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    given = dict(queue_size=queue_size, timeout_s=timeout, max_tokens=max_tokens, drain_s=drain)
+    artifacts = {}
+    for item in artifact or []:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise AdaspecError(f"--artifact {item!r}: give NAME=PATH")
+        artifacts[name] = Path(path).expanduser()
+    methods = None if request_methods in (None, "all") else tuple(
+        m.strip() for m in request_methods.split(",") if m.strip() and m.strip() != "none")
+    for fmt in allow_format or []:
+        BackendChoice(format=fmt)  # an unknown format fails here
+    policy = RequestPolicy(methods, artifacts, tuple(allow_format or ()) + ((weights,) if weights != "shipped" else ()))
+    given = dict(queue_size=queue_size, timeout_s=timeout, max_tokens=max_tokens, drain_s=drain,
+                 max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, runner_cache=runner_cache,
+                 runner_cache_mib=runner_cache_mib)
     options = ServerOptions(**{k: v for k, v in given.items() if v is not None},
-                            backend=BackendChoice(backend, weights, threads))
+                            backend=BackendChoice(backend, weights, threads), policy=policy)
     model = load_model(target, dtype)
     server = make_server(create_app(model, method, load_drafter(drafter, model, dtype), options), host, port, log_level)
     err.print(f"serving {model.name} ({method}) on http://{host}:{port}/v1")

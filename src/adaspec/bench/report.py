@@ -442,9 +442,49 @@ def _histograms(hists: dict, out_dir: Path) -> list[str]:
     return lines
 
 
-def compare_markdown(names: list[str], summaries: list[dict]) -> str:
+def load_row(fields: dict) -> dict:
+    """A method's throughput and latency: its `load` fields in a batched run; one question at a time, the same read
+    off the serial run (N = 1, aggregate = tokens/s; latencies per request are not kept apart there)."""
+    return fields.get("load") or {"concurrency": 1, "aggregate_tokens_per_s": fields.get("tokens_per_s")}
+
+
+def throughput_plot(names: list[str], summaries: list[dict], path: Path) -> None:
+    """Aggregate tokens/s and p99 latency against concurrency, a line per method over the runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, list[tuple[int, float, float | None]]] = {}
+    for s in summaries:
+        for method, fields in s["methods"].items():
+            row = load_row(fields)
+            if row.get("aggregate_tokens_per_s") is not None:
+                points.setdefault(method, []).append((row["concurrency"], row["aggregate_tokens_per_s"],
+                                                      row.get("latency_p99_s")))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for method, pts in points.items():
+        pts.sort()
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        lat = [(p[0], p[2]) for p in pts if p[2] is not None]
+        if lat:
+            b.plot([p[0] for p in lat], [p[1] for p in lat], marker="o", label=method)
+    for ax, label in ((a, "aggregate tokens/s"), (b, "p99 latency per request (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent sequences")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_markdown(names: list[str], summaries: list[dict], same: dict[str, dict[str, float]] | None = None) -> str:
     """Runs side by side: their configurations (what differs), environments, one row per (method, run) with the
-    speedup's interval, the expected speedup and efficiency, and the speedup per category."""
+    speedup's interval, the expected speedup and efficiency, and the speedup per category; throughput and latency
+    under load where a run was batched, and `same` (rundir.same_tokens): tokens equal to the first run's."""
     configs = [s.get("config") or {} for s in summaries]
     keys = list(dict.fromkeys(k for c in configs for k in c))
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
@@ -471,4 +511,15 @@ def compare_markdown(names: list[str], summaries: list[dict]) -> str:
         rows = [[m, n, *(speedup_cell(s["methods"][m].get("per_category", {}).get(c, {})) for c in categories)]
                 for m in methods for n, s in zip(names, summaries, strict=True) if m in s["methods"]]
         lines += _table(["method", "run", *categories], rows)
+    if any(f.get("load") for s in summaries for f in s["methods"].values()):
+        lines += ["", "## Under load", "", "Aggregate tokens/s over every question, decoded N at a time (N = 1: one "
+                  "at a time); latencies per request (a turn).", ""]
+        rows = [[m, n] + [_fmt(load_row(s["methods"][m]).get(k)) for _, k in LOAD_COLUMNS]
+                for m in methods for n, s in zip(names, summaries, strict=True) if m in s["methods"]]
+        lines += _table(["method", "run"] + [c for c, _ in LOAD_COLUMNS], rows)
+    if same:
+        lines += ["", f"## Same tokens as {names[0]}", "", "Share of the questions both runs answered whose tokens "
+                  "equal the first run's for the same method.", ""]
+        ms = list(dict.fromkeys(m for v in same.values() for m in v))
+        lines += _table(["run", *ms], [[n, *(_fmt(v.get(m)) for m in ms)] for n, v in same.items()])
     return "\n".join(lines) + "\n"

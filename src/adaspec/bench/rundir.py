@@ -81,8 +81,39 @@ def load_summary(run: Path) -> dict:
     raise AdaspecError(f"{run} is not a bench run: it has neither {RECORDS} nor {SUMMARY}")
 
 
-def compare(runs: list[Path]) -> str:
-    """Markdown putting runs side by side (see report.compare_markdown); a run is named as given."""
+def compare(runs: list[Path], plot: Path | None = None) -> str:
+    """Markdown putting runs side by side (see report.compare_markdown); a run is named as given. Where runs keep
+    their records, whether each method's tokens equal the first run's (a batched run against one decoded one
+    question at a time); with `plot`, throughput and p99 latency against concurrency drawn there."""
     if not runs:
         raise AdaspecError("name at least one run directory to compare")
-    return compare_markdown([str(r) for r in runs], [load_summary(r) for r in runs])
+    names = [str(r) for r in runs]
+    summaries = [load_summary(r) for r in runs]
+    tokens = [{(r["question_id"], r["method"]): r["token_ids"] for r in load_records(r / RECORDS)}
+              if (r / RECORDS).is_file() else None for r in runs]
+    text = compare_markdown(names, summaries, same_tokens(names, tokens))
+    if plot is not None:
+        from adaspec.bench.report import throughput_plot
+
+        try:
+            throughput_plot(names, summaries, plot)
+        except ImportError:
+            text += "\n(matplotlib is not installed: no throughput plot; `pip install adaspec[plots]`)\n"
+        else:
+            text += f"\n![throughput and p99 latency against concurrency]({plot.name})\n"
+    return text
+
+
+def same_tokens(names: list[str], tokens: list[dict | None]) -> dict[str, dict[str, float]]:
+    """{run: {method: share of the questions both answered whose tokens equal the first run's same method}} for every
+    run after the first (runs without records, or sharing no question, are left out)."""
+    first = tokens[0]
+    out: dict[str, dict[str, float]] = {}
+    for name, mine in zip(names[1:], tokens[1:], strict=True):
+        if first is None or mine is None:
+            continue
+        for method in sorted({m for _, m in mine}):
+            both = [key for key in mine if key[1] == method and key in first]
+            if both:
+                out.setdefault(name, {})[method] = sum(mine[k] == first[k] for k in both) / len(both)
+    return out
