@@ -365,13 +365,13 @@ def test_steps_record_exit_layers_and_the_summary_averages_them():
 
 def test_a_server_request_may_not_name_an_adapter_directory(tmp_path: Path):
     pytest.importorskip("fastapi")
-    from types import SimpleNamespace
 
-    from adaspec.server import ApiError, Service, Speculative
+    from adaspec.serve import ApiError, RequestPolicy
+    from adaspec.serve.requests import Speculative
 
-    service = SimpleNamespace(default=parse_method("ar"))
-    spec = Service.method(service, Speculative(method="specbound", options={"exits": "1/2", "adapters": "none"}))
+    policy, default = RequestPolicy(), parse_method("ar")
+    spec = policy.spec(Speculative(method="specbound", options={"exits": "1/2", "adapters": "none"}), default)
     assert spec.options == {"exits": "1/2", "adapters": "none"}
     path = ExitArtifact(ExitHeads(32, [1]), None, LAYERS).save(tmp_path / "exits")
-    with pytest.raises(ApiError, match="never a directory"):
-        Service.method(service, Speculative(method="specbound", options={"adapters": str(path)}))
+    with pytest.raises(ApiError, match="may not name a file on the server"):
+        policy.spec(Speculative(method="specbound", options={"adapters": str(path)}), default)

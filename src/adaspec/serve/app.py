@@ -1,0 +1,514 @@
+"""The app: routes, and the way a generation request goes through the server, each stage bounded.
+
+1. Its body is read on the event loop, at most `max_body_bytes` (413) within `body_timeout_s` (408).
+2. It is admitted while fewer than queue_size + 1 requests are in flight (429).
+3. It is parsed, validated and tokenised on a parse thread (400, 404): serve/requests.py, serve/policy.py.
+4. Its runner comes from the runner cache, built on the builder thread the first time: serve/runners.py.
+5. The generation worker runs it, one at a time, under the request's deadline (408); text deltas come back as the
+   steps arrive, and a client that leaves cancels it at the next target forward: serve/worker.py.
+The event loop only moves bytes and events, so /health answers while all of this happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from adaspec.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, BackendChoice, GenerationConfig, SamplingConfig
+from adaspec.decode import GenerationResult
+from adaspec.errors import AdaspecError
+from adaspec.methods import MethodSpec, Runner, build_runner, parse_method
+from adaspec.models import LoadedModel, encode_prompt
+from adaspec.serve.errors import Aborted, ApiError, api_error
+from adaspec.serve.metrics import CountRequests, Metrics
+from adaspec.serve.policy import RequestPolicy, runner_key, server_paths
+from adaspec.serve.requests import Body, ChatBody, CompletionBody, parse_body
+from adaspec.serve.runners import RunnerCache, resident_bytes
+from adaspec.serve.text import MAX_STOP_CHARS, MAX_STOPS
+from adaspec.serve.worker import DONE, Finished, Job, Worker
+
+POLL_S = 0.2  # how often a waiting non-streaming request checks whether its client is still there
+PARSE_THREADS = 2
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+SEED_MODULUS = 1 << 32  # a request's 64-bit seed, as every backend takes it
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    queue_size: int = 64  # requests waiting behind the running one; more get 429
+    timeout_s: float = 300.0  # per request, from admission: parsing, a runner build and the queue included
+    max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a request names none (capped by the context)
+    drain_s: float = 30.0  # on shutdown, how long in-flight requests may run before they are ended
+    runner_cache: int = 4  # runners kept, one per configuration (method, options, ignore_eos)
+    runner_cache_mib: float = 4096.0  # and fewer while the memory they took passes this
+    max_body_bytes: int = 1 << 20  # a larger request body gets 413
+    body_timeout_s: float = 30.0  # a body not read in full by then gets 408 (slow uploads)
+    backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says
+    policy: RequestPolicy = field(default_factory=RequestPolicy)  # what requests may choose
+
+    def __post_init__(self) -> None:
+        if (self.queue_size < 0 or self.timeout_s <= 0 or self.max_tokens < 1 or self.drain_s < 0
+                or self.runner_cache < 1 or self.runner_cache_mib < 0 or self.max_body_bytes < 1
+                or self.body_timeout_s <= 0):
+            raise AdaspecError("server options: queue size >= 0, timeout > 0, max tokens >= 1, drain >= 0, runner "
+                               "cache >= 1 (memory >= 0), max body bytes >= 1, body timeout > 0")
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to queue."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    spec: MethodSpec
+    chat: bool
+    stream: bool
+    include_usage: bool
+
+
+class Slot:
+    """A request's place among those in flight, given back once."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        service.inflight += 1
+
+    def release(self) -> None:
+        if self.service is not None:
+            self.service.inflight -= 1
+            self.service = None
+
+
+class Service:
+    """The state behind the routes: the model, the runner cache, the worker and the metrics."""
+
+    def __init__(self, target: LoadedModel, method: str, drafter: Any, options: ServerOptions,
+                 build: Callable[..., Runner]) -> None:
+        if target.tokenizer is None:
+            raise AdaspecError("the server needs a target with a tokenizer")
+        self.target, self.tokenizer, self.drafter = target, target.tokenizer, drafter
+        self.options, self.build = options, build
+        self.default = parse_method(method)  # the operator's: it may name paths
+        self.context = int(getattr(target.model.config, "max_position_embeddings", 1 << 30))
+        self.vocab = int(target.model.config.vocab_size)
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.redact = server_paths(target.path, options.policy.artifacts)
+        self.runners = RunnerCache(options.runner_cache, int(options.runner_cache_mib * 2**20), redact=self.redact)
+        self.worker = Worker()
+        self.parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="adaspec-parse")
+        self.capacity = options.queue_size + 1  # requests in flight: parsed, building, queued or running
+        self.inflight = 0
+        self.draining = False
+
+    def fail(self, e: BaseException) -> ApiError:
+        """The ApiError for `e`, with server paths out of its message."""
+        err = api_error(e)
+        if err.status < 500:
+            err.message = self.redact(err.message)
+        return err
+
+    # -- runners
+
+    def maker(self, spec: MethodSpec, stop_on_eos: bool) -> Callable[[], Runner]:
+        """Builds `spec`'s runner without stop strings: jobs match those themselves, so one runner serves all."""
+        config = GenerationConfig(stop_on_eos=stop_on_eos)
+        return lambda: self.build(spec, self.target, self.drafter, config, self.options.backend)
+
+    async def runner(self, p: Prepared, deadline: float) -> Runner:
+        try:
+            key, make = runner_key(p.spec, p.config.stop_on_eos), self.maker(p.spec, p.config.stop_on_eos)
+            return await self.runners.get(key, make, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self.metrics.abort("timeout")
+            raise api_error(Aborted("timeout")) from None
+
+    # -- validation (parse thread)
+
+    def check_model(self, name: str) -> None:
+        if name != self.target.name:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.target.name}'",
+                           param="model", code="model_not_found")
+
+    def prompt_ids(self, body: Body) -> list[int]:
+        try:
+            if isinstance(body, ChatBody):
+                messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                            for m in body.messages]
+                return encode_prompt(self.tokenizer, messages, chat=True)
+            assert isinstance(body, CompletionBody)
+            prompt = body.prompt
+            if isinstance(prompt, list) and len(prompt) != 1 and not all(isinstance(t, int) for t in prompt):
+                raise ApiError(400, "one prompt per request: batches of prompts are not supported", param="prompt")
+            if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                return encode_prompt(self.tokenizer, prompt, chat=False)
+            bad = [t for t in prompt if not 0 <= t < self.vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})",
+                               param="prompt")
+            return list(prompt)
+        except ApiError:
+            raise
+        except Exception as e:  # the tokenizer or a chat template refused the input
+            param = "messages" if isinstance(body, ChatBody) else "prompt"
+            raise ApiError(400, self.redact(f"could not build the prompt: {e}"[:1000]), param=param) from None
+
+    def prepare(self, raw: bytes, chat: bool, content_type: str | None = None) -> Prepared:
+        body = parse_body(raw, ChatBody if chat else CompletionBody, content_type)
+        self.check_model(body.model)
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+        spec = self.options.policy.spec(body.speculative, self.default)
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                                "characters", param="stop")
+        ids = self.prompt_ids(body)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        room = self.context - len(ids)
+        if room < 1 or (asked is not None and asked > room):
+            raise ApiError(400, f"the prompt has {len(ids)} tokens and {asked or 1} more were asked for, beyond the "
+                                f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        temperature = 1.0 if body.temperature is None else float(body.temperature)
+        seed = (body.seed % SEED_MODULUS if body.seed is not None else DEFAULT_SEED if temperature == 0
+                else secrets.randbits(31))
+        try:
+            sampling = SamplingConfig(temperature, 0, 1.0 if body.top_p is None else float(body.top_p))
+            config = GenerationConfig(asked or min(self.options.max_tokens, room), sampling, stop,
+                                      stop_on_eos=not body.ignore_eos, seed=seed)
+        except AdaspecError as e:
+            raise ApiError(400, str(e)) from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Prepared(ids, config, spec, chat, bool(body.stream), include_usage)
+
+    # -- a request (event loop)
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        raw = await read_body(request, self.options.max_body_bytes, self.options.body_timeout_s)
+        if self.inflight >= self.capacity:
+            raise ApiError(429, f"the server is busy: {self.inflight} requests in flight; retry later",
+                           "rate_limit_error", code="queue_full")
+        slot = Slot(self)
+        deadline = time.monotonic() + self.options.timeout_s
+        try:
+            loop = asyncio.get_running_loop()
+            p = await loop.run_in_executor(self.parser, self.prepare, raw, chat, request.headers.get("content-type"))
+            del raw
+            runner = await self.runner(p, deadline)
+            job = Job(p.prompt_ids, p.config, runner, self.decode, deadline, asyncio.Queue(), loop)
+            fut = self.worker.submit(job)
+        except BaseException:
+            slot.release()
+            raise
+        fut.add_done_callback(lambda _: slot.release())  # the worker holds the slot until the job really ends
+        return await (self.stream(p, job, fut, request) if p.stream else self.complete(p, job, fut, request))
+
+    async def next_event(self, job: Job, request: Request | None) -> object:
+        """The job's next event; raises Aborted at its deadline or when `request`'s client has gone (checked
+        every POLL_S; a stream's disconnect is seen by the streaming response instead)."""
+        while True:
+            now = time.monotonic()
+            if request is not None and now >= job.next_poll:
+                job.next_poll = now + POLL_S
+                if await request.is_disconnected():
+                    job.abort("disconnect")
+                    raise Aborted("disconnect")
+            if now >= job.deadline:
+                job.abort("timeout")
+                raise Aborted("timeout")
+            try:
+                return await asyncio.wait_for(job.events.get(), min(job.deadline - now, POLL_S))
+            except TimeoutError:
+                pass
+
+    async def started(self, job: Job, fut: asyncio.Future, request: Request) -> None:
+        """Wait until the worker starts the job (a stream's headers wait in the queue, so a 408 can still be one)."""
+        try:
+            if await self.next_event(job, request) is DONE:
+                await fut  # raises what stopped the job
+                raise ApiError(500, "the generation ended before it started", "server_error")
+        except Aborted as e:
+            self.metrics.abort(e.reason)
+            raise self.fail(e) from None
+        except Exception as e:
+            raise self.fail(e) from None
+
+    async def complete(self, p: Prepared, job: Job, fut: asyncio.Future, request: Request) -> Response:
+        t0 = time.monotonic()
+        try:
+            while await self.next_event(job, request) is not DONE:
+                pass
+            finished: Finished = await fut
+        except Aborted as e:
+            self.metrics.abort(e.reason)
+            raise self.fail(e) from None
+        except Exception as e:
+            raise self.fail(e) from None
+        result = finished.result
+        self.metrics.generation(p.spec.name, result, time.monotonic() - t0)
+        choice: dict = {"index": 0, "logprobs": None, "finish_reason": FINISH.get(result.stop_reason, "stop")}
+        if p.chat:
+            choice["message"] = {"role": "assistant", "content": finished.text}
+        else:
+            choice["text"] = finished.text
+        return json_response({**self.head(p, "chat.completion" if p.chat else "text_completion"),
+                              "choices": [choice], "usage": usage(result),
+                              "speculative": speculative_stats(p.spec, result)})
+
+    async def stream(self, p: Prepared, job: Job, fut: asyncio.Future, request: Request) -> StreamingResponse:
+        await self.started(job, fut, request)
+        return StreamingResponse(self.events(p, job, fut), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def events(self, p: Prepared, job: Job, fut: asyncio.Future) -> AsyncIterator[str]:
+        """SSE chunks as text arrives, then `data: [DONE]`. Closing the stream early aborts the job."""
+        t0 = time.monotonic()
+        head = self.head(p, "chat.completion.chunk" if p.chat else "text_completion")
+
+        def chunk(delta: str | None, finish: str | None = None, **extra: object) -> str:
+            choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish}
+            if p.chat:
+                choice["delta"] = {} if delta is None else {"content": delta}
+            else:
+                choice["text"] = delta or ""
+            return sse({**head, "choices": [choice], **extra})
+
+        try:
+            if p.chat:
+                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            while (event := await self.next_event(job, None)) is not DONE:
+                if isinstance(event, str):
+                    yield chunk(event)
+            finished: Finished = await fut
+            result = finished.result
+            self.metrics.generation(p.spec.name, result, time.monotonic() - t0)
+            yield chunk(None, FINISH.get(result.stop_reason, "stop"), speculative=speculative_stats(p.spec, result))
+            if p.include_usage:
+                yield sse({**head, "choices": [], "usage": usage(result)})
+        except Exception as e:  # headers are out: the error goes in the stream, as OpenAI does
+            if isinstance(e, Aborted):
+                self.metrics.abort(e.reason)
+            err = self.fail(e)
+            self.metrics.error(err)
+            yield sse(err.body())
+        finally:
+            if not fut.done() and job.abort_reason is None:
+                job.abort("disconnect")  # the client went away mid-stream (or the server cancelled us)
+                self.metrics.abort("disconnect")
+        yield "data: [DONE]\n\n"
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def head(self, p: Prepared, obj: str) -> dict:
+        prefix = "chatcmpl" if p.chat else "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()),
+                "model": self.target.name}
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        builds = self.runners.builds
+        return {
+            "adaspec_queue_depth": ("requests in flight: parsed, awaiting a runner, queued or running", self.inflight),
+            "adaspec_queue_capacity": ("requests that may be in flight at once", self.capacity),
+            "adaspec_runners_cached": ("runners kept (one per configuration)", len(self.runners)),
+            "adaspec_runners_bytes": ("resident memory the kept runners took to build", self.runners.bytes),
+            "adaspec_runner_builds_total": ("runners built", builds["ok"]),
+            "adaspec_runner_build_failures_total": ("runner builds that failed", builds["error"]),
+            "adaspec_runner_evictions_total": ("runners dropped from the cache", self.runners.evictions),
+            "adaspec_resident_bytes": ("resident memory of the server process", resident_bytes()),
+        }
+
+    def close(self) -> None:
+        self.worker.close()
+        self.runners.close()
+        self.parser.shutdown(wait=False, cancel_futures=True)
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body: 413 past `limit` bytes (at once when Content-Length says so), 408 when it has not arrived
+    within `timeout_s`, 499 when the client leaves first."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(size, limit)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "timeout_error",
+                       code="body_timeout") from None
+    except ClientDisconnect:
+        raise api_error(Aborted("disconnect")) from None
+    return b"".join(chunks)
+
+
+def too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body has {size} bytes or more, beyond this server's limit of {limit}",
+                    code="body_too_large")
+
+
+def usage(result: GenerationResult) -> dict:
+    n, m = len(result.prompt_ids), result.new_tokens
+    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+
+def speculative_stats(spec: MethodSpec, result: GenerationResult) -> dict:
+    """Per-request decoding statistics; a peer (transformers generate) reports no steps, so they are null."""
+    if not result.steps:
+        return {"method": spec.label, "steps": None, "drafted": None, "accepted": None, "mean_accepted": None,
+                "acceptance_rate": None}
+    drafted = sum(s.drafted for s in result.steps)
+    accepted = sum(s.accepted for s in result.steps)
+    return {"method": spec.label, "steps": len(result.steps), "drafted": drafted, "accepted": accepted,
+            "mean_accepted": round(result.mean_accepted, 4),
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else None}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def json_response(payload: dict, status: int = 200) -> Response:
+    return Response(json.dumps(payload, ensure_ascii=False).encode(), status, media_type="application/json")
+
+
+class App(FastAPI):
+    """FastAPI whose whole middleware stack, its error handling included, is inside CountRequests."""
+
+    def build_middleware_stack(self) -> Any:
+        return CountRequests(super().build_middleware_stack(), self.state.service.metrics)
+
+
+def create_app(target: LoadedModel, method: str = "sd", drafter: Any = None,
+               options: ServerOptions | None = None, build: Callable[..., Runner] = build_runner) -> FastAPI:
+    """The server for an already-loaded target. `method` is the default method spec (built at start-up), `drafter`
+    what --drafter loaded (None: the method's default); `build` makes a runner (tests pass a fake)."""
+    service = Service(target, method, drafter, options or ServerOptions(), build)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.runners.get(runner_key(service.default, True), service.maker(service.default, True))
+        yield
+        await service.worker.drain(0)
+        service.close()
+
+    app = App(title="adaspec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    def error_response(e: ApiError) -> Response:
+        service.metrics.error(e)
+        return Response(e.json(), e.status, media_type="application/json")
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_: Request, e: ApiError) -> Response:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, e: RequestValidationError) -> Response:
+        return error_response(ApiError(400, "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(ApiError(e.status_code, str(e.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def on_bug(_: Request, e: Exception) -> Response:
+        return error_response(service.fail(e))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await service.handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.handle(request, chat=True)
+
+    def model_card() -> dict:
+        return {"id": target.name, "object": "model", "created": service.created, "owned_by": "adaspec"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> dict:
+        service.check_model(name)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        body = {"status": "draining" if service.draining else "ok", "model": target.name,
+                "method": service.default.label, "queue": service.inflight, "capacity": service.capacity,
+                "runners": len(service.runners)}
+        return json_response(body, 503 if service.draining else 200)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(service.metrics.render(service.gauges()), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that, on shutdown, stops listening, lets in-flight requests finish for `drain_s` and then
+    ends the rest (streams get an error event and `data: [DONE]`) before closing connections."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        self.service.draining = True
+        await self.service.worker.drain(self.service.options.drain_s, lambda: self.force_exit)  # 2nd Ctrl-C
+        await super().shutdown(sockets)
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> DrainingServer:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
+                            access_log=log_level == "debug")
+    return DrainingServer(config, app.state.service)
+
+
+def run_in_thread(server: DrainingServer, sock: Any) -> threading.Thread:
+    """Start `server` on an already-bound socket in a daemon thread and wait until it accepts."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    return thread
