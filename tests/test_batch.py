@@ -8,7 +8,7 @@ import copy
 
 import pytest
 from conftest import random_prompt, tiny_llama
-from test_lossless import N, PROMPT, T1, TOKENS, V, exact_joint, fit_pvalue
+from test_lossless import PROMPT, T1, TOKENS, N, V, exact_joint, fit_pvalue
 
 from adaspec.backends import TorchBackend
 from adaspec.backends.batched import TorchBatchBackend
@@ -208,5 +208,23 @@ def test_greedy_sequences_batched_on_llamacpp_equal_each_decoded_alone(monkeypat
     engine = BatchEngine(backend, machine_costs(backend, target.name), prefill_chunk=64)
     for runner in runners:
         alone = [runner(p, config).token_ids for p in prompts]
-        done = engine.run([Request(p, lambda p=p: runner.decoding(p, config, backend.max_context)) for p in prompts])
+        done = engine.run([Request(p, lambda p=p, r=runner: r.decoding(p, config, backend.max_context))
+                           for p in prompts])
         assert [s.result.token_ids for s in done] == alone, runner.label
+
+
+def test_the_batch_size_table_drafts_by_the_number_of_sequences_in_the_call(model):
+    from adaspec.policies import BatchTable
+
+    table = BatchTable({1: 4, 2: 2, 4: 0})
+    assert [BatchTable(table.table, b).draft_length() for b in (1, 2, 3, 4, 9)] == [4, 2, 2, 0, 0]
+    engine = BatchEngine(TorchBatchBackend(model, 4, context=256), None)
+    prompt = [5, 6, 7, 8] * 6  # repeats: lookup always finds a draft
+    configs = [GenerationConfig(max_new_tokens=n) for n in (3, 6, 12, 24)]  # they leave one by one
+    starts = [lambda c=c: Decoding(prompt, c, 256, PromptLookupDrafter(), copy.deepcopy(table)) for c in configs]
+    done = engine.run([Request(prompt, s) for s in starts])
+    steps = [st for s in done for st in s.result.steps]
+    assert all(st.drafted == 0 for st in steps if st.batch == 4)
+    assert all(st.drafted <= 2 for st in steps if st.batch in (2, 3)) and any(st.drafted for st in steps)
+    with pytest.raises(AdaspecError, match="batch size 1"):
+        BatchTable({2: 1})

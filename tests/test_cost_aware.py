@@ -101,7 +101,7 @@ def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
     from adaspec.models import LoadedModel
 
     assert parse_method("sd").get("k") == "auto"
-    with pytest.raises(AdaspecError, match="k must be auto or a draft length"):
+    with pytest.raises(AdaspecError, match="k must be auto, table or a draft length"):
         parse_method("sd:k=many")
     with pytest.raises(AdaspecError, match="sd: draft length k must be >= 1"):
         parse_method("sd:k=0")
@@ -141,7 +141,7 @@ def test_specdec_and_cmasd_tau_take_k_auto_and_refuse_a_bad_k():
     assert cmasd_parts(parse_method("specdec:k=3")).policy.draft_length() == 3
     with pytest.raises(AdaspecError, match="cmasd-tau: draft length k must be >= 1"):
         cmasd_parts(parse_method("cmasd-tau:k=0"))
-    with pytest.raises(AdaspecError, match="k must be auto or a draft length"):
+    with pytest.raises(AdaspecError, match="k must be auto, table or a draft length"):
         cmasd_parts(parse_method("specdec:k=long"))
 
 

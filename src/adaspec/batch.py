@@ -35,7 +35,7 @@ from adaspec.config import BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
 from adaspec.decode import Decoding, GenerationResult, Step
 from adaspec.errors import AdaspecError
 from adaspec.machine import cpu_model
-from adaspec.policies import BatchCosts, token_rates
+from adaspec.policies import BatchCosts, BatchTable, token_rates
 
 
 @dataclass
@@ -149,6 +149,8 @@ class BatchEngine:
             else:
                 prefilling.append((s, missing))
         for s in decoding:
+            if isinstance(s.seq.policy, BatchTable):
+                s.seq.policy.batch = len(decoding)
             s.seq.propose()
         chunks = []
         for s, missing in prefilling:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from adaspec.errors import AdaspecError
 
 DEFAULT_MAX_NEW_TOKENS = 128
-DEFAULT_DRAFT_LENGTH = 5
+# the k of sd, specdec and cmasd-tau: `auto` drafts what the backend's measured costs favour (policies.CostAware), so
+# that no method's default is slower than plain decoding on a CPU where verifying costs nearly a step a position
+DEFAULT_DRAFT_LENGTH = "auto"
 DEFAULT_SEED = 0
 
 # The torch backend's preallocated KV cache (backends/lean.py): positions per sequence, capped by the model's context.
@@ -33,7 +35,7 @@ CMASD_GAMMA = 0.05
 CMASD_TAU_BASE = 0.02
 CMASD_TAU_MODE = "intent"
 CMASD_EARLY_STOP = 1
-CMASD_COST = 0  # 1: cap the adaptive length by the length the backend's measured costs favour (policies.CostCapped)
+CMASD_COST = 1  # 1: cap the adaptive length by the length the backend's measured costs favour (policies.CostCapped)
 SPECDEC_BETA = 5
 SPECDEC_TAU = 0.1
 

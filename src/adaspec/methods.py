@@ -21,6 +21,7 @@ from adaspec.backends.base import llamacpp_where, torch_where
 from adaspec.backends.layered import LayeredBackend
 from adaspec.confidence import ConfidenceEnsemble
 from adaspec.config import (
+    BATCH_K_TABLE,
     CMASD_ALPHA,
     CMASD_COST,
     CMASD_EARLY_STOP,
@@ -48,7 +49,15 @@ from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits
 from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
 from adaspec.errors import AdaspecError
 from adaspec.models import LoadedModel, check_same_tokenizer
-from adaspec.policies import ConfidenceLength, CostAware, CostCapped, ExitBound, FixedLength, LengthPolicy
+from adaspec.policies import (
+    BatchTable,
+    ConfidenceLength,
+    CostAware,
+    CostCapped,
+    ExitBound,
+    FixedLength,
+    LengthPolicy,
+)
 from adaspec.routing import LearnedRouter, Router, RStitchRunner, ThresholdRouter, router_path
 from adaspec.verify import AcceptanceRule, TopBetaTau
 
@@ -112,16 +121,16 @@ _CONFIDENCE = {"l1": (float, 1 / 3), "l2": (float, 1 / 3), "l3": (float, 1 / 3),
 OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "ar": {**_BACKEND},
     # sd: k=auto (policies.CostAware: the length the backend's measured costs favour) or a fixed k
-    "sd": {"k": (str, "auto"), "drafter": (DRAFTER, None), "ngram": (NGRAM, 3), **_BACKEND},
+    "sd": {"k": (str, DEFAULT_DRAFT_LENGTH), "drafter": (DRAFTER, None), "ngram": (NGRAM, 3), **_BACKEND},
     "hf": {},
     "hf-assisted": {"k": (AtLeast(1), None), "drafter": (DRAFTER, None)},
     "hf-lookup": {"k": (AtLeast(1), HF_LOOKUP_TOKENS), "ngram": (NGRAM, 2)},
     "llamacpp": {"format": _BACKEND["format"]},  # llama.cpp's own plain decoding (llama-cpp-python) of the GGUF
-    "specdec": {"k": (str, str(DEFAULT_DRAFT_LENGTH)), "beta": (int, SPECDEC_BETA), "tau": (float, SPECDEC_TAU),
+    "specdec": {"k": (str, DEFAULT_DRAFT_LENGTH), "beta": (int, SPECDEC_BETA), "tau": (float, SPECDEC_TAU),
                 **_DRAFTING, **_BACKEND},
     "cmasd": {**_LENGTH, **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
     "cmasd-k": {**_LENGTH, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
-    "cmasd-tau": {"k": (str, str(DEFAULT_DRAFT_LENGTH)), **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
+    "cmasd-tau": {"k": (str, DEFAULT_DRAFT_LENGTH), **_TAU, **_CONFIDENCE, **_DRAFTING, **_BACKEND},
     # R-Stitch (routing.py): `drafter` is the small model (`small`, the shipped one, or DIR; default: --drafter
     # if it is a model, else the target's shipped `small`); tau_down None: the same as tau_up
     "rstitch": {"drafter": (DRAFTER, None), "tau_up": (float, RSTITCH_TAU_UP), "tau_down": (float, RSTITCH_TAU_DOWN),
@@ -189,18 +198,21 @@ def parse_method(spec: str, server_side: Callable[[str, str, ServerSide], str] |
     return method
 
 
-def sd_length(spec: MethodSpec) -> int | None:
-    """The k of sd, specdec and cmasd-tau: None for k=auto (CostAware), else the fixed draft length (>= 1)."""
+def sd_length(spec: MethodSpec) -> LengthPolicy | None:
+    """The length policy of sd, specdec and cmasd-tau's k: None for k=auto (CostAware, made once the backend is
+    known), a batch-size table for k=table (BatchTable, the vLLM-style baseline), else a fixed draft length (>= 1)."""
     text = str(spec.get("k"))
     if text == "auto":
         return None
+    if text == "table":
+        return BatchTable(BATCH_K_TABLE)
     try:
         k = int(text)
     except ValueError:
-        raise AdaspecError(f"{spec.label}: k must be auto or a draft length >= 1, got {text!r}") from None
+        raise AdaspecError(f"{spec.label}: k must be auto, table or a draft length >= 1, got {text!r}") from None
     if k < 1:
-        raise AdaspecError(f"{spec.name}: draft length k must be >= 1 (or auto), got {k}")
-    return k
+        raise AdaspecError(f"{spec.name}: draft length k must be >= 1 (or auto, or table), got {k}")
+    return FixedLength(k)
 
 
 def cost_aware(backend: Backend, drafter: Drafter) -> CostAware:
@@ -308,8 +320,7 @@ def cmasd_parts(spec: MethodSpec) -> CMASDParts:
                 raise AdaspecError(f"cost must be 0 (the paper's length) or 1 (capped by the backend's measured "
                                    f"costs), got {cost_cap}")
         else:
-            k = sd_length(spec)
-            policy = None if k is None else FixedLength(k)
+            policy = sd_length(spec)
             cost_cap = 0
         rule = None
         if spec.name == "specdec":
@@ -542,10 +553,9 @@ def build_runner(
     if spec.name == "ar":
         return EngineRunner(spec.label, target_backend(target, choice), stop)
     if spec.name == "sd":
-        k = sd_length(spec)
         backend = target_backend(target, choice)
         chosen = make_drafter(spec, drafter, backend, target)
-        policy = length_policy(None if k is None else FixedLength(k), False, backend, chosen)
+        policy = length_policy(sd_length(spec), False, backend, chosen)
         return EngineRunner(spec.label, backend, stop, chosen, policy=policy)
     if spec.name == "llamacpp":
         fmt = str(spec.options.get("format", "shipped"))  # llama.cpp's own decoding of the GGUF as shipped

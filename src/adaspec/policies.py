@@ -63,6 +63,35 @@ class FixedLength:
         pass
 
 
+@dataclass
+class BatchTable:
+    """A draft length by batch size (vLLM's num_speculative_tokens_per_batch_size, SGLang's switch-off by batch size):
+    `table` maps a batch size to k, the entry of the largest size not above the batch's applying (k = 0: no drafting).
+    The batched engine sets `batch` before each step; one sequence alone is a batch of 1."""
+
+    table: dict[int, int]
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.table or min(self.table) != 1 or min(self.table.values()) < 0:
+            raise AdaspecError(f"a batch-size table needs an entry for batch size 1 and lengths >= 0, got {self.table}")
+
+    def reset(self) -> None:
+        pass
+
+    def draft_length(self) -> int:
+        return self.table[max(b for b in self.table if b <= self.batch)]
+
+    def keep_drafting(self, confidences: list[float]) -> bool:
+        return True
+
+    def verify_length(self, confidences: list[float]) -> int:
+        return len(confidences)
+
+    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+        pass
+
+
 def adaptive_length(confidence: list[float], alpha: float, k_min: int, k_max: int) -> int:
     """CM-ASD's draft length k_j = clamp(floor(alpha * mean(C) * k_max), k_min, k_max); no confidence: k_min."""
     mean = sum(confidence) / len(confidence) if confidence else 0.0
