@@ -5,19 +5,18 @@ timeouts, client disconnects that cancel the generation, and a graceful shutdown
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
 import openai
 import pytest
 import torch
+from serving import Served, assert_openai_error, running, sse_events_of
 from typer.testing import CliRunner
 
 from adaspec.cli import app as cli_app
@@ -25,37 +24,11 @@ from adaspec.config import GenerationConfig
 from adaspec.decode import GenerationResult, Step
 from adaspec.methods import build_runner, parse_method
 from adaspec.models import encode_prompt, load_model
-from adaspec.serve import DrainingServer, ServerOptions, TextStream, create_app, make_server, run_in_thread
+from adaspec.serve import ServerOptions, TextStream, create_app
 
 pytestmark = pytest.mark.bundled
 CHAT = "Write a haiku about rain."
 MODEL = "smollm2"
-
-
-@dataclass
-class Served:
-    base: str
-    server: DrainingServer
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        """What SIGTERM does: stop listening, drain, close."""
-        self.server.should_exit = True
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "the server did not shut down"
-
-
-@contextmanager
-def running(app) -> Iterator[Served]:
-    """Serve `app` on a free loopback port in a background thread; shut it down at the end."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = make_server(app, log_level="warning")
-    served = Served(f"http://127.0.0.1:{sock.getsockname()[1]}", server, run_in_thread(server, sock))
-    try:
-        yield served
-    finally:
-        served.stop()
 
 
 @pytest.fixture(scope="module")
@@ -80,25 +53,6 @@ def direct(smollm, ids: list[int], max_tokens: int, method: str = "sd") -> str:
     config = GenerationConfig(max_new_tokens=max_tokens)
     result = build_runner(parse_method(method), smollm, None, config)(ids, config)
     return smollm.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-
-
-def assert_openai_error(response: httpx.Response, status: int | None = None) -> dict:
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    if status is not None:
-        assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
-
-
-def sse_events_of(lines) -> list:
-    """The data payloads of SSE lines: parsed JSON, and the literal '[DONE]'."""
-    out = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 # ------------------------------------------------------------------------------- the bundled model

@@ -172,6 +172,14 @@ class Service:
             raise ApiError(400, self.redact(f"could not build the prompt: {e}"[:1000]), param=param) from None
 
     def prepare(self, raw: bytes, chat: bool, content_type: str | None = None) -> Prepared:
+        """The request validated and tokenised, or an ApiError whose message names no server path."""
+        try:
+            return self._prepare(raw, chat, content_type)
+        except ApiError as e:
+            e.message = self.redact(e.message)
+            raise
+
+    def _prepare(self, raw: bytes, chat: bool, content_type: str | None) -> Prepared:
         body = parse_body(raw, ChatBody if chat else CompletionBody, content_type)
         self.check_model(body.model)
         if self.draining:

@@ -19,6 +19,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
 )
 
 from adaspec.serve.errors import ApiError, unsupported
@@ -45,8 +46,15 @@ class Strict(BaseModel):
 class Speculative(Strict):
     """Per request: the method (`sd`, `sd:k=4`, `ar`, ...) and its options ({"k": 4})."""
 
-    method: Annotated[Text, Field(min_length=1)] | None = None
+    method: Text | None = None
     options: dict[Text, OptionValue] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _named(cls, method: str | None) -> str | None:
+        if method is not None and not method.strip():
+            raise ValueError("is empty: name a method (sd, ar, ...) or leave method out for the server's default")
+        return method
 
 
 class StreamOptions(Strict):
@@ -187,7 +195,7 @@ def parse_body(raw: bytes, kind: type[Body], content_type: str | None = None) ->
     try:
         body = kind.model_validate(data)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
+        first = max(e.errors(include_url=False), key=lambda err: len(err.get("loc", ())))  # a union's closest member
         param = _param(first.get("loc", ()))
         if first.get("type") == "extra_forbidden":
             raise ApiError(400, f"unrecognized request argument supplied: {param}", param=param,
