@@ -228,3 +228,19 @@ def test_the_batch_size_table_drafts_by_the_number_of_sequences_in_the_call(mode
     assert all(st.drafted <= 2 for st in steps if st.batch in (2, 3)) and any(st.drafted for st in steps)
     with pytest.raises(AdaspecError, match="batch size 1"):
         BatchTable({2: 1})
+
+
+def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_unchanged(model, alone):
+    engine = BatchEngine(TorchBatchBackend(model, 2, context=256), CHEAP)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    gone = engine.submit(request(PROMPTS[6], "sd:k=auto", config))
+    kept = engine.submit(request(PROMPTS[7], "sd:k=3", config))
+    queued = engine.submit(request(PROMPTS[8], "ar", config))  # waits for a slot
+    never = engine.submit(request(PROMPTS[9], "ar", config))
+    engine.step()
+    engine.cancel(gone)
+    engine.cancel(never)
+    while not engine.idle:
+        engine.step()
+    assert gone.result is None and never.result is None and never.slot is None
+    assert kept.result.token_ids == alone["sd:k=3"][7] and queued.result.token_ids == alone["ar"][8]

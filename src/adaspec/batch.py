@@ -195,6 +195,15 @@ class BatchEngine:
         for s, k in zip(adaptive, plan_lengths(gains, fixed_positions, fixed_tokens, self.costs), strict=True):
             s.seq.cut(k)
 
+    def cancel(self, s: Sequence) -> None:
+        """Drop a queued or running sequence between steps (its client went away, its deadline passed): its slot
+        frees for the next; it gets no result."""
+        if s in self.running:
+            self.running.remove(s)
+            self.free.append(s.slot)
+        elif s in self.queue:
+            self.queue.remove(s)
+
     def _finish(self, s: Sequence) -> Sequence:
         self.running.remove(s)
         self.free.append(s.slot)
@@ -263,3 +272,14 @@ def machine_costs(backend: BatchBackend, model_key: str, context_tokens: int = 2
         record.write_text(json.dumps(cached, indent=1))
     return BatchCosts({int(n): float(ms) for n, ms in cached[key].items()})
 
+
+
+def rule_table(costs: BatchCosts, alphas: Iterable[float] = (0.5, 0.7, 0.9),
+               batches: Iterable[int] = (1, 2, 4, 8, 16, 32), k_max: int = 8) -> dict[float, dict[int, float]]:
+    """{alpha: {batch size: mean tokens drafted per sequence}}: what the cost rule picks for a batch of sequences
+    whose drafted tokens are each kept with chance alpha (`adaspec costs --batch`)."""
+    table: dict[float, dict[int, float]] = {}
+    for a in alphas:
+        gains = [a ** (j + 1) for j in range(k_max)]
+        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs)) / b for b in batches}
+    return table
