@@ -512,3 +512,20 @@ def test_a_stop_string_ends_the_generation_at_its_token(served, tiny):
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == text[: text.index(stop)]
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--artifact", "no-equals-sign"], "give NAME=PATH"),
+    (["--artifact", "shipped=/tmp"], "artifact name"),
+    (["--artifact", "mine=/no/such/path"], "no such file"),
+    (["--request-methods", "sd,warp"], "unknown request method"),
+    (["--allow-format", "q9_9"], "unknown llama.cpp weight format"),
+])
+def test_serve_refuses_a_bad_request_policy_before_loading_the_model(flags, message):
+    from typer.testing import CliRunner
+
+    from adaspec.cli import app as cli_app
+
+    with mock.patch("adaspec.models.load_model", side_effect=AssertionError("loaded")):
+        result = CliRunner().invoke(cli_app, ["serve", *flags])
+    assert isinstance(result.exception, AdaspecError) and message in str(result.exception), result.output
