@@ -144,3 +144,17 @@ def test_bench_with_concurrency_decodes_questions_together_and_reports_the_load(
     with pytest.raises(AdaspecError, match="cannot run batched"):
         run_bench(BenchOptions(data=data, out=tmp_path / "peer", methods=["ar", "hf"], concurrency=2,
                                generation=GenerationConfig(max_new_tokens=4), backend=BackendChoice("torch")))
+
+
+def test_generate_many_returns_each_prompts_tokens_decoded_alone(smollm):
+    # the Python API: text prompts, 3 at a time on the torch backend, each equal to the prompt decoded alone
+    from adaspec.api import generate_many
+
+    prompts = ["Translate to French: good morning", "Name three colours.", "What is 2 + 3?", "Say hi."]
+    config = GenerationConfig(max_new_tokens=10)
+    results = generate_many(prompts, "sd", smollm, config, concurrency=3, backend=BackendChoice("torch"))
+    alone = build_runner(parse_method("sd"), smollm, "lookup", config, BackendChoice("torch"))
+    assert [r.token_ids for r in results] == [alone(encode_prompt(smollm.tokenizer, p), config).token_ids
+                                              for p in prompts]
+    with pytest.raises(AdaspecError, match="cannot run batched"):
+        generate_many(prompts[:1], "hf", smollm, config, backend=BackendChoice("torch"))
