@@ -369,3 +369,13 @@ def test_a_long_catch_up_returns_the_logits_and_hidden_states_of_every_position_
     logits = backend.extend(list(range(400, 540)), keep=100)  # 140 positions in 63-row pieces, 100 with logits
     assert logits.shape == (100, backend.vocab_size) and torch.isfinite(logits).all()
     assert backend.hidden.shape == (140, backend.llm.n_embd) and backend.hidden_start == 10
+
+
+def test_our_decoding_runs_without_flash_attention_unless_asked(monkeypatch, tmp_path):
+    # alone, in a batch and in the server a sequence runs the same kernels: flash attention only when asked for
+    from adaspec.backends.llamacpp import use_flash_attention
+
+    monkeypatch.delenv("ADASPEC_FLASH_ATTN", raising=False)
+    assert use_flash_attention(tmp_path / "never-read.gguf") is False
+    monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
+    assert use_flash_attention(tmp_path / "never-read.gguf", exact=False) is False

@@ -378,10 +378,16 @@ class EngineRunner:
         return generate(self.target, prompt_ids, config, self.drafter, policy, self.rule, self.stop, on_step,
                         self.confidence)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether `decoding` can make sequences of this method for the batched engine (its drafter is per sequence
+        and needs no model of its own: prompt lookup, or none)."""
+        return self.drafter is None or isinstance(self.drafter, PromptLookupDrafter)
+
     def decoding(self, prompt_ids: list[int], config: GenerationConfig, max_context: int) -> Decoding:
         """A new sequence of this method for the batched engine: its own copies of the drafter and the length policy
         (their state is per sequence), its own generator seeded from config.seed."""
-        if self.drafter is not None and not isinstance(self.drafter, PromptLookupDrafter):
+        if not self.batchable:
             raise AdaspecError(f"{self.label}: batched decoding drafts with prompt lookup or nothing so far; the "
                                f"{self.drafter.name} drafter runs one sequence at a time (leave --concurrency at 1)")
         policy = copy.deepcopy(self.policy or FixedLength(self.k))

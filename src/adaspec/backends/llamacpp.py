@@ -84,14 +84,18 @@ def flash_attention_exact(gguf: Path, threads: int | None = None) -> bool:
 
 
 def use_flash_attention(gguf: Path, threads: int | None = None, exact: bool = True) -> bool:
-    """Whether to run with flash attention: where this build and machine run the probe's workload faster with it
-    (`probe_build`'s "flash_faster") and, for adaspec's own decoding (`exact`), it is exact
-    (`flash_attention_exact`). ADASPEC_FLASH_ATTN=0/1 overrides both."""
+    """Whether to run with flash attention. adaspec's own decoding (`exact`) runs without it unless
+    ADASPEC_FLASH_ATTN=1 asks (and this build keeps it exact, `flash_attention_exact`): its kernels take other paths
+    by the number of query rows, so a prompt prefilled in chunks next to other sequences (the batched engine, the
+    server) would round differently from one prefilled alone, and a greedy answer would depend on its company. The
+    `llamacpp` peer (`exact=False`) takes it where this build and machine run the probe's workload faster with it
+    (`probe_build`'s "flash_faster"), as llama.cpp's own CLI would. ADASPEC_FLASH_ATTN=0/1 overrides both."""
     forced = _forced_flash()
+    if exact:
+        return bool(forced) and flash_attention_exact(gguf, threads)
     if forced is not None:
         return forced
-    found = probe_build(gguf, threads)
-    return found["flash_faster"] and (not exact or found["flash_exact"])
+    return probe_build(gguf, threads)["flash_faster"]
 
 
 def _forced_flash() -> bool | None:
@@ -385,7 +389,7 @@ class LlamaCppBackend(Backend):
                  keep_hidden: bool = False, vocab_ids: list[int] | None = None, flash_attn: bool | None = None) -> None:
         super().__init__()
         probe_build(path, threads)  # a build that crashes on a batch says so here, not by killing the process
-        if flash_attn is None:  # on where it is faster here and this build keeps it exact (use_flash_attention)
+        if flash_attn is None:  # off unless asked for (use_flash_attention)
             flash_attn = use_flash_attention(path, threads)
         self.llm = LlamaCppModel(path, n_ctx, threads, embeddings=keep_hidden, flash_attn=flash_attn)
         self.hidden = torch.empty(0)

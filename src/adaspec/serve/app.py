@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import threading
 import time
@@ -30,7 +31,16 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from adaspec.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, BackendChoice, GenerationConfig, SamplingConfig
+from adaspec.api import batch_engine
+from adaspec.batch import BatchEngine
+from adaspec.config import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SEED,
+    BackendChoice,
+    GenerationConfig,
+    SamplingConfig,
+)
 from adaspec.decode import GenerationResult
 from adaspec.errors import AdaspecError
 from adaspec.methods import MethodSpec, Runner, build_runner, parse_method
@@ -40,9 +50,11 @@ from adaspec.serve.metrics import CountRequests, Metrics
 from adaspec.serve.policy import RequestPolicy, runner_key, server_paths
 from adaspec.serve.requests import Body, ChatBody, CompletionBody, parse_body
 from adaspec.serve.runners import RunnerCache, resident_bytes
+from adaspec.serve.scheduler import BatchWorker
 from adaspec.serve.text import MAX_STOP_CHARS, MAX_STOPS
 from adaspec.serve.worker import DONE, Finished, Job, Worker
 
+log = logging.getLogger("adaspec.serve")
 POLL_S = 0.2  # how often a waiting non-streaming request checks whether its client is still there
 PARSE_THREADS = 2
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -61,8 +73,12 @@ class ServerOptions:
     body_timeout_s: float = 30.0  # a body not read in full by then gets 408 (slow uploads)
     backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says
     policy: RequestPolicy = field(default_factory=RequestPolicy)  # what requests may choose
+    # sequences decoded together (continuous batching, serve/scheduler.py); 1: one generation at a time
+    max_batch: int = DEFAULT_MAX_BATCH
 
     def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise AdaspecError(f"server options: max batch >= 1, got {self.max_batch}")
         if (self.queue_size < 0 or self.timeout_s <= 0 or self.max_tokens < 1 or self.drain_s < 0
                 or self.runner_cache < 1 or self.runner_cache_mib < 0 or self.max_body_bytes < 1
                 or self.body_timeout_s <= 0):
@@ -111,7 +127,8 @@ class Service:
         self.metrics = Metrics()
         self.redact = server_paths(target.path, options.policy.artifacts)
         self.runners = RunnerCache(options.runner_cache, int(options.runner_cache_mib * 2**20), redact=self.redact)
-        self.worker = Worker()
+        self.engine: BatchEngine | None = None  # made at start-up where max_batch > 1 (make_engine)
+        self.worker: Worker | BatchWorker = BatchWorker(self.engine_for) if options.max_batch > 1 else Worker()
         self.parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="adaspec-parse")
         self.capacity = options.queue_size + 1  # requests in flight: parsed, building, queued or running
         self.inflight = 0
@@ -138,6 +155,28 @@ class Service:
         except TimeoutError:
             self.metrics.abort("timeout")
             raise api_error(Aborted("timeout")) from None
+
+    # -- continuous batching
+
+    def make_engine(self) -> None:
+        """The batched engine on the server's backend (its cost curve measured once per machine, then cached); where
+        none can run (a torch target the lean forward cannot run), every request runs alone."""
+        try:
+            self.engine = batch_engine(self.target, self.options.backend, self.options.max_batch)
+        except AdaspecError as e:
+            log.warning("continuous batching is off: %s", e)
+
+    def engine_for(self, runner: Runner, job: Job) -> BatchEngine | None:
+        """The engine a job joins: where its method decodes batched on the engine's backend and it fits a batch
+        slot's context; None: it runs alone between batches."""
+        engine = self.engine
+        if engine is None or not getattr(runner, "batchable", False):
+            return None
+        if runner.where.split("+")[0] != engine.backend.where:  # '+fa': the lone loop's flash attention
+            return None
+        if len(job.prompt_ids) + job.config.max_new_tokens > engine.backend.max_context:
+            return None
+        return engine
 
     # -- validation (parse thread)
 
@@ -346,6 +385,9 @@ class Service:
             "adaspec_runner_build_failures_total": ("runner builds that failed", builds["error"]),
             "adaspec_runner_evictions_total": ("runners dropped from the cache", self.runners.evictions),
             "adaspec_resident_bytes": ("resident memory of the server process", resident_bytes()),
+            "adaspec_running_sequences": ("sequences in the running batch now",
+                                   self.worker.batch_size if isinstance(self.worker, BatchWorker) else 0),
+            "adaspec_max_batch": ("sequences decoded together at most", self.options.max_batch),
         }
 
     def close(self) -> None:
@@ -391,15 +433,17 @@ def usage(result: GenerationResult) -> dict:
 
 
 def speculative_stats(spec: MethodSpec, result: GenerationResult) -> dict:
-    """Per-request decoding statistics; a peer (transformers generate) reports no steps, so they are null."""
+    """Per-request decoding statistics; a peer (transformers generate) reports no steps, so they are null.
+    `batch`: the mean number of sequences decoded together in its steps (1: it ran alone)."""
     if not result.steps:
         return {"method": spec.label, "steps": None, "drafted": None, "accepted": None, "mean_accepted": None,
-                "acceptance_rate": None}
+                "acceptance_rate": None, "batch": None}
     drafted = sum(s.drafted for s in result.steps)
     accepted = sum(s.accepted for s in result.steps)
     return {"method": spec.label, "steps": len(result.steps), "drafted": drafted, "accepted": accepted,
             "mean_accepted": round(result.mean_accepted, 4),
-            "acceptance_rate": round(accepted / drafted, 4) if drafted else None}
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+            "batch": round(sum(s.batch or 1 for s in result.steps) / len(result.steps), 4)}
 
 
 def sse(payload: dict) -> str:
@@ -426,6 +470,8 @@ def create_app(target: LoadedModel, method: str = "sd", drafter: Any = None,
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.runners.get(runner_key(service.default, True), service.maker(service.default, True))
+        if service.options.max_batch > 1:
+            await asyncio.get_running_loop().run_in_executor(None, service.make_engine)
         yield
         await service.worker.drain(0)
         service.close()

@@ -51,6 +51,9 @@ class Metrics:
     accepted: int = 0
     latency: Histogram = field(default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)))
     draft_len: Histogram = field(default_factory=lambda: Histogram((0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16)))
+    ttft: Histogram = field(default_factory=lambda: Histogram((0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)))
+    tpot: Histogram = field(default_factory=lambda: Histogram((0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)))
+    batch: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64)))
 
     def request(self, path: str, status: int) -> None:
         self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
@@ -66,7 +69,12 @@ class Metrics:
         self.prompt_tokens += len(result.prompt_ids)
         self.completion_tokens += result.new_tokens
         self.latency.observe(latency_s)
+        if result.ttft_s is not None:
+            self.ttft.observe(result.ttft_s)
+            if result.new_tokens > 1:
+                self.tpot.observe((result.wall_s - result.ttft_s) / (result.new_tokens - 1))
         for s in result.steps:
+            self.batch.observe(s.batch or 1)
             self.forwards += 1
             self.step_tokens += len(s.tokens)
             self.drafted += s.drafted
@@ -103,6 +111,11 @@ class Metrics:
         lines += ["# HELP adaspec_request_latency_seconds end-to-end latency of finished generations",
                   "# TYPE adaspec_request_latency_seconds histogram",
                   *self.latency.lines("adaspec_request_latency_seconds")]
+        for name, help_, h in (
+                ("adaspec_time_to_first_token_seconds", "from the start of a generation to its first token", self.ttft),
+                ("adaspec_time_per_output_token_seconds", "per token after the first, by generation", self.tpot),
+                ("adaspec_batch_size", "sequences decoded together, by target forward", self.batch)):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram", *h.lines(name)]
         lines += ["# HELP adaspec_draft_length tokens drafted per target forward",
                   "# TYPE adaspec_draft_length histogram", *self.draft_len.lines("adaspec_draft_length")]
         for gauge, (help_, value) in gauges.items():
