@@ -5,14 +5,16 @@ Two caches, one operation speculative decoding needs from both: roll back to a l
   index; rollback sets the length (gpt-fast / nanochat style). The lean Llama forward (backends/lean.py)
   runs on it.
 - transformers' `DynamicCache` (keys [B, heads, T, head_dim] per layer, grown by concatenation), for the
-  Hugging Face forward of any other architecture.
+  Hugging Face forward of any other architecture. Every layer keeps every position, sliding-window layers included
+  (Gemma 3, Mistral, Qwen2, Phi-3): the model's mask applies the window, and a rollback past the window stays exact
+  (transformers' sliding-window layers drop the keys a rollback would need).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from adaspec.errors import AdaspecError
 
@@ -25,10 +27,11 @@ class StaticKV:
     copied, later writes overwrite the dropped positions."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
-                 batch: int = 1) -> None:
+                 batch: int = 1, device: torch.device | str | None = None) -> None:
         shape = (layers, batch, kv_heads, capacity, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype)  # [L, B, kv, T, D] (pages are committed as written)
-        self.values = torch.empty(shape, dtype=dtype)  # [L, B, kv, T, D]
+        # [L, B, kv, T, D] (on a CPU, pages are committed as written; on a GPU the whole capacity is allocated)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)  # [L, B, kv, T, D]
         self.capacity = capacity
         self.length = 0
 
@@ -62,7 +65,13 @@ class StaticKV:
 
 
 def new_cache(model: PreTrainedModel) -> Cache:
-    return DynamicCache(config=model.config)
+    """A `DynamicCache` whose every layer keeps every position. Not `DynamicCache(config=...)`: its sliding-window
+    layers keep only the last window - 1 positions and refuse to crop once past the window (RuntimeError), so a
+    speculative rollback could not be exact; the model's own mask applies the window to a full layer."""
+    cache = DynamicCache()
+    layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0)
+    cache.layers = [DynamicLayer() for _ in range(layers)]  # made up front: layer-wise runs read any layer's length
+    return cache
 
 
 def cache_length(cache: Cache | StaticKV) -> int:

@@ -32,9 +32,9 @@ LEAN_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # one table for every
 def lean_unsupported(model: PreTrainedModel) -> str | None:
     """Why the lean forward cannot run `model` (None: it can)."""
     config = model.config
+    if config.model_type not in LEAN_MODEL_TYPES:  # before reading fields other architectures may not have
+        return f"model type '{config.model_type}' is not one of {', '.join(LEAN_MODEL_TYPES)}"
     checks = {
-        f"model type '{config.model_type}' is not one of {', '.join(LEAN_MODEL_TYPES)}":
-            config.model_type not in LEAN_MODEL_TYPES,
         "attention or MLP biases": getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False),
         f"activation '{config.hidden_act}' (only silu)": config.hidden_act != "silu",
         "pretraining_tp > 1": getattr(config, "pretraining_tp", 1) != 1,
@@ -48,8 +48,9 @@ class Linear:
     and multiplied by oneDNN (bit-identical to `F.linear`, about twice its bandwidth on a one-row input, where
     `F.linear` goes through a generic bf16 GEMM); otherwise `F.linear` on W itself."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.packed = dtype == torch.bfloat16 and onednn_bf16_works()
+    def __init__(self, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        on_cpu = device is None or device.type == "cpu"
+        self.packed = on_cpu and dtype == torch.bfloat16 and onednn_bf16_works()
 
     def prepare(self, w: torch.Tensor) -> torch.Tensor:
         """W [out, in] -> the operand `__call__` takes."""
@@ -87,7 +88,7 @@ class LayerWeights:
 class LeanLlama:
     """The forward of a Hugging Face `LlamaForCausalLM` (same logits), over a `StaticKV`.
 
-    It runs in the model's dtype; `capacity` is the most positions a cache holds."""
+    It runs in the model's dtype on the model's device; `capacity` is the most positions a cache holds."""
 
     @torch.no_grad()
     def __init__(self, model: PreTrainedModel, capacity: int) -> None:
@@ -96,12 +97,13 @@ class LeanLlama:
             raise ValueError(f"the lean forward does not support this model: {reason}")
         config, body = model.config, model.model
         self.dtype = body.embed_tokens.weight.dtype
+        self.device = body.embed_tokens.weight.device
         attn = body.layers[0].self_attn
         self.heads, self.kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
         self.head_dim, self.scaling = int(attn.head_dim), float(attn.scaling)
         self.eps = float(body.norm.variance_epsilon)
         self.capacity = capacity
-        self.linear = Linear(self.dtype)
+        self.linear = Linear(self.dtype, self.device)
         pack = self.linear.prepare
         self.layers = [LayerWeights(
             layer.input_layernorm.weight.detach(),
@@ -117,7 +119,7 @@ class LeanLlama:
         self.cos, self.sin = rope_table(model, capacity, self.dtype)  # [T, D] each; sin sign-folded
 
     def new_cache(self, batch: int = 1) -> StaticKV:
-        return StaticKV(len(self.layers), self.kv_heads, self.head_dim, self.capacity, self.dtype, batch)
+        return StaticKV(len(self.layers), self.kv_heads, self.head_dim, self.capacity, self.dtype, batch, self.device)
 
     def hidden(self, ids: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """ids [B, n] at positions cache.length.. -> final hidden states [B, n, H] (after the final norm);
@@ -126,7 +128,7 @@ class LeanLlama:
         cache.check_room(b, n)
         start = cache.length
         cos, sin = self.cos[start: start + n, None], self.sin[start: start + n, None]  # [n, 1, D]
-        mask = causal_mask(start, n, self.heads // self.kv_heads)  # [g n, T] or None
+        mask = causal_mask(start, n, self.heads // self.kv_heads, self.device)  # [g n, T] or None
         x = F.embedding(ids, self.embed)  # [B, n, H]
         for i, layer in enumerate(self.layers):
             x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.eps), cos, sin, mask, cache)
@@ -175,19 +177,20 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def rope_table(model: PreTrainedModel, capacity: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin' [capacity, D] from the model's own rotary embedding (scaling included); sin' has its first
     half negated (see `rope`)."""
-    dummy = torch.empty(0, dtype=dtype)
+    device = model.model.embed_tokens.weight.device
+    dummy = torch.empty(0, dtype=dtype, device=device)
     with torch.inference_mode():
-        cos, sin = model.model.rotary_emb(dummy, position_ids=torch.arange(capacity)[None])  # [1, T, D] each
+        cos, sin = model.model.rotary_emb(dummy, position_ids=torch.arange(capacity, device=device)[None])  # [1, T, D]
     half = cos.shape[-1] // 2
     sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
     return cos[0].clone(), sin
 
 
-def causal_mask(start: int, n: int, groups: int = 1) -> torch.Tensor | None:
+def causal_mask(start: int, n: int, groups: int = 1, device: torch.device | None = None) -> torch.Tensor | None:
     """Boolean mask [groups n, start + n] (True: attend) for n queries at positions start.., repeated for
-    `groups` query heads; None for one query (it sees every key)."""
+    `groups` query heads, made on `device`; None for one query (it sees every key)."""
     if n == 1:
         return None
-    keys = torch.arange(start + n)[None, :]  # [1, T]
-    queries = torch.arange(start, start + n)[:, None]  # [n, 1]
+    keys = torch.arange(start + n, device=device)[None, :]  # [1, T]
+    queries = torch.arange(start, start + n, device=device)[:, None]  # [n, 1]
     return (keys <= queries).repeat(groups, 1)
