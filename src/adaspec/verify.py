@@ -68,20 +68,34 @@ def speculative_sampling(
     Accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); on the first rejection draw from
     norm(max(0, p_i - q_i)); if all k are accepted draw the bonus from p_k. The emitted tokens are
     distributed exactly as sampling from p token by token.
+
+    On a GPU the logits stay there: p(x_i) and q(x_i) come back in one read, then the one row drawn from (the
+    residual or the bonus); the random draws are the host generator's, as on the CPU.
     """
     p = probs_from_logits(target_logits, sampling)  # [k+1, V]
+    k = len(draft_tokens)
+    if k:
+        rows, drafted = torch.arange(k, device=p.device), torch.tensor(draft_tokens, device=p.device)
+        p_x = p[rows, drafted]  # [k]
+        q_x = torch.ones_like(p_x) if draft_probs is None else draft_probs[rows, drafted].to(p_x.dtype)
+        p_drafted, q_drafted = torch.stack([p_x, q_x]).tolist()  # [k] each: one read
     for i, x in enumerate(draft_tokens):
-        q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
-        if float(torch.rand((), generator=generator)) * q_x < float(p[i, x]):
+        if float(torch.rand((), generator=generator)) * q_drafted[i] < p_drafted[i]:
             continue
         if draft_probs is None:
             residual = p[i].clone()
             residual[x] = 0.0
         else:
             residual = (p[i] - draft_probs[i]).clamp_min(0.0)
+        residual = host_row(residual)  # [V]
         mass = float(residual.sum())
-        return i, sample(residual / mass if mass > 0 else p[i], generator)
-    return len(draft_tokens), sample(p[-1], generator)
+        return i, sample(residual / mass if mass > 0 else host_row(p[i]), generator)
+    return k, sample(host_row(p[-1]), generator)
+
+
+def host_row(row: torch.Tensor) -> torch.Tensor:
+    """A distribution row [V] on the host (one read from a device; the same tensor on the CPU)."""
+    return row.cpu()
 
 
 def rule_for(sampling: SamplingConfig) -> AcceptanceRule:

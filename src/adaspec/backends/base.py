@@ -36,11 +36,19 @@ class Backend(ABC):
     def _truncate(self, length: int) -> None:
         """Keep the first `length` cached positions."""
 
+    # where the model's outputs live; ids go there once per forward, and the decoding loop reads back only what it
+    # must (the acceptance rule: one read per step for greedy decoding)
+    device: torch.device = torch.device("cpu")
+
     @property
     def where(self) -> str:
-        """Where the model runs, as bench records name it: 'torch:<dtype>' here, 'llamacpp:<weight type>' there."""
+        """Where the model runs, as bench records name it: 'torch:<dtype>' ('@cuda' off the CPU) here,
+        'llamacpp:<weight type>' there."""
         model = getattr(self, "model", None)
-        return torch_where(next(model.parameters()).dtype if model is not None else None)
+        if model is None:
+            return torch_where(None)
+        weight = next(model.parameters())
+        return torch_where(weight.dtype, weight.device)
 
     def reset(self) -> None:
         self._truncate(0)
@@ -69,9 +77,13 @@ class Backend(ABC):
                 f"{self.max_context}; shorten the prompt or lower --max-new-tokens"
             )
         self.hidden_start = len(self.tokens)  # position of ids[0], for backends that keep hidden states
-        logits = self._forward(torch.tensor([ids], dtype=torch.long), keep)  # [1, keep, V]
+        logits = self._forward(self.to_device(torch.tensor([ids], dtype=torch.long)), keep)  # [1, keep, V]
         self.tokens.extend(ids)
         return logits[0]
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor (token ids) copied to the model's device: the one host-to-device copy of a forward."""
+        return t if t.device == self.device else t.to(self.device, non_blocking=True)
 
     def sync(self, ids: list[int], keep: int = 1) -> torch.Tensor:
         """Make the cache hold exactly `ids`, feeding only what is missing (at least one position);
@@ -84,9 +96,10 @@ class Backend(ABC):
         return self.extend(ids[n:], keep)
 
 
-def torch_where(dtype: torch.dtype | None) -> str:
-    """A torch model's place in bench records: 'torch:<dtype>'."""
-    return f"torch:{str(dtype).removeprefix('torch.')}"
+def torch_where(dtype: torch.dtype | None, device: torch.device | str | None = None) -> str:
+    """A torch model's place in bench records: 'torch:<dtype>', with '@<device>' off the CPU ('torch:bfloat16@cuda')."""
+    at = "" if device is None or torch.device(device).type == "cpu" else f"@{torch.device(device).type}"
+    return f"torch:{str(dtype).removeprefix('torch.')}{at}"
 
 
 def llamacpp_where(weights: str, flash_attn: bool = False) -> str:

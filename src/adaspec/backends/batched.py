@@ -109,16 +109,17 @@ class TorchBatchBackend(BatchBackend):
         self.lean = LeanLlama(model, capacity)
         self.max_context = capacity
         lean = self.lean
+        self.device = dev = lean.device  # the model's: the call's index tensors are built there
         # one column past the capacity takes the padding's keys and values (never read)
         shape = (len(lean.layers), slots, lean.kv_heads, capacity + 1, lean.head_dim)
-        self.keys = torch.zeros(shape, dtype=lean.dtype)  # [L, S, kv, T + 1, D]
-        self.values = torch.zeros(shape, dtype=lean.dtype)
+        self.keys = torch.zeros(shape, dtype=lean.dtype, device=dev)  # [L, S, kv, T + 1, D]
+        self.values = torch.zeros(shape, dtype=lean.dtype, device=dev)
         self.lengths = [0] * slots
         self.head = lean.head()
 
     @property
     def where(self) -> str:
-        return torch_where(self.lean.dtype)
+        return torch_where(self.lean.dtype, self.device)
 
     def _truncate(self, slot: int, length: int) -> None:
         self.lengths[slot] = length
@@ -127,17 +128,20 @@ class TorchBatchBackend(BatchBackend):
     def _forward(self, rows: list[Row]) -> list[torch.Tensor]:
         lean = self.lean
         b, n = len(rows), max(len(r.ids) for r in rows)
-        slots = torch.tensor([r.slot for r in rows])  # [B]
-        starts = torch.tensor([r.start for r in rows])  # [B]
-        sizes = torch.tensor([len(r.ids) for r in rows])  # [B]
         ids = torch.zeros(b, n, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        positions = starts[:, None] + torch.arange(n)[None, :]  # [B, n]
-        padding = torch.arange(n)[None, :] >= sizes[:, None]  # [B, n] True past a row's own ids
+        # built on the host, copied to the device once each (no read back)
+        dev = self.device
+        slots = torch.tensor([r.slot for r in rows]).to(dev)  # [B]
+        starts = torch.tensor([r.start for r in rows]).to(dev)  # [B]
+        sizes = torch.tensor([len(r.ids) for r in rows]).to(dev)  # [B]
+        ids = ids.to(dev)
+        positions = starts[:, None] + torch.arange(n, device=dev)[None, :]  # [B, n]
+        padding = torch.arange(n, device=dev)[None, :] >= sizes[:, None]  # [B, n] True past a row's own ids
         positions = positions.masked_fill(padding, self.max_context - 1)  # any valid RoPE row for the padding
-        total = int((starts + sizes).max())  # keys any row can see
-        keys_pos = torch.arange(total)  # [T]
+        total = max(r.start + len(r.ids) for r in rows)  # keys any row can see (from the host's copy)
+        keys_pos = torch.arange(total, device=dev)  # [T]
         # row i, query j (at positions[i, j]) sees its own keys up to its position: [B, 1, n, T], repeated per group
         mask = (keys_pos[None, None, :] <= positions[:, :, None])[:, None]
         mask = mask.repeat(1, 1, lean.heads // lean.kv_heads, 1)  # [B, 1, g n, T]
@@ -167,6 +171,6 @@ class TorchBatchBackend(BatchBackend):
                 end = len(r.ids)
                 out.append(lean.linear(x[i, end - r.keep: end], self.head).float())  # [keep, V]
             else:
-                out.append(torch.empty(0, self.vocab_size))
+                out.append(torch.empty(0, self.vocab_size, device=dev))
             self.lengths[r.slot] = r.start + len(r.ids)
         return out

@@ -60,8 +60,9 @@ class LayerKV(StaticKV):
     """A `StaticKV` whose layers hold different numbers of positions (`lengths`): pending positions have run
     only their first layers. `write` appends at the layer's own length."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype) -> None:
-        super().__init__(layers, kv_heads, head_dim, capacity, dtype)
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
+        super().__init__(layers, kv_heads, head_dim, capacity, dtype, 1, device)
         self.lengths = [0] * layers
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +86,7 @@ class LayeredBackend(Backend):
             raise AdaspecError(f"layer-wise decoding (specbound) supports {', '.join(LAYERED_MODEL_TYPES)} targets, "
                                f"not '{model_type}'")
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.body = model.model  # embed_tokens, layers, norm, rotary_emb
         self.depth = int(model.config.num_hidden_layers)
         self.vocab_size = int(model.config.vocab_size)
@@ -103,7 +105,7 @@ class LayeredBackend(Backend):
         lean = self.lean
         if lean is None:
             return new_cache(self.model)
-        return LayerKV(self.depth, lean.kv_heads, lean.head_dim, lean.capacity, lean.dtype)
+        return LayerKV(self.depth, lean.kv_heads, lean.head_dim, lean.capacity, lean.dtype, lean.device)
 
     def cached(self, layer: int) -> int:
         """Positions in layer `layer`'s KV cache."""
@@ -156,7 +158,7 @@ class LayeredBackend(Backend):
                 f"of {self.max_context}; shorten the prompt or lower --max-new-tokens"
             )
         with torch.inference_mode():
-            embeds = self.body.embed_tokens(torch.tensor(ids, dtype=torch.long))  # [n, H]
+            embeds = self.body.embed_tokens(self.to_device(torch.tensor(ids, dtype=torch.long)))  # [n, H]
         p = self.pending
         p.hidden = embeds if p.hidden is None else torch.cat([p.hidden, embeds])
         p.tokens += ids
@@ -170,7 +172,7 @@ class LayeredBackend(Backend):
         if not len(p):
             raise AdaspecError("nothing to advance: push positions first")
         base = len(self.tokens)
-        positions = torch.arange(base, base + len(p))[None]  # [1, m]
+        positions = torch.arange(base, base + len(p), device=self.device)[None]  # [1, m]
         rope = None
         while p.depth[-1] < depth:
             j = p.depth[-1]
@@ -182,7 +184,7 @@ class LayeredBackend(Backend):
                 if rope is None:
                     rope = self.body.rotary_emb(p.hidden[None], position_ids=positions)  # (cos, sin) [1, m, D]
                 cos, sin = (r[:, s:] for r in rope)
-                out = self.body.layers[j](x, attention_mask=causal_mask(base + s, x.shape[1], x.dtype),
+                out = self.body.layers[j](x, attention_mask=causal_mask(base + s, x.shape[1], x.dtype, self.device),
                                           position_embeddings=(cos, sin), position_ids=positions[:, s:],
                                           cache=self.cache, use_cache=True)
             self.layer_runs += 1
@@ -197,7 +199,7 @@ class LayeredBackend(Backend):
         if self.cache.lengths[j] != start:
             raise RuntimeError(f"layer {j} holds {self.cache.lengths[j]} positions, not the {start} before these")
         cos, sin = lean.cos[start: start + n, None], lean.sin[start: start + n, None]  # [n, 1, D]
-        mask = lean_mask(start, n, lean.heads // lean.kv_heads)
+        mask = lean_mask(start, n, lean.heads // lean.kv_heads, lean.device)
         x = x + lean.attention(j, w, rms_norm(x, w.attn_norm, lean.eps), cos, sin, mask, self.cache)
         return x + lean.mlp(w, rms_norm(x, w.mlp_norm, lean.eps))
 
@@ -219,7 +221,7 @@ class LayeredBackend(Backend):
     def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
         """Append `ids` after the pending positions and finish them all: logits [1, keep, V] of the last `keep`
         (the cache grows by the pending positions and ids; `tokens` already counts the pending ones)."""
-        self.push(ids[0].tolist())
+        self.push(ids[0].tolist())  # a host tensor (extend builds it there): no read from the device
         return self.logits(self.finish()[-keep:])[None]
 
     def extend(self, ids: list[int], keep: int = 1) -> torch.Tensor:
@@ -239,13 +241,13 @@ class LayeredBackend(Backend):
         return self.extend(ids[n:], keep)
 
 
-def causal_mask(start: int, n: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive mask [1, 1, n, start+n] for n queries at positions start.. over keys 0..start+n-1; None for
-    one query (it sees every key)."""
+def causal_mask(start: int, n: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor | None:
+    """Additive mask [1, 1, n, start+n] for n queries at positions start.. over keys 0..start+n-1, on `device`; None
+    for one query (it sees every key)."""
     if n == 1:
         return None
-    keys = torch.arange(start + n)[None, :]
-    queries = torch.arange(start, start + n)[:, None]
-    mask = torch.zeros(n, start + n, dtype=dtype)
+    keys = torch.arange(start + n, device=device)[None, :]
+    queries = torch.arange(start, start + n, device=device)[:, None]
+    mask = torch.zeros(n, start + n, dtype=dtype, device=device)
     mask.masked_fill_(keys > queries, torch.finfo(dtype).min)
     return mask[None, None]

@@ -1,5 +1,7 @@
 """Torch backend: a Hugging Face causal LM, run by the lean forward on a preallocated KV cache where the
-architecture allows (Llama: backends/lean.py), else by transformers' forward with a `DynamicCache`."""
+architecture allows (Llama: backends/lean.py), else by transformers' own forward (Qwen2, Gemma 3, Phi-3, Mistral, any
+causal LM) with a `DynamicCache` that rolls back exactly (cache.new_cache). It runs on the model's device: token ids
+go there once per forward and logits stay there (the decoding loop reads back what it needs)."""
 
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ class TorchBackend(Backend):
                  lean: bool | None = None, cache_len: int = TORCH_CACHE_LEN) -> None:
         super().__init__()
         self.keep_hidden = keep_hidden
-        self.hidden = torch.empty(0)
+        self.hidden = torch.empty(0)  # [n, H] on the model's device
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         reason = lean_unsupported(model)
@@ -40,7 +43,7 @@ class TorchBackend(Backend):
         if self.lean is not None:
             self.max_context = self.lean.capacity
         self.cache: StaticKV | Cache = self.lean.new_cache() if self.lean else new_cache(model)
-        self.vocab_ids = None if vocab_ids is None else torch.tensor(vocab_ids, dtype=torch.long)
+        self.vocab_ids = None if vocab_ids is None else torch.tensor(vocab_ids, dtype=torch.long, device=self.device)
         if self.lean is not None:
             self.head = self.lean.head(self.vocab_ids)  # [V or v, H], prepared for self.lean.linear
         else:
@@ -61,7 +64,7 @@ class TorchBackend(Backend):
         logits = (self.lean.linear if self.lean else F.linear)(hidden[:, -keep:], self.head)  # [B, keep, V or v]
         if self.vocab_ids is None:
             return logits.float()
-        full = torch.full((ids.shape[0], keep, self.vocab_size), float("-inf"))
+        full = torch.full((ids.shape[0], keep, self.vocab_size), float("-inf"), device=logits.device)
         full[..., self.vocab_ids] = logits.float()
         return full
 

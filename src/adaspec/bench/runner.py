@@ -44,7 +44,7 @@ from adaspec.methods import (
     target_backend,
     target_gguf,
 )
-from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
+from adaspec.models import BUNDLED, LoadedModel, encode_prompt, is_gguf_target, load_model
 
 BLOCK_PER_SLOT = 4  # --concurrency N: questions per block, per sequence slot (a block's tail runs below N)
 DEFAULT_METHODS = ("ar", "sd", "hf", "hf-assisted", "hf-lookup")
@@ -64,6 +64,7 @@ class BenchOptions:
     target: str | None = None
     drafter: str | None = None
     dtype: str = "float32"
+    device: str = "cpu"  # where torch runs the target and drafters (--device, made concrete)
     chat: bool = True
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ablation: bool = False  # run ABLATION (then `methods` are added after it) and write its table
@@ -266,7 +267,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     if not questions:
         raise AdaspecError("no questions selected")
     gen = opts.generation
-    has_gguf = target_name == BUNDLED or str(opts.target).endswith(".gguf")
+    has_gguf = is_gguf_target(opts.target)
     opts = replace(opts, backend=resolve_backend(has_gguf, opts.backend))  # `auto` made concrete, and recorded
     config = {
         "data": str(opts.data), "categories": opts.categories, "limit": opts.limit, "methods": labels,
@@ -275,6 +276,8 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
         "top_k": gen.sampling.top_k, "top_p": gen.sampling.top_p, "seed": gen.seed,
         "questions": len(questions), "backend": opts.backend.label,
     }
+    if opts.device != "cpu":  # recorded off the CPU only: CPU runs keep the configuration they always had
+        config["device"] = opts.device
     if opts.ablation:
         config["ablation"] = True
     if opts.concurrency != 1:
@@ -292,7 +295,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     done = {(r["question_id"], r["method"]) for r in load_records(records_path)} if records_path.exists() else set()
 
     console.print(f"loading target {config['target']} ({opts.dtype})")
-    target = load_model(opts.target, opts.dtype)
+    target = load_model(opts.target, opts.dtype, opts.device)
     drafter = load_drafter(opts.drafter, target, opts.dtype)
     runners = [build_runner(s, target, drafter, gen, opts.backend) for s in specs]
     env = environment()

@@ -13,6 +13,7 @@ predicts x_{t+1}): drafter position j in 1..T consumes (f_{j-1}, x_j) and output
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class RMSNorm(nn.Module):
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding, Llama's rotate-half convention. x [B, heads, T, D], positions [T]."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [D/2]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))  # [D/2]
     angles = positions.float()[:, None] * inv[None]  # [T, D/2]
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)  # [T, D]
     sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
@@ -156,13 +157,14 @@ class EagleHead(nn.Module):
     def step(self, features: torch.Tensor, embeds: torch.Tensor, start: int, cache: KV) -> torch.Tensor:
         """Run positions start .. start+T-1 on top of `cache` (which holds positions < start); [1, T, H]."""
         t = features.shape[1]
-        positions = torch.arange(start, start + t)
+        positions = torch.arange(start, start + t, device=features.device)
         x, q, k, v = self.project(features, embeds, positions)
         k, v = cache.append(k, v)
         mask = None
         if t > 1:  # causal, aligned to the end of the keys
             s = k.shape[2]
-            mask = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]  # [T, S]
+            keys, queries = torch.arange(s, device=k.device), torch.arange(s - t, s, device=k.device)
+            mask = keys[None, :] <= queries[:, None]  # [T, S]
         return self.finish(x, q, k, v, mask)
 
 
@@ -207,6 +209,9 @@ class EagleDrafter:
     The head's KV cache holds only positions computed from true target features; positions drafted from
     predicted features are cropped after every proposal. The first step of a generation drafts nothing:
     the target's prefill is what produces the first features.
+
+    It runs where the target model's weights are (the head is moved there); features a llama.cpp target returns on
+    the host are copied there. A drafted token costs one read back to the host (its id and confidence together).
     """
 
     name = "eagle"
@@ -216,11 +221,13 @@ class EagleDrafter:
         if artifact.head.config != EagleConfig.from_target(model.config):
             raise AdaspecError("this EAGLE head was trained for a different target (its shape does not match)")
         target.keep_hidden = True  # the head drafts from the target's features: have the backend keep them
-        self.head = artifact.head.eval()
+        self.embed = model.get_input_embeddings().weight.detach()  # [V, H] (rows cast when used)
+        self.device = self.embed.device
+        self.head = artifact.head.to(self.device).eval()
         dtype = next(self.head.parameters()).dtype
         self.target = target
-        self.embed = model.get_input_embeddings().weight.detach()  # [V, H] (rows cast when used)
-        self.vocab = torch.tensor(artifact.vocab, dtype=torch.long)
+        self.vocab = torch.tensor(artifact.vocab, dtype=torch.long, device=self.device)
+        self.vocab_ids = list(artifact.vocab)  # the same ids on the host: a drafted id is read back once
         self.lm_rows = model.get_output_embeddings().weight[self.vocab].detach().to(dtype).contiguous()  # [v, H]
         self.dtype = dtype
         self.vocab_size = int(model.config.vocab_size)
@@ -228,15 +235,16 @@ class EagleDrafter:
 
     def reset(self) -> None:
         self.cache = KV()
-        self.features = torch.empty(0, self.head.config.hidden)  # [F, H] true target features f_0..f_{F-1}
+        self.features = torch.empty(0, self.head.config.hidden, device=self.device)  # [F, H] target features f_0..
         self.consumed: list[int] = []  # tokens x_1..x_C behind the cached positions 1..C
 
     def observe(self, accepted: int, ids: list[int]) -> None:
         start, hidden = self.target.hidden_start, self.target.hidden  # features of the last forward's positions
-        self.features = torch.cat([self.features[:start], hidden.float()])[: len(self.target.tokens)]
+        hidden = hidden.to(self.device, torch.float32)
+        self.features = torch.cat([self.features[:start], hidden])[: len(self.target.tokens)]
 
     def _embed(self, tokens: list[int]) -> torch.Tensor:
-        return self.embed[torch.tensor(tokens, dtype=torch.long)].to(self.dtype)[None]  # [1, T, H]
+        return self.embed[torch.tensor(tokens, dtype=torch.long, device=self.device)].to(self.dtype)[None]  # [1, T, H]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
@@ -261,18 +269,22 @@ class EagleDrafter:
             logits = (out[0, -1] @ self.lm_rows.T).float()  # [v]
             p_reduced = torch.softmax(logits, -1)
             if not ctx.sampling.greedy or ctx.score is not None:
-                full = torch.full((self.vocab_size,), float("-inf"))
+                full = torch.full((self.vocab_size,), float("-inf"), device=self.device)
                 full[self.vocab] = logits
                 rows.append(full)  # [V]
             if ctx.sampling.greedy:
-                j = int(logits.argmax())
+                top = logits.argmax()
+                # the id and its probability in one read (float64 holds any id exactly)
+                j, c = torch.stack([top.double(), p_reduced[top].double()]).tolist()
+                j = int(j)
             else:
                 q = probs_from_logits(full, ctx.sampling)  # [V]
                 probs.append(q)
-                j = int(torch.searchsorted(self.vocab, sample(q, ctx.generator)))
-            tokens.append(int(self.vocab[j]))
+                j = bisect_left(self.vocab_ids, sample(q, ctx.generator))
+                c = None if ctx.score else float(p_reduced[j])
+            tokens.append(self.vocab_ids[j])
             # every confidence metric of the reduced logits equals that of the full row (-inf elsewhere)
-            confidence.append(ctx.score(logits) if ctx.score else float(p_reduced[j]))
+            confidence.append(ctx.score(logits) if ctx.score else c)
             if len(tokens) >= ctx.k_max or not policy.keep_drafting(confidence):
                 break
             out = self.head.step(out, self._embed(tokens[-1:]), n_feat + len(tokens), self.cache)  # [1, 1, H]

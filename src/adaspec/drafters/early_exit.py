@@ -141,12 +141,13 @@ class EarlyExitDrafter:
             raise AdaspecError(f"the exit rule is for {bound.depth} layers, the target has {backend.depth}")
         model = backend.model
         self.backend, self.bound = backend, bound
-        self.heads = None if artifact is None else artifact.heads.eval()
+        self.heads = None if artifact is None else artifact.heads.to(backend.device).eval()  # where the target runs
         if artifact is not None:
             artifact.check_fits(model)
         weight = model.get_output_embeddings().weight.detach()  # [V, H]
         vocab = None if artifact is None else artifact.vocab
-        self.vocab = None if vocab is None else torch.tensor(vocab, dtype=torch.long)
+        self.vocab = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=weight.device)
+        self.vocab_ids = vocab  # the same on the host: a drafted id is read back once
         self.rows = weight if self.vocab is None else weight[self.vocab].contiguous()  # [v, H]
         self.vocab_size = int(model.config.vocab_size)
 
@@ -167,7 +168,7 @@ class EarlyExitDrafter:
         """Head logits [v] -> full-vocabulary logits [V] (-inf outside a reduced head)."""
         if self.vocab is None:
             return z
-        full = torch.full((self.vocab_size,), float("-inf"))
+        full = torch.full((self.vocab_size,), float("-inf"), device=z.device)
         full[self.vocab] = z
         return full
 
@@ -196,7 +197,7 @@ class EarlyExitDrafter:
                 break
             if ctx.sampling.greedy:
                 j = int(z.argmax())
-                x = j if self.vocab is None else int(self.vocab[j])
+                x = j if self.vocab_ids is None else self.vocab_ids[j]
             else:
                 q = probs_from_logits(self.full_row(z), ctx.sampling)  # [V]
                 probs.append(q)

@@ -1,4 +1,5 @@
-"""A small causal LM that shares the target's tokenizer, drafting autoregressively on its own KV cache."""
+"""A small causal LM that shares the target's tokenizer, drafting autoregressively on its own KV cache (on its
+backend's device: a drafted token is read back to the host once, its id and confidence together)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,18 @@ class ModelDrafter:
         confidence: list[float] = []
         while True:
             q = probs_from_logits(logits, ctx.sampling)  # [V]
-            x = int(q.argmax()) if ctx.sampling.greedy else sample(q, ctx.generator)
+            if ctx.sampling.greedy:  # the id and its probability in one read from the device (float64: ids exact)
+                top = logits.argmax()
+                x, c = torch.stack([top.double(), torch.softmax(logits, -1)[top].double()]).tolist()
+                x = int(x)
+            else:  # one read: q for the host generator's draw and p(x) at temperature 1 for the confidence
+                q_host, p_host = torch.stack([q, torch.softmax(logits, -1)]).cpu()
+                x = sample(q_host, ctx.generator)
+                c = None if ctx.score else float(p_host[x])
             tokens.append(x)
             probs.append(q)
             rows.append(logits)
-            confidence.append(ctx.score(logits) if ctx.score else float(torch.softmax(logits, -1)[x]))
+            confidence.append(ctx.score(logits) if ctx.score else c)
             if len(tokens) >= ctx.k_max or not policy.keep_drafting(confidence):
                 break
             logits = self.backend.extend([x])[-1]

@@ -52,7 +52,8 @@ def save_standalone(model: PreTrainedModel, vocab: list[int], out: Path, card: d
 
 
 def load_standalone(path: Path, target: LoadedModel, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The compact drafter as a full transformers model, with the target's embeddings (shared memory)."""
+    """The compact drafter as a full transformers model, with a copy of the target's embeddings, on the target's
+    device."""
     from safetensors.torch import load_file
 
     config = AutoConfig.from_pretrained(path)
@@ -67,4 +68,4 @@ def load_standalone(path: Path, target: LoadedModel, dtype: torch.dtype = torch.
         model.get_input_embeddings().weight.copy_(target.model.get_input_embeddings().weight.to(dtype))
     model.tie_weights()
     vocab = json.loads((path / DRAFT_VOCAB_FILE).read_text())
-    return LoadedModel(f"{target.name}-{path.name}", path, model.eval(), target.tokenizer, vocab)
+    return LoadedModel(f"{target.name}-{path.name}", path, model.to(target.device).eval(), target.tokenizer, vocab)

@@ -11,7 +11,8 @@ def resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tu
     """Load `path` into model and opt if it exists; return (step, history) to continue from ((0, []) if not)."""
     if not path.exists():
         return 0, []
-    state = torch.load(path, weights_only=False)
+    device = next(model.parameters()).device  # a checkpoint written on another device resumes on this one
+    state = torch.load(path, weights_only=False, map_location=device)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     return state["step"], state["history"]

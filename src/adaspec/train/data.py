@@ -46,6 +46,14 @@ def fastest_dtype() -> str:
     return "bfloat16" if best[torch.bfloat16] < best[torch.float32] else "float32"
 
 
+def generation_dtype(device: str = "auto") -> str:
+    """The dtype the corpus is generated in: on a CPU the one it multiplies fastest, on a GPU its default (bf16)."""
+    from adaspec.models import default_dtype, resolve_device
+
+    where = resolve_device(device)
+    return fastest_dtype() if where.type == "cpu" else default_dtype(where)
+
+
 @torch.inference_mode()
 def answer_batch(model: LoadedModel, prompts: list[Prompt], max_new_tokens: int,
                  features: list | None = None) -> list[dict]:
@@ -68,12 +76,12 @@ def answer_batch(model: LoadedModel, prompts: list[Prompt], max_new_tokens: int,
     if features is not None:
         hook = model.model.model.norm.register_forward_hook(lambda m, i, o: captured.append(o.to(torch.bfloat16)))
     try:
-        out = model.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                   pad_token_id=tokenizer.pad_token_id)
+        out = model.model.generate(**enc.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=eos, pad_token_id=tokenizer.pad_token_id).cpu()
     finally:
         if hook is not None:
             hook.remove()
-    hidden = torch.cat(captured, 1) if captured else None  # [B, width + steps - 1, H]
+    hidden = torch.cat(captured, 1).cpu() if captured else None  # [B, width + steps - 1, H]
     rows = []
     width = enc["input_ids"].shape[1]
     for i, p in enumerate(prompts):

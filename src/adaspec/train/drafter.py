@@ -50,7 +50,8 @@ def frequent_tokens(rows: list[dict], size: int, always: set[int]) -> list[int]:
 
 
 def init_drafter(target: PreTrainedModel, layers: tuple[int, ...]) -> PreTrainedModel:
-    """A len(layers)-layer copy of the target, its layers taken from `layers`, embeddings tied and frozen."""
+    """A len(layers)-layer copy of the target, its layers taken from `layers`, embeddings tied and frozen, in float32
+    on the target's device."""
     total = target.config.num_hidden_layers
     picks = [i % total for i in layers]
     config = copy.deepcopy(target.config)
@@ -66,8 +67,9 @@ def init_drafter(target: PreTrainedModel, layers: tuple[int, ...]) -> PreTrained
             head, rest = key.split(".layers.", 1)
             index, tail = rest.split(".", 1)
             source = f"{head}.layers.{picks[int(index)]}.{tail}"
-        own[key] = state[source].detach().float().clone()
+        own[key] = state[source].detach().float().cpu().clone()
     draft.load_state_dict(own)
+    draft.to(next(target.parameters()).device)
     draft.model.embed_tokens.weight.requires_grad_(False)
     return draft
 
@@ -98,6 +100,8 @@ def batch_loss(draft: PreTrainedModel, batch: list[tuple[list[int], int]], head:
         mask[i, : len(seq)] = 1
         target = torch.tensor(seq[start:])
         labels[i, start - 1: len(seq) - 1] = remap[target]  # position p predicts token p+1
+    device = head.device  # the drafter's: the batch is built on the host and copied there once
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     hidden = draft.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
     valid = labels != -100
     logits = hidden[valid] @ head.T  # [N, vocab]: the head runs only where there is a label
@@ -124,7 +128,7 @@ def train_drafter(target: LoadedModel, rows: list[dict], out: Path, config: Draf
     remap = torch.full((target.model.config.vocab_size,), -100, dtype=torch.long)  # out-of-vocab: not counted
     remap[torch.tensor(vocab)] = torch.arange(len(vocab))
     draft = init_drafter(target.model, config.layers)
-    head_rows = torch.tensor(vocab)
+    head_rows = torch.tensor(vocab, device=target.device)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     out.mkdir(parents=True, exist_ok=True)

@@ -80,8 +80,10 @@ def extract_features(target: LoadedModel, rows: list[dict], out: Path, seq_len: 
             for b, g in enumerate(group):
                 ids[b, : len(items[g][0])] = torch.tensor(items[g][0])
                 mask[b, : len(items[g][0])] = 1
-            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-            top1 = head(hidden).argmax(-1)  # [B, T]
+            hidden = model.model(input_ids=ids.to(target.device),
+                                 attention_mask=mask.to(target.device)).last_hidden_state  # [B, T, H]
+            top1 = head(hidden).argmax(-1).cpu()  # [B, T]
+            hidden = hidden.to("cpu", torch.bfloat16)  # the shards live on the host
             for b, g in enumerate(group):
                 n = len(items[g][0])
                 done[g] = {"ids": items[g][0], "start": items[g][1], "feats": hidden[b, :n].to(torch.bfloat16).clone(),
@@ -113,12 +115,12 @@ def items_from_corpus(rows: list[dict], features: list[torch.Tensor], seq_len: i
 
 # ---------------------------------------------------------------- training
 
-def unroll_mask(length: int, depth: int) -> torch.Tensor:
+def unroll_mask(length: int, depth: int, device: torch.device | None = None) -> torch.Tensor:
     """Attention mask [T, d*T] of depth d's queries over the keys of depths 1..d (True = may attend).
 
     Query i at depth d sees depth-1 keys i' <= i - (d-1) (computed from true features) and, for each
     deeper d' in 2..d, the single key i - (d - d'): the tokens drafted before it in the same step."""
-    i = torch.arange(length)
+    i = torch.arange(length, device=device)
     blocks = [i[None, :] <= (i[:, None] - (depth - 1))]
     for d2 in range(2, depth + 1):
         blocks.append(i[None, :] == (i[:, None] - (depth - d2)))
@@ -152,17 +154,17 @@ def unrolled_loss(head: EagleHead, embed: torch.Tensor, lm_rows: torch.Tensor, b
     """Sum over depths of decay^(d-1) * (CE + reg_weight * smooth L1); per-depth accuracy [depth]."""
     feats_in, tokens, feats_out, labels = batch
     b, t, _ = feats_in.shape
-    positions = torch.arange(1, t + 1)
+    positions = torch.arange(1, t + 1, device=feats_in.device)
     embeds = embed[tokens]
     keys, values = [], []
     inputs = feats_in
-    total = torch.zeros(())
+    total = torch.zeros((), device=feats_in.device)
     correct, counted = [], []
     for d in range(1, config.depth + 1):
         x, q, k, v = head.project(inputs, embeds, positions)
         keys.append(k)
         values.append(v)
-        mask = unroll_mask(t, d)
+        mask = unroll_mask(t, d, feats_in.device)
         out = head.finish(x, q, torch.cat(keys, 2), torch.cat(values, 2), mask)  # [B, T, H]
         valid = labels != -100
         valid[:, : d - 1] = False  # depth d starts at position d (it needs d-1 drafted predecessors)
@@ -180,13 +182,18 @@ def unrolled_loss(head: EagleHead, embed: torch.Tensor, lm_rows: torch.Tensor, b
     return total, correct, counted
 
 
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 def load_shards(paths: list[Path]) -> list[dict]:
     return [item for p in paths for item in torch.load(p, weights_only=False)]
 
 
 def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: Path, config: EagleTrainConfig,
                 log=print) -> dict:
-    """Train on feature items (from `extract_features` over `rows`), checkpointing; save an EagleArtifact."""
+    """Train on feature items (from `extract_features` over `rows`), checkpointing; save an EagleArtifact. Trains
+    on the target's device (--device), batches copied there from the host shards."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + 1)
     train_rows, held_rows = split_rows(rows, config)
@@ -198,9 +205,10 @@ def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: P
     remap[torch.tensor(vocab)] = torch.arange(len(vocab))
     model = target.model
     embed = model.get_input_embeddings().weight.detach().float()
-    lm_rows = model.get_output_embeddings().weight[torch.tensor(vocab)].detach().float()
+    lm_rows = model.get_output_embeddings().weight[torch.tensor(vocab, device=target.device)].detach().float()
     head = EagleHead(EagleConfig.from_target(model.config))
     head.init_from_target(model, config.init_layer)
+    head.to(target.device)
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
     train.sort(key=lambda it: len(it["ids"]))  # length buckets: little padding
     batches = [train[i: i + config.batch_size] for i in range(0, len(train), config.batch_size)]
@@ -215,7 +223,7 @@ def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: P
         if not order:
             order = list(range(len(batches)))
             rng.shuffle(order)
-        batch = batch_tensors(batches[order.pop()], remap)
+        batch = to_device(batch_tensors(batches[order.pop()], remap), target.device)
         lr = config.lr * min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -249,7 +257,8 @@ def evaluate(head: EagleHead, embed, lm_rows, held: list[dict], remap, config: E
     correct = [0] * config.depth
     counted = [0] * config.depth
     for i in range(0, len(held), config.batch_size):
-        _, c, n = unrolled_loss(head, embed, lm_rows, batch_tensors(held[i: i + config.batch_size], remap), config)
+        batch = to_device(batch_tensors(held[i: i + config.batch_size], remap), embed.device)
+        _, c, n = unrolled_loss(head, embed, lm_rows, batch, config)
         correct = [a + b for a, b in zip(correct, c, strict=True)]
         counted = [a + b for a, b in zip(counted, n, strict=True)]
     head.train(was)

@@ -125,10 +125,11 @@ def exit_states(model, rows: list[dict], exits: tuple[int, ...], seq_len: int = 
                 ids[b, : len(seq)] = torch.tensor(seq)
                 mask[b, : len(seq)] = 1
                 keep[b, start - 1: len(seq) - 1] = True
-            final = body(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+            device = body.embed_tokens.weight.device  # the target's; the states are kept on the host
+            final = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, H]
             for k, e in enumerate(exits):
-                states[k].append(captured[e][keep].to(torch.bfloat16))
-            finals.append(final[keep].to(torch.bfloat16))
+                states[k].append(captured[e][keep.to(device)].to("cpu", torch.bfloat16))
+            finals.append(final[keep.to(device)].to("cpu", torch.bfloat16))
             labels.append(torch.roll(ids, -1, 1)[keep])
             i += len(group)
     finally:
@@ -141,11 +142,13 @@ def exit_states(model, rows: list[dict], exits: tuple[int, ...], seq_len: int = 
 
 
 def exit_loss(heads: ExitHeads, norm, rows_w: torch.Tensor, data: ExitStates, idx: torch.Tensor) -> torch.Tensor:
-    """Sum over exits of KL(p_final || p_exit) over the reduced vocabulary, mean over the positions `idx`."""
-    teacher = torch.log_softmax(data.final[idx].float() @ rows_w.T, -1)  # [B, v]
-    total = torch.zeros(())
+    """Sum over exits of KL(p_final || p_exit) over the reduced vocabulary, mean over the positions `idx`; the states
+    (on the host) are copied to the device of the head rows `rows_w`."""
+    device = rows_w.device
+    teacher = torch.log_softmax(data.final[idx].to(device).float() @ rows_w.T, -1)  # [B, v]
+    total = torch.zeros((), device=device)
     for k, e in enumerate(data.exits):
-        student = torch.log_softmax(heads(data.states[k, idx].float(), e, norm, rows_w), -1)  # [B, v]
+        student = torch.log_softmax(heads(data.states[k, idx].to(device).float(), e, norm, rows_w), -1)  # [B, v]
         total = total + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     return total
 
@@ -165,9 +168,9 @@ def evaluate(heads: ExitHeads, norm, rows_w: torch.Tensor, vocab: torch.Tensor, 
         for name, (head, ids) in heads_of.items():
             agree, passes = [], []
             for i in range(0, len(data), chunk):
-                z = head(data.states[k, i: i + chunk].float())  # [n, v]
+                z = head(data.states[k, i: i + chunk].to(rows_w.device).float())  # [n, v]
                 top = z.argmax(-1)
-                agree.append((top if ids is None else ids[top]) == data.labels[i: i + chunk])
+                agree.append((top if ids is None else ids[top]) == data.labels[i: i + chunk].to(z.device))
                 passes.append(annealed_confidence(z, e, depth, config.a) >= config.threshold)
             a, p = (torch.cat(agree), torch.cat(passes)) if agree else (torch.zeros(0, dtype=torch.bool),) * 2
             out[str(e)][name] = {"top1": round(float(a.float().mean()), 4) if len(a) else None,
@@ -196,11 +199,11 @@ def train_exits(target: LoadedModel, rows: list[dict], out: Path, config: ExitTr
         raise AdaspecError("the corpus has no completion tokens to train on")
     log(f"exits: {len(train)} training positions, {len(held)} held out ({time.time() - t0:.0f}s)")
     vocab = frequent_tokens(train_rows, config.vocab, set(target.eos_ids))
-    vocab_t = torch.tensor(vocab)
+    vocab_t = torch.tensor(vocab, device=target.device)
     full_w = model.get_output_embeddings().weight.detach().float()  # [V, H]
     rows_w = full_w[vocab_t].contiguous()  # [v, H]
     norm = copy.deepcopy(model.model.norm).float().requires_grad_(False)  # the target's, frozen
-    heads = ExitHeads(model.config.hidden_size, list(config.exits), config.rank)
+    heads = ExitHeads(model.config.hidden_size, list(config.exits), config.rank).to(target.device)
     opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0)
     steps = math.ceil(config.epochs * len(train) / config.batch_size)
     out.mkdir(parents=True, exist_ok=True)
