@@ -154,3 +154,20 @@ def exact_joint(model) -> dict[tuple[int, ...], float]:
             longer.update({prefix + (t,): mass * float(probs[t]) for t in range(V)})
         joint = longer
     return joint
+
+
+def test_the_cost_table_measures_a_transformers_forward_target(monkeypatch):
+    # `adaspec costs --target gemma3 --backends torch:float32`: the verify curve of a model the lean forward cannot run
+    from pathlib import Path
+
+    import adaspec.models
+    from adaspec.bench.costs import cost_table, cost_table_markdown
+    from adaspec.models import LoadedModel
+
+    model = tiny_model("gemma3_text", 3).cpu()
+    monkeypatch.setattr(adaspec.models, "load_model", lambda spec, dtype="auto", device="auto":
+                        LoadedModel("tiny-gemma3", Path("."), model, None))
+    rows = cost_table("tiny-gemma3", ("torch:float32",), context_tokens=20, drafters=(), repeats=1, log=lambda _: None)
+    assert [r["backend"] for r in rows] == ["torch:float32"]
+    assert set(rows[0]["verify_ms"]) == {"1", "2", "4", "6", "8"} and rows[0]["verify_ratio"]["1"] == 1.0
+    assert "torch:float32" in cost_table_markdown(rows)

@@ -116,7 +116,7 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
     `context_tokens`-token context and the ratio to one, the time to prefill that context, and each named
     drafter's cost per drafted token relative to one target step on the same backend. `adaspec costs` prints it;
     the README's table comes from it."""
-    from adaspec.config import BackendChoice
+    from adaspec.config import DEFAULT_LLAMACPP_FORMAT, BackendChoice
     from adaspec.methods import MethodSpec, load_drafter, make_drafter, target_backend
     from adaspec.models import load_model
 
@@ -128,7 +128,8 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
         if dtype not in models:
             models[dtype] = load_model(target_spec, dtype)
         target = models[dtype]
-        backend = target_backend(target, BackendChoice(kind, variant if kind == "llamacpp" else "auto"))
+        fmt = variant if kind == "llamacpp" else DEFAULT_LLAMACPP_FORMAT
+        backend = target_backend(target, BackendChoice(kind, fmt))
         context = [(100 + 7919 * i) % backend.vocab_size for i in range(context_tokens)]
         backend.reset()
         t0 = time.perf_counter()
