@@ -329,7 +329,7 @@ def test_method_specs_keep_exit_lists_and_bad_options_are_errors():
     assert len(point_specs("specbound", SPECBOUND_GRID)) == 20
     for bad, message in [("specbound:threshold=0.5,x", "not key=value"),
                          ("specbound:exits=8,x", "layer numbers"), ("specbound:exits=12,8", "increasing"),
-                         ("specbound:exits=0,4", "exits must lie"), ("specbound:threshold=1.5", "threshold"),
+                         ("specbound:exits=0,4", "layer numbers >= 1"), ("specbound:threshold=1.5", "threshold"),
                          ("specbound:d_max=0", "d_max"), ("specbound:a=-1", "slope a"),
                          ("specbound:exits=a/b", "layer numbers"), ("specbound:adapters=/no/such/dir", "adapters"),
                          ("specbound:k=3", "has no option 'k'")]:
