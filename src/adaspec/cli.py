@@ -631,9 +631,16 @@ def costs(
     context: Annotated[int, typer.Option(help="tokens cached before the scored positions")] = 400,
     drafters: Annotated[str, typer.Option(help="comma-separated drafters whose cost per token to measure")] = "small",
     out: Annotated[Path | None, typer.Option(help="also write the rows as JSON here")] = None,
+    batch: Annotated[int, typer.Option(help="instead: the batch cost curve with N sequences (ms per call by total "
+                                            "positions 1..64, remeasured and cached for this machine) and the draft "
+                                            "length the cost rule picks by batch size")] = 0,
 ) -> None:
     """The verify-cost table: per backend and weight format, ms to score 1..8 positions and the ratio to one."""
     from adaspec.bench.costs import COST_TABLE_BACKENDS, cost_table, cost_table_markdown
+
+    if batch:
+        _batch_costs(backends, target, batch, out)
+        return
 
     chosen = tuple(backends.split(",")) if backends else COST_TABLE_BACKENDS
     for label in chosen:
@@ -645,6 +652,34 @@ def costs(
     if out is not None:
         out.write_text(json.dumps(rows, indent=2))
     Console().print(cost_table_markdown(rows), markup=False)
+
+
+def _batch_costs(backends: str | None, target: str | None, slots: int, out: Path | None) -> None:
+    """`adaspec costs --batch N`: per backend, the cost of one call by total positions and what the rule does."""
+    from adaspec.api import batch_engine
+    from adaspec.batch import machine_costs, rule_table
+    from adaspec.models import load_model
+
+    if slots < 1:
+        raise AdaspecError(f"--batch must be >= 1 sequences, got {slots}")
+    model = load_model(target)
+    rows = {}
+    for label in (backends or "auto").split(","):
+        kind, _, variant = label.partition(":")
+        engine = batch_engine(model, BackendChoice(kind, variant or DEFAULT_LLAMACPP_FORMAT), slots)
+        costs = machine_costs(engine.backend, model.name, refresh=True)
+        where = engine.backend.where
+        table = costs.ms_by_positions
+        rules = rule_table(costs, batches=[b for b in (1, 2, 4, 8, 16, 32, 64) if b <= slots])
+        rows[where] = {"ms_by_positions": table, "drafted_per_sequence": rules}
+        console = Console()
+        console.print(f"[bold]{where}[/], {slots} sequences: ms per call by positions scored (per position / one)")
+        console.print("  ".join(f"{n}: {ms:.1f} ({ms / n / table[1]:.2f})" for n, ms in table.items()))
+        console.print("tokens the cost rule drafts per sequence, by batch size, at per-token acceptance alpha:")
+        for a, by_batch in rules.items():
+            console.print(f"  alpha {a}: " + "  ".join(f"B={b}: {k:.1f}" for b, k in by_batch.items()))
+    if out is not None:
+        out.write_text(json.dumps(rows, indent=2))
 
 
 @app.command("export-gguf")

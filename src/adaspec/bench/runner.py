@@ -18,8 +18,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from adaspec.backends.batched import BatchBackend
-from adaspec.batch import BatchEngine, Request, machine_costs
+from adaspec.api import batch_engine
+from adaspec.batch import BatchEngine, Request
 from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
@@ -42,7 +42,6 @@ from adaspec.methods import (
     parse_method,
     resolve_backend,
     target_backend,
-    target_gguf,
 )
 from adaspec.models import BUNDLED, LoadedModel, encode_prompt, is_gguf_target, load_model
 
@@ -212,19 +211,6 @@ def answer_batch(engine: BatchEngine, runner: Runner, target: LoadedModel, quest
     return records, skipped, time.perf_counter() - t0
 
 
-def batch_engine(target: LoadedModel, choice: BackendChoice, slots: int) -> BatchEngine:
-    """A batched engine on the target, on backend `choice`, with `slots` sequences and its measured costs."""
-    if choice.kind == "torch":
-        from adaspec.backends.batched import TorchBatchBackend
-
-        backend: BatchBackend = TorchBatchBackend(target.model, slots)
-    else:
-        from adaspec.backends.llamacpp import LlamaCppBatchBackend
-
-        backend = LlamaCppBatchBackend(target_gguf(target, choice.format), slots, threads=choice.threads)
-    return BatchEngine(backend, machine_costs(backend, target.name))
-
-
 def step_record(s: Step) -> dict:
     """A step in records.jsonl: drafted, accepted, confidence; `cut`, `metrics`, `exact` (0/1), `source` and
     `entropy`, `exit_layers` and `draft_stop`, `ms` (its wall time) when present."""
@@ -366,6 +352,7 @@ def run_batched(opts: BenchOptions, specs: list[MethodSpec], runners: list[Runne
                 progress.update(task, description=f"block {bi + 1}/{len(blocks)} {runner.label}")
                 if todo:
                     choice = resolve_backend(target.gguf is not None, backend_choice(spec, opts.backend))
+                    # one engine per backend, shared by the methods that run there (they take turns)
                     if choice.label not in engines:
                         engines[choice.label] = batch_engine(target, choice, n)
                     records, failed, wall = answer_batch(engines[choice.label], runner, target, todo, opts.generation,
