@@ -178,8 +178,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     chosen = torch.device(name)
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise AdaspecError(f"--device {name}: this torch build ({torch.__version__}) sees no CUDA GPU; install a CUDA "
-                           "build of torch (ADASPEC_TORCH='torch --index-url https://download.pytorch.org/whl/cu128' "
-                           "bash scripts/setup.sh) or use --device cpu")
+                           "build of torch (.venv/bin/python -m pip install torch --index-url "
+                           "https://download.pytorch.org/whl/cu128) or use --device cpu")
     if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
         raise AdaspecError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if chosen.type == "mps" and not torch.backends.mps.is_available():
