@@ -161,9 +161,10 @@ def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):
         parse_method("cmasd:cost=2")
     target = LoadedModel("tiny", tmp_path, tiny_llama(1, scale=6.0), None)
     config = GenerationConfig(max_new_tokens=24)
-    runner = build_runner(parse_method("cmasd-k:cost=1"), target, "lookup", config)
+    runner = build_runner(parse_method("cmasd-k"), target, "lookup", config)  # capped by default (cost=1)
     assert isinstance(runner.policy, CostCapped)
-    assert isinstance(build_runner(parse_method("cmasd-k"), target, "lookup", config).policy, ConfidenceLength)
+    assert isinstance(build_runner(parse_method("cmasd-k:cost=0"), target, "lookup", config).policy,
+                      ConfidenceLength)
     ar = build_runner(parse_method("ar"), target, None, config)
     prompt = random_prompt(0) * 3
     assert runner(prompt, config).token_ids == ar(prompt, config).token_ids  # the exact rule stays exact
