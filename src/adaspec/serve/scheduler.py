@@ -25,7 +25,7 @@ from adaspec.errors import AdaspecError
 from adaspec.methods import Runner
 from adaspec.serve.errors import Aborted
 from adaspec.serve.text import TextStream
-from adaspec.serve.worker import DONE, START, Finished, Job
+from adaspec.serve.worker import DONE, START, Finished, Job, Jobs
 
 log = logging.getLogger("adaspec.serve")
 
@@ -69,14 +69,14 @@ class Batched:
         return Finished(result, self.text.text)
 
 
-class BatchWorker:
+class BatchWorker(Jobs):
     """The generation thread of a server that batches: `submit(job)` gives a future of the job's `Finished`, as
     serve/worker.py's `Worker` does. `engine_for(runner, job)` is the engine a job joins, or None to run it alone."""
 
     def __init__(self, engine_for: Callable[[Runner, Job], BatchEngine | None]) -> None:
+        super().__init__()
         self.engine_for = engine_for
         self.inbox: queue.Queue = queue.Queue()
-        self.jobs: dict[Job, asyncio.Future] = {}
         self.alone: deque[Job] = deque()  # waiting to run alone, in order
         self.waiting: deque[tuple[Job, BatchEngine]] = deque()  # waiting for the engine while a lone job waits
         self.batched: dict[Job, Batched] = {}
@@ -93,21 +93,6 @@ class BatchWorker:
         fut.add_done_callback(lambda f: self._done(job, f))
         self.inbox.put(job)
         return fut
-
-    def _done(self, job: Job, fut: asyncio.Future) -> None:
-        self.jobs.pop(job, None)
-        if not fut.cancelled():
-            fut.exception()  # retrieved: a job whose client left must not log "never retrieved"
-
-    async def drain(self, grace_s: float, hurry: Callable[[], bool] = lambda: False) -> None:
-        """Let running and queued jobs finish for up to `grace_s` (or until `hurry()`), then abort the rest."""
-        deadline = time.monotonic() + grace_s
-        while self.jobs and time.monotonic() < deadline and not hurry():
-            await asyncio.sleep(0.05)
-        for job in list(self.jobs):
-            job.abort("shutdown")
-        if self.jobs:
-            await asyncio.wait(list(self.jobs.values()), timeout=10)
 
     def close(self) -> None:
         self.closed = True

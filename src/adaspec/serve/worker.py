@@ -104,18 +104,12 @@ class Job:
         return Finished(result, text.text)
 
 
-class Worker:
-    """One thread, one generation at a time, in the order submitted."""
+class Jobs:
+    """The jobs a generation thread holds, by their futures (never cancelled: a job ends through Job.abort), and the
+    drain on shutdown; Worker and the batching scheduler (serve/scheduler.py) share it."""
 
     def __init__(self) -> None:
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="adaspec-generate")
         self.jobs: dict[Job, asyncio.Future] = {}
-
-    def submit(self, job: Job) -> asyncio.Future:
-        fut = job.loop.run_in_executor(self.executor, job.run)
-        self.jobs[job] = fut
-        fut.add_done_callback(lambda f: self._done(job, f))
-        return fut  # never cancelled: a job ends through Job.abort, so `jobs` counts what the thread holds
 
     def _done(self, job: Job, fut: asyncio.Future) -> None:
         self.jobs.pop(job, None)
@@ -131,6 +125,20 @@ class Worker:
             job.abort("shutdown")
         if self.jobs:
             await asyncio.wait(list(self.jobs.values()), timeout=10)
+
+
+class Worker(Jobs):
+    """One thread, one generation at a time, in the order submitted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="adaspec-generate")
+
+    def submit(self, job: Job) -> asyncio.Future:
+        fut = job.loop.run_in_executor(self.executor, job.run)
+        self.jobs[job] = fut
+        fut.add_done_callback(lambda f: self._done(job, f))
+        return fut  # never cancelled: a job ends through Job.abort, so `jobs` counts what the thread holds
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
