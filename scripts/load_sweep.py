@@ -147,6 +147,40 @@ async def drive(url: str, prompts: list[str], clients: int, requests: int, args:
         return done, time.perf_counter() - t0, len(todo)
 
 
+REFERENCE = """
+import json, sys, time
+from adaspec.config import BackendChoice, GenerationConfig
+from adaspec.methods import build_runner, load_drafter, parse_method
+from adaspec.models import encode_prompt, load_model
+
+method, threads, max_tokens, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+prompts = json.loads(sys.stdin.read())
+model = load_model(None)
+config = GenerationConfig(max_new_tokens=max_tokens)
+runner = build_runner(parse_method(method), model, load_drafter(None, model), config, BackendChoice(threads=threads))
+ids = [encode_prompt(model.tokenizer, p, True) for p in prompts]
+runner(ids[0], config)  # warm up, as a server is warm
+tokens = wall = 0.0
+for i in range(requests):
+    result = runner(ids[i % len(ids)], config)
+    tokens, wall = tokens + len(result.token_ids), wall + result.wall_s
+print(json.dumps({"tokens": tokens, "wall_s": wall}))
+"""
+
+
+def generate_reference(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """`adaspec generate`'s figure for the server's 1-client point: the same prompts and method decoded one after
+    another in one process (the runner `generate` uses, warmed up), tokens over the summed wall time of the
+    generations."""
+    out = subprocess.run([sys.executable, "-c", REFERENCE, args.method, str(args.threads), str(args.max_tokens),
+                          str(args.requests)], input=json.dumps(prompts), capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"load_sweep: the generate reference failed:\n{out.stderr[-2000:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"server": "adaspec generate", "clients": 1, "completion_tokens": got["tokens"],
+            "wall_s": round(got["wall_s"], 3), "tokens_per_s": round(got["tokens"] / got["wall_s"], 2)}
+
+
 def summarize(server: str, clients: int, done: list[tuple[int, dict]], wall: float, not_sent: int,
               alone: dict[int, str] | None) -> dict:
     ok = [o for _, o in done if o["status"] == 200]
@@ -193,6 +227,11 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         if a and p and all(a[k] for k in keys) and all(p[k] for k in keys):
             ratios.append(f"| {c} | {a['tokens_per_s'] / p['tokens_per_s']:.2f} | "
                           f"{a['ttft_p50_s'] / p['ttft_p50_s']:.2f} | {a['latency_p99_s'] / p['latency_p99_s']:.2f} |")
+    ref, one = by.get(("adaspec generate", 1)), by.get(("adaspec", 1))
+    if ref and one:
+        lines += ["", f"1 client: `adaspec serve` {one['tokens_per_s']} tokens/s, `adaspec generate` (the same prompts "
+                  f"and method in one process) {ref['tokens_per_s']} tokens/s: "
+                  f"{one['tokens_per_s'] / ref['tokens_per_s']:.3f}x."]
     if ratios:
         lines += ["", "adaspec against llama-server:", "", "| clients | tokens/s | TTFT p50 | latency p99 |",
                   "|---|---|---|---|", *ratios]
@@ -206,6 +245,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [r for r in rows if r.get("latency_p99_s") is not None]  # the served points
     for server in dict.fromkeys(r["server"] for r in rows):
         pts = sorted((r["clients"], r["tokens_per_s"], r["latency_p99_s"]) for r in rows if r["server"] == server)
         a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=server)
@@ -240,6 +280,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=600, help="seconds per point; no request starts after")
     parser.add_argument("--request-timeout", type=float, default=600)
     parser.add_argument("--start-timeout", type=float, default=300)
+    parser.add_argument("--no-reference", action="store_true", help="skip the `adaspec generate` reference")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     servers = [s for s in args.servers.split(",") if s]
@@ -277,6 +318,11 @@ def main() -> None:
             print(f"{server} x{clients}: {row['tokens_per_s']} tokens/s, TTFT p50 {row['ttft_p50_s']} s, latency "
                   f"p99 {row['latency_p99_s']} s, same as alone {row['same_as_alone']}, 5xx {row['5xx']}, lost "
                   f"{row['lost']}", flush=True)
+    if "adaspec" in servers and 1 in levels and not args.no_reference:
+        row = generate_reference(args, prompts)
+        rows.append(row)
+        sink.write(json.dumps(row) + "\n")
+        print(f"adaspec generate x1: {row['tokens_per_s']} tokens/s", flush=True)
     sink.close()
     (args.out / "report.md").write_text(markdown(rows, args))
     try:
