@@ -12,7 +12,7 @@ from test_lossless import PROMPT, T1, TOKENS, N, V, exact_joint, fit_pvalue
 
 from adaspec.backends import TorchBackend
 from adaspec.backends.batched import TorchBatchBackend
-from adaspec.batch import BatchEngine, Request, measure_costs, plan_lengths
+from adaspec.batch import BatchEngine, ContextCost, Request, measure_costs, plan_lengths
 from adaspec.config import GenerationConfig, SamplingConfig
 from adaspec.decode import Decoding, StopCriteria, generate
 from adaspec.drafters import PromptLookupDrafter
@@ -135,6 +135,28 @@ def test_the_cost_rule_drafts_less_as_the_batch_grows():
     gains = [0.8, 0.64, 0.51, 0.41, 0.33]
     drafted = [sum(plan_lengths([gains] * b, b, float(b), costs)) / b for b in (1, 4, 16)]
     assert drafted[0] > drafted[1] > drafted[2]
+
+
+def test_the_cost_rule_drafts_less_for_a_sequence_whose_long_context_makes_each_position_dear():
+    costs = BatchCosts({1: 10.0, 4: 20.0, 16: 60.0, 64: 220.0})
+    sure = [[0.9, 0.81, 0.73]] * 2
+    assert plan_lengths(sure, 2, 2.0, costs) == [3, 3]
+    assert plan_lengths(sure, 2, 2.0, costs, [0.0, 0.0], 0.0) == [3, 3]  # nothing beyond the curve: the same
+    # the second sequence's positions cost 20 ms more each (attention over its long context): only the first drafts
+    assert plan_lengths(sure, 2, 2.0, costs, [0.0, 20.0], 20.0) == [3, 0]
+    # both dear, as dear as a plain step: nothing drafted pays
+    assert plan_lengths(sure, 2, 2.0, costs, [40.0, 40.0], 80.0) == [0, 0]
+
+
+def test_the_context_cost_is_learned_from_what_calls_cost_beyond_the_curve():
+    cost = ContextCost(context=256)
+    assert cost.beyond(1, 200) == 0 and cost.beyond(4, 1258) == 4 * 1000
+    for end in (300, 600, 1200, 2400, 900):  # calls that each cost 0.002 ms per position per context token beyond
+        x = sum(cost.beyond(n, end + 10 * n) for n in (1, 3))
+        cost.observe(50.0, 50.0 + 0.002 * x, x)
+    assert abs(cost.per_token - 0.002) < 1e-9
+    cost.observe(50.0, 40.0, 1e9)  # cheaper than the curve says: never below zero
+    assert cost.per_token == 0.0
 
 
 def test_token_rates_come_from_cost_aware_policies_only():

@@ -12,7 +12,7 @@ from adaspec.decode import generate
 from adaspec.drafters import ModelDrafter, PromptLookupDrafter
 from adaspec.errors import AdaspecError
 from adaspec.methods import build_runner, parse_method
-from adaspec.policies import CostAware, shadow_acceptance
+from adaspec.policies import CostAware, FixedLength, shadow_acceptance
 
 STEEP = {1: 1.0, 2: 1.85, 3: 2.6, 4: 3.4, 9: 7.5}  # llama.cpp on Q4_1 weights: n positions cost about n steps
 FLAT = {1: 1.0, 2: 1.02, 4: 1.05, 9: 1.1}  # a backend where scoring 9 positions costs one step
@@ -182,3 +182,14 @@ def test_cost_table_markdown_says_what_acceptance_each_backend_needs():
     flat, linear = (line.split(" | ") for line in lines[2:])
     assert 0 < float(flat[-2]) < float(flat[-1].rstrip(" |")) < 1  # 1.8x needs a better drafter than 1.3x
     assert linear[-2:] == ["–", "– |"]  # scoring n positions costs n steps: no acceptance pays
+
+
+def test_the_verdict_says_where_speculation_cannot_pay_and_where_it_does():
+    from adaspec.policies import verdict
+
+    steep = CostAware({1: 1.0, 2: 1.9, 3: 2.7, 4: 3.5})
+    said = verdict(steep, drafted=100, accepted=60)
+    assert "plain decoding is the fastest here" in said and "90%" in said and "60 of 100" in said
+    flat = CostAware({1: 1.0, 2: 1.05, 3: 1.1, 4: 1.15})
+    assert "speculation pays here: best fixed k=3" in verdict(flat, drafted=100, accepted=80)
+    assert verdict(FixedLength(3), 10, 5) is None

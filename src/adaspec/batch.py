@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adaspec.backends.batched import BatchBackend
-from adaspec.config import BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
+from adaspec.config import BATCH_COST_CONTEXT, BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
 from adaspec.decode import Decoding, GenerationResult, Step
 from adaspec.errors import AdaspecError
 from adaspec.machine import cpu_model
@@ -63,20 +63,28 @@ class Sequence:
     error: AdaspecError | None = None
 
 
-def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: float, costs: BatchCosts) -> list[int]:
+def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: float, costs: BatchCosts,
+                 extra: list[float] | None = None, fixed_extra: float = 0.0) -> list[int]:
     """The draft lengths k_i that maximise the call's expected tokens per ms.
 
     gains[i][j] is the chance that sequence i's (j+1)-th drafted token is emitted as an accepted token (the product
     of its per-token acceptance up to j: non-increasing in j). The call scores `fixed_positions` positions whatever
     is drafted and emits `fixed_tokens` expected tokens from them; drafting m more tokens scores m more positions.
-    The best set of m drafted tokens is the m largest gains (a prefix of each sequence's, as they do not rise), so
-    the rule is one scan over m: maximise (fixed_tokens + sum of the m largest gains) / cost(fixed_positions + m)."""
-    ranked = sorted(((g, i, j) for i, row in enumerate(gains) for j, g in enumerate(row)), key=lambda t: (-t[0], t[1],
-                                                                                                          t[2]))
-    best_m, best_rate, tokens = 0, fixed_tokens / costs.ms(fixed_positions), fixed_tokens
-    for m, (g, _, _) in enumerate(ranked, start=1):
+    A call costs costs.ms(positions) plus what the measured curve leaves out: `fixed_extra` ms for the fixed positions
+    and extra[i] ms for each position drafted for sequence i (attention over a context longer than the curve's).
+    Drafted tokens are taken best gain per ms first (a prefix of each sequence's, as gains do not rise), and the rule
+    is one scan over m: maximise (fixed_tokens + the m best gains) / (cost of fixed_positions + m, plus extras)."""
+    extra = extra or [0.0] * len(gains)
+    base = max(fixed_positions, 1)
+    step = max((costs.ms(2 * base) - costs.ms(base)) / base, 1e-9)  # the curve's ms per further position
+    ranked = sorted(((g, i, j) for i, row in enumerate(gains) for j, g in enumerate(row)),
+                    key=lambda t: (-t[0] / (step + extra[t[1]]), t[1], t[2]))
+    best_m, best_rate = 0, fixed_tokens / (costs.ms(fixed_positions) + fixed_extra)
+    tokens, added = fixed_tokens, fixed_extra
+    for m, (g, i, _) in enumerate(ranked, start=1):
         tokens += g
-        rate = tokens / costs.ms(fixed_positions + m)
+        added += extra[i]
+        rate = tokens / (costs.ms(fixed_positions + m) + added)
         if rate > best_rate:
             best_m, best_rate = m, rate
     ks = [0] * len(gains)
@@ -85,14 +93,39 @@ def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: f
     return ks
 
 
+class ContextCost:
+    """What a call costs beyond the measured curve, learned from the engine's own calls: `per_token` ms for each
+    position scored per token of its context beyond `context` (the curve's). Attention grows with the context and a
+    batch does not share it, so on a long context a drafted position costs about what a plain one does and drafting
+    stops paying sooner than the curve says. Fitted by recency-weighted least squares through the origin of
+    (observed - curve) ms on sum over rows of positions x context beyond, over calls that only decode."""
+
+    def __init__(self, context: int, decay: float = 0.98) -> None:
+        self.context, self.decay = context, decay
+        self.sxx = self.sxy = 0.0
+        self.per_token = 0.0
+
+    def beyond(self, positions: int, end: int) -> float:
+        """The fit's regressor for a row of `positions` positions ending at position `end`."""
+        return positions * max(0, end - positions // 2 - self.context)
+
+    def observe(self, curve_ms: float, ms: float, x: float) -> None:
+        if x <= 0:
+            return
+        self.sxx = self.decay * self.sxx + x * x
+        self.sxy = self.decay * self.sxy + x * (ms - curve_ms)
+        self.per_token = max(0.0, self.sxy / self.sxx)
+
+
 class BatchEngine:
     """Runs many `Request`s on one `BatchBackend`, at most `max_batch` at once (default: every slot).
 
-    `costs`: the measured cost of one call by total positions (policies.BatchCosts); without it the drafts of
-    cost-aware sequences are verified as their own policy says (no batch rule)."""
+    `costs`: the measured cost of one call by total positions (policies.BatchCosts, measured on a context of
+    `cost_context` tokens); without it the drafts of cost-aware sequences are verified as their own policy says (no
+    batch rule). What longer contexts add to it is learned from the engine's own calls (`ContextCost`)."""
 
     def __init__(self, backend: BatchBackend, costs: BatchCosts | None = None, max_batch: int | None = None,
-                 prefill_chunk: int = BATCH_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = BATCH_PREFILL_CHUNK, cost_context: int = BATCH_COST_CONTEXT) -> None:
         if prefill_chunk < 1:
             raise AdaspecError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.backend = backend
@@ -101,6 +134,7 @@ class BatchEngine:
         if self.max_batch < 1:
             raise AdaspecError(f"max_batch must be >= 1, got {max_batch}")
         self.prefill_chunk = prefill_chunk
+        self.context_cost = ContextCost(cost_context)
         self.queue: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free = list(range(backend.slots))[::-1]
@@ -161,9 +195,13 @@ class BatchEngine:
             chunks.append((s.slot, s.seq.ids[: len(self.backend.tokens[s.slot]) + n], 0))
         self._plan(decoding, sum(len(c[1]) - len(self.backend.tokens[c[0]]) for c in chunks))
         wants = [(s.slot, s.seq.ids + s.seq.draft.tokens, len(s.seq.draft) + 1) for s in decoding] + chunks
+        new = [(len(ids) - len(self.backend.tokens[slot]), len(ids)) for slot, ids, _ in wants]  # (positions, end)
         t0 = time.perf_counter()
         logits = self.backend.sync(wants)
         now = time.perf_counter()
+        if self.costs is not None and not chunks and max(n for n, _ in new) <= BATCH_COST_SIZES[-1]:  # decoding only
+            self.context_cost.observe(self.costs.ms(sum(n for n, _ in new)), 1000 * (now - t0),
+                                      sum(self.context_cost.beyond(n, end) for n, end in new))
         for s, row in zip(decoding, logits, strict=False):
             step = s.seq.accept(row)
             self.backend.rollback(s.slot, s.seq.cached)
@@ -180,19 +218,24 @@ class BatchEngine:
         """2 plan: cut the drafts of cost-aware sequences to the lengths the batch's costs favour."""
         if self.costs is None or not decoding:
             return
-        adaptive, gains = [], []
-        fixed_positions, fixed_tokens = prefill_positions, 0.0
+        adaptive, gains, extra = [], [], []
+        fixed_positions, fixed_tokens, fixed_extra = prefill_positions, 0.0, 0.0
+        per_token = self.context_cost.per_token
         for s in decoding:
-            fixed_positions += s.seq.cached + 1 - len(self.backend.tokens[s.slot])  # the prompt left, the last token
+            fixed = s.seq.cached + 1 - len(self.backend.tokens[s.slot])  # the prompt left, the last token
             rates = token_rates(s.seq.policy, s.seq.draft.confidence)
             if rates is None:  # a fixed length: its draft is scored as it is
-                fixed_positions += len(s.seq.draft)
+                fixed += len(s.seq.draft)
                 fixed_tokens += 1 + 0.5 * len(s.seq.draft)
-                continue
-            fixed_tokens += 1
-            adaptive.append(s)
-            gains.append(list(itertools.accumulate(rates, lambda a, b: a * b)))
-        for s, k in zip(adaptive, plan_lengths(gains, fixed_positions, fixed_tokens, self.costs), strict=True):
+            else:
+                fixed_tokens += 1
+                adaptive.append(s)
+                gains.append(list(itertools.accumulate(rates, lambda a, b: a * b)))
+                extra.append(per_token * self.context_cost.beyond(1, s.seq.cached + 1))
+            fixed_positions += fixed
+            fixed_extra += per_token * self.context_cost.beyond(fixed, s.seq.cached + 1)
+        ks = plan_lengths(gains, fixed_positions, fixed_tokens, self.costs, extra, fixed_extra)
+        for s, k in zip(adaptive, ks, strict=True):
             s.seq.cut(k)
 
     def cancel(self, s: Sequence) -> None:
@@ -252,7 +295,7 @@ def measure_costs(backend: BatchBackend, context: list[int], sizes: Iterable[int
     return {n: 1000 * statistics.median(t) for n, t in times.items()}
 
 
-def machine_costs(backend: BatchBackend, model_key: str, context_tokens: int = 256,
+def machine_costs(backend: BatchBackend, model_key: str, context_tokens: int = BATCH_COST_CONTEXT,
                   refresh: bool = False) -> BatchCosts:
     """`measure_costs` on a `context_tokens`-token context, cached per machine in ~/.cache/adaspec/batch_costs.json
     by model, backend, slots, threads and CPU (a few seconds the first time)."""

@@ -133,6 +133,13 @@ def generate(
     out.print(table)
     if note:
         out.print(note)
+    policy = getattr(runner, "policy", None)
+    if policy is not None and result.steps and not routed:
+        from adaspec.policies import verdict
+
+        said = verdict(policy, sum(s.drafted for s in result.steps), sum(s.accepted for s in result.steps))
+        if said:
+            out.print(said)
     if routed:
         large = sum(s.source == "large" for s in result.steps)
         out.print(f"the large model produced {large} of {result.new_tokens} tokens ({large / result.new_tokens:.0%})")

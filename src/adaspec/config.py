@@ -24,6 +24,7 @@ TORCH_CACHE_LEN = 32768
 BATCH_CONTEXT = 4096
 BATCH_PREFILL_CHUNK = 256
 BATCH_COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+BATCH_COST_CONTEXT = 256  # the context (tokens per sequence) the batch cost curve is measured on
 BATCH_K_TABLE = {1: 5, 2: 4, 4: 3, 8: 2, 16: 1, 32: 0}
 # `adaspec serve --max-batch`: sequences decoded together. Measured on a 2-core AMD EPYC (llama.cpp, shipped Q4_1,
 # `adaspec costs --batch 16`): one call costs 10.2 ms for 1 position, 96 ms for 16 (6.0 a position), 170 ms for 32

@@ -404,3 +404,22 @@ def token_rates(policy: LengthPolicy, confidences: list[float]) -> list[float] |
     if costs.free:
         return [costs.rate(c) for c in confidences]
     return [costs.alpha] * len(confidences)
+
+
+def verdict(policy: LengthPolicy, drafted: int, accepted: int) -> str | None:
+    """What the measured costs say of speculation on this machine, given `accepted` of `drafted` tokens kept (one
+    generation's): the acceptance at which drafting one token breaks even, and the best fixed draft length at the
+    acceptance seen with its expected speedup. None for a policy that does not weigh costs (a fixed k, CM-ASD's own
+    length, SpecBound's bound)."""
+    costs = policy.costs if isinstance(policy, CostCapped) else policy
+    if not isinstance(costs, CostAware):
+        return None
+    alpha = accepted / drafted if drafted else costs.alpha
+    gains = [expected_tokens(alpha, k) / c for k, c in enumerate(costs.cost)]
+    best = max(range(len(gains)), key=gains.__getitem__)
+    even = min(1.0, costs.cost[1] - 1)  # (1 + a) / cost(1) = 1: one drafted token pays above this acceptance
+    seen = f"{accepted} of {drafted} drafted tokens kept ({alpha:.0%})" if drafted else "nothing drafted"
+    tail = (f"plain decoding is the fastest here (a drafted token pays when kept more than {even:.0%} of the time)"
+            if best == 0 else f"speculation pays here: best fixed k={best}, expected {gains[best]:.2f}x plain decoding")
+    return (f"cost model, this machine: a step verifying 1 drafted token costs {costs.cost[1]:.2f}x a plain step, "
+            f"{len(costs.cost) - 1} tokens {costs.cost[-1]:.2f}x; {seen}: {tail}")
