@@ -24,7 +24,7 @@ import json
 import platform
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -64,27 +64,43 @@ class Sequence:
 
 
 def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: float, costs: BatchCosts,
-                 extra: list[float] | None = None, fixed_extra: float = 0.0) -> list[int]:
+                 extra: list[float] | None = None, fixed_extra: float = 0.0, split_ms: float = 0.0,
+                 fixed_lengths: Iterable[int] = ()) -> list[int]:
     """The draft lengths k_i that maximise the call's expected tokens per ms.
 
     gains[i][j] is the chance that sequence i's (j+1)-th drafted token is emitted as an accepted token (the product
     of its per-token acceptance up to j: non-increasing in j). The call scores `fixed_positions` positions whatever
     is drafted and emits `fixed_tokens` expected tokens from them; drafting m more tokens scores m more positions.
-    A call costs costs.ms(positions) plus what the measured curve leaves out: `fixed_extra` ms for the fixed positions
-    and extra[i] ms for each position drafted for sequence i (attention over a context longer than the curve's).
-    Drafted tokens are taken best gain per ms first (a prefix of each sequence's, as gains do not rise), and the rule
-    is one scan over m: maximise (fixed_tokens + the m best gains) / (cost of fixed_positions + m, plus extras)."""
+    A call costs costs.ms(positions) plus what the measured curve leaves out: `fixed_extra` ms for the fixed positions,
+    extra[i] ms for each position drafted for sequence i (attention over a context longer than the curve's), and
+    `split_ms` for each row length beyond the first among the call's rows (a backend that runs rows of unequal length
+    as one pass per length: llama.cpp with a KV stream per sequence); `fixed_lengths` are the lengths of the rows the
+    rule does not set, and each sequence it sets has a row of k_i + 1. Drafted tokens are taken best gain per ms
+    first (a prefix of each sequence's, as gains do not rise), and the rule is one scan over m: maximise
+    (fixed_tokens + the m best gains) / (the call's cost with them)."""
     extra = extra or [0.0] * len(gains)
     base = max(fixed_positions, 1)
     step = max((costs.ms(2 * base) - costs.ms(base)) / base, 1e-9)  # the curve's ms per further position
     ranked = sorted(((g, i, j) for i, row in enumerate(gains) for j, g in enumerate(row)),
                     key=lambda t: (-t[0] / (step + extra[t[1]]), t[1], t[2]))
-    best_m, best_rate = 0, fixed_tokens / (costs.ms(fixed_positions) + fixed_extra)
+    rows = Counter(fixed_lengths)
+    rows[1] += len(gains)
+    ks = [0] * len(gains)
+
+    def cost(positions: int, added: float) -> float:
+        return costs.ms(positions) + added + split_ms * (len(rows) - 1)
+
+    best_m, best_rate = 0, fixed_tokens / cost(fixed_positions, fixed_extra)
     tokens, added = fixed_tokens, fixed_extra
     for m, (g, i, _) in enumerate(ranked, start=1):
         tokens += g
         added += extra[i]
-        rate = tokens / (costs.ms(fixed_positions + m) + added)
+        rows[ks[i] + 1] -= 1
+        if not rows[ks[i] + 1]:
+            del rows[ks[i] + 1]
+        ks[i] += 1
+        rows[ks[i] + 1] += 1
+        rate = tokens / cost(fixed_positions + m, added)
         if rate > best_rate:
             best_m, best_rate = m, rate
     ks = [0] * len(gains)
@@ -95,26 +111,38 @@ def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: f
 
 class ContextCost:
     """What a call costs beyond the measured curve, learned from the engine's own calls: `per_token` ms for each
-    position scored per token of its context beyond `context` (the curve's). Attention grows with the context and a
-    batch does not share it, so on a long context a drafted position costs about what a plain one does and drafting
-    stops paying sooner than the curve says. Fitted by recency-weighted least squares through the origin of
-    (observed - curve) ms on sum over rows of positions x context beyond, over calls that only decode."""
+    position scored per token of its context beyond `context` (the curve's), and `per_split` ms for each row length
+    beyond the first in a call. Attention grows with the context and a batch does not share it, so on a long context
+    a drafted position costs about what a plain one does; and a backend that runs rows of unequal length as separate
+    passes (llama.cpp with a KV stream per sequence) pays a pass for each length a draft adds. Both make drafting
+    stop paying sooner than the curve says. Fitted by recency-weighted least squares through the origin of
+    (observed - curve) ms on (sum over rows of positions x context beyond, row lengths - 1), over calls that only
+    decode; the curve's own sizes spread positions evenly over the sequences, as plain decoding does."""
 
     def __init__(self, context: int, decay: float = 0.98) -> None:
         self.context, self.decay = context, decay
-        self.sxx = self.sxy = 0.0
-        self.per_token = 0.0
+        self.sums = [0.0] * 5  # decayed sums of x*x, x*d, d*d, x*r, d*r (r: observed - curve)
+        self.per_token = self.per_split = 0.0
 
     def beyond(self, positions: int, end: int) -> float:
-        """The fit's regressor for a row of `positions` positions ending at position `end`."""
+        """The fit's first regressor for a row of `positions` positions ending at position `end`."""
         return positions * max(0, end - positions // 2 - self.context)
 
-    def observe(self, curve_ms: float, ms: float, x: float) -> None:
-        if x <= 0:
+    def observe(self, curve_ms: float, ms: float, x: float, splits: int = 0) -> None:
+        if x <= 0 and splits <= 0:
             return
-        self.sxx = self.decay * self.sxx + x * x
-        self.sxy = self.decay * self.sxy + x * (ms - curve_ms)
-        self.per_token = max(0.0, self.sxy / self.sxx)
+        r = ms - curve_ms
+        self.sums = [self.decay * s + v for s, v in zip(self.sums, (x * x, x * splits, splits * splits, x * r,
+                                                                      splits * r), strict=True)]
+        xx, xd, dd, xr, dr = self.sums
+        det = xx * dd - xd * xd
+        if det > 1e-9 * max(xx * dd, 1e-30):
+            a, b = (xr * dd - dr * xd) / det, (dr * xx - xr * xd) / det
+        else:  # one regressor never varied apart from the other: fit them one at a time
+            a, b = (xr / xx if xx else 0.0), (dr / dd if dd and not xx else 0.0)
+        if a < 0 or b < 0:  # a cost does not fall below the curve: refit the other one alone
+            a, b = (max(0.0, xr / xx) if xx else 0.0, 0.0) if b < 0 else (0.0, max(0.0, dr / dd) if dd else 0.0)
+        self.per_token, self.per_split = max(0.0, a), max(0.0, b)
 
 
 class BatchEngine:
@@ -122,10 +150,12 @@ class BatchEngine:
 
     `costs`: the measured cost of one call by total positions (policies.BatchCosts, measured on a context of
     `cost_context` tokens); without it the drafts of cost-aware sequences are verified as their own policy says (no
-    batch rule). What longer contexts add to it is learned from the engine's own calls (`ContextCost`)."""
+    batch rule). What longer contexts and unequal rows add to it is learned from the engine's own calls
+    (`ContextCost`) unless `learn` is off (`costs` then stand as given)."""
 
     def __init__(self, backend: BatchBackend, costs: BatchCosts | None = None, max_batch: int | None = None,
-                 prefill_chunk: int = BATCH_PREFILL_CHUNK, cost_context: int = BATCH_COST_CONTEXT) -> None:
+                 prefill_chunk: int = BATCH_PREFILL_CHUNK, cost_context: int = BATCH_COST_CONTEXT,
+                 learn: bool = True) -> None:
         if prefill_chunk < 1:
             raise AdaspecError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.backend = backend
@@ -135,6 +165,7 @@ class BatchEngine:
             raise AdaspecError(f"max_batch must be >= 1, got {max_batch}")
         self.prefill_chunk = prefill_chunk
         self.context_cost = ContextCost(cost_context)
+        self.learn = learn
         self.queue: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free = list(range(backend.slots))[::-1]
@@ -193,15 +224,16 @@ class BatchEngine:
             n = min(budget, missing)
             budget -= n
             chunks.append((s.slot, s.seq.ids[: len(self.backend.tokens[s.slot]) + n], 0))
-        self._plan(decoding, sum(len(c[1]) - len(self.backend.tokens[c[0]]) for c in chunks))
+        self._plan(decoding, [len(c[1]) - len(self.backend.tokens[c[0]]) for c in chunks])
         wants = [(s.slot, s.seq.ids + s.seq.draft.tokens, len(s.seq.draft) + 1) for s in decoding] + chunks
         new = [(len(ids) - len(self.backend.tokens[slot]), len(ids)) for slot, ids, _ in wants]  # (positions, end)
         t0 = time.perf_counter()
         logits = self.backend.sync(wants)
         now = time.perf_counter()
-        if self.costs is not None and not chunks and max(n for n, _ in new) <= BATCH_COST_SIZES[-1]:  # decoding only
+        if self.learn and self.costs is not None and not chunks and max(n for n, _ in new) <= BATCH_COST_SIZES[-1]:  # decoding only
             self.context_cost.observe(self.costs.ms(sum(n for n, _ in new)), 1000 * (now - t0),
-                                      sum(self.context_cost.beyond(n, end) for n, end in new))
+                                      sum(self.context_cost.beyond(n, end) for n, end in new),
+                                      len({n for n, _ in new}) - 1)
         for s, row in zip(decoding, logits, strict=False):
             step = s.seq.accept(row)
             self.backend.rollback(s.slot, s.seq.cached)
@@ -214,19 +246,22 @@ class BatchEngine:
                 ended.append(self._finish(s))
         return ended
 
-    def _plan(self, decoding: list[Sequence], prefill_positions: int) -> None:
+    def _plan(self, decoding: list[Sequence], chunk_lengths: list[int]) -> None:
         """2 plan: cut the drafts of cost-aware sequences to the lengths the batch's costs favour."""
         if self.costs is None or not decoding:
             return
-        adaptive, gains, extra = [], [], []
-        fixed_positions, fixed_tokens, fixed_extra = prefill_positions, 0.0, 0.0
+        adaptive, gains, extra, lengths = [], [], [], list(chunk_lengths)
+        fixed_positions, fixed_tokens, fixed_extra = sum(chunk_lengths), 0.0, 0.0
         per_token = self.context_cost.per_token
         for s in decoding:
             fixed = s.seq.cached + 1 - len(self.backend.tokens[s.slot])  # the prompt left, the last token
             rates = token_rates(s.seq.policy, s.seq.draft.confidence)
-            if rates is None:  # a fixed length: its draft is scored as it is
+            if rates is not None and fixed > 1:  # its prompt is scored in this call: it drafts from the next
+                s.seq.cut(0)
+            if rates is None or fixed > 1:  # a fixed length: its row is scored as it is
                 fixed += len(s.seq.draft)
                 fixed_tokens += 1 + 0.5 * len(s.seq.draft)
+                lengths.append(fixed)
             else:
                 fixed_tokens += 1
                 adaptive.append(s)
@@ -234,7 +269,8 @@ class BatchEngine:
                 extra.append(per_token * self.context_cost.beyond(1, s.seq.cached + 1))
             fixed_positions += fixed
             fixed_extra += per_token * self.context_cost.beyond(fixed, s.seq.cached + 1)
-        ks = plan_lengths(gains, fixed_positions, fixed_tokens, self.costs, extra, fixed_extra)
+        ks = plan_lengths(gains, fixed_positions, fixed_tokens, self.costs, extra, fixed_extra,
+                          self.context_cost.per_split, lengths)
         for s, k in zip(adaptive, ks, strict=True):
             s.seq.cut(k)
 
