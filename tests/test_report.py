@@ -32,9 +32,9 @@ from adaspec.bench.rundir import build_summary, compare, rebuild
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
 from adaspec.bench.summary import summarize
 from adaspec.cli import app
-from adaspec.config import GenerationConfig
-from adaspec.decode import GenerationResult
-from adaspec.errors import AdaspecError
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import GenerationResult
+from adaspec.core.errors import AdaspecError
 
 # ---------------------------------------------------------------- a tiny model directory with a tokenizer
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adaspec.config import (
+from adaspec.core.config import (
     DEFAULT_BACKEND,
     DEFAULT_LLAMACPP_FORMAT,
     DEFAULT_MAX_NEW_TOKENS,
@@ -28,7 +28,7 @@ from adaspec.config import (
     GenerationConfig,
     SamplingConfig,
 )
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
 err = Console(stderr=True)
@@ -56,7 +56,7 @@ WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight fo
 def _placement(device: str, dtype: str) -> tuple[str, str]:
     """--device and --dtype made concrete (auto: a GPU where torch sees one; the dtype by device), as records name
     them (a CPU run records float32, as before --device existed)."""
-    from adaspec.models import default_dtype, resolve_device
+    from adaspec.core.models import default_dtype, resolve_device
 
     where = resolve_device(device)
     return str(where), default_dtype(where) if dtype == "auto" else dtype
@@ -86,8 +86,8 @@ def generate(
     device: Device = "auto",
 ) -> None:
     """Generate text, streaming it, then print tokens/s, mean accepted tokens and the speedup over `ar`."""
+    from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import build_runner, load_drafter, parse_method
-    from adaspec.models import encode_prompt, load_model
 
     config = _generation(max_new_tokens, temperature, top_k, top_p, seed, stop or ())
     spec = parse_method(method)
@@ -331,7 +331,7 @@ def make_drafter(
     device: Device = "auto",
 ) -> None:
     """Write a layer-truncated copy of the target (first N layers + its head) as a standalone drafter."""
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
     from adaspec.train.truncate import truncate_model
 
     path = truncate_model(load_model(target, device=device), layers, out)
@@ -339,7 +339,7 @@ def make_drafter(
 
 
 def default_data_dir(target_name: str) -> Path:
-    from adaspec.models import cache_root
+    from adaspec.core.models import cache_root
 
     return cache_root() / "train" / target_name
 
@@ -358,7 +358,7 @@ def distill_data(
 ) -> None:
     """Self-distillation data: the target's greedy answers to synthetic (never Spec-Bench) prompts, and its
     hidden states at every position (for the EAGLE-style head)."""
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
     from adaspec.train.data import build_corpus, count_lines, generation_dtype
 
     model = load_model(target, generation_dtype(device), device)
@@ -393,9 +393,9 @@ def train_drafter_cmd(
     """Distil drafters from the target on its own outputs: data (resumable), training (checkpointed), report."""
     import time
 
-    from adaspec.drafters.eagle import EagleArtifact
-    from adaspec.drafters.shipped import load_standalone, save_standalone
-    from adaspec.models import encode_prompt, load_model
+    from adaspec.core.drafters.eagle import EagleArtifact
+    from adaspec.core.drafters.shipped import load_standalone, save_standalone
+    from adaspec.core.models import encode_prompt, load_model
     from adaspec.train.data import CORPUS_BATCH, build_corpus, generation_dtype, load_corpus
     from adaspec.train.drafter import DrafterTrainConfig, split_rows, train_drafter
     from adaspec.train.eagle import EagleTrainConfig, items_from_corpus, train_eagle
@@ -468,13 +468,13 @@ def train_router_cmd(
     dtype: Dtype = "auto",
     device: Device = "auto",
     ship: Annotated[Path | None, typer.Option(help="also copy the router to SHIP/router/ (e.g. src/adaspec/"
-                                                   "drafters/shipped/smollm2: the rstitch+ default)")] = None,
+                                                   "core/drafters/shipped/smollm2: the rstitch+ default)")] = None,
 ) -> None:
     """R-Stitch+: train the router with reward = accuracy - lambda * accuracy * latency (REINFORCE, see
     train/router.py); use it with --method rstitch+:router=OUT/router.json."""
-    from adaspec.backends import TorchBackend
+    from adaspec.core.backends import TorchBackend
+    from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import load_drafter, parse_method, small_model, stop_criteria
-    from adaspec.models import encode_prompt, load_model
     from adaspec.routing import ROUTER_FILE, ROUTER_KIND
     from adaspec.train.router import RouterTrainConfig, train_router
 
@@ -519,12 +519,12 @@ def train_exits_cmd(
     seed: int = DEFAULT_SEED,
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also copy the adapters to SHIP (e.g. "
-                                                    "src/adaspec/drafters/shipped/smollm2/exits)")] = None,
+                                                    "src/adaspec/core/drafters/shipped/smollm2/exits)")] = None,
     device: Device = "auto",
 ) -> None:
     """Train SpecBound's exit adapters on the self-distillation corpus: per exit layer a small map whose exit
     distribution (the target's final norm and LM head) matches the final layer's (KL); report per exit."""
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
     from adaspec.train.exits import ExitTrainConfig, read_corpus_dir, train_exits
 
     given: dict = {"rank": rank, "vocab": vocab, "epochs": epochs, "batch_size": batch_size, "max_rows": max_rows}
@@ -591,8 +591,8 @@ def serve(
             raise
         install = "pip install 'adaspec\\[serve]'"  # the backslash keeps rich from reading [serve] as markup
         raise AdaspecError(f"`adaspec serve` needs {e.name}, which is not installed: {install}") from None
+    from adaspec.core.models import load_model
     from adaspec.methods import load_drafter, parse_method
-    from adaspec.models import load_model
 
     parse_method(method)  # a bad spec fails before the model loads
     if threads:
@@ -657,8 +657,8 @@ def costs(
 def _batch_costs(backends: str | None, target: str | None, slots: int, out: Path | None) -> None:
     """`adaspec costs --batch N`: per backend, the cost of one call by total positions and what the rule does."""
     from adaspec.api import batch_engine
-    from adaspec.batch import machine_costs, rule_table
-    from adaspec.models import load_model
+    from adaspec.core.batch import machine_costs, rule_table
+    from adaspec.core.models import load_model
 
     if slots < 1:
         raise AdaspecError(f"--batch must be >= 1 sequences, got {slots}")
@@ -693,7 +693,7 @@ def export_gguf_cmd(
                                              "copied, so token ids match")] = "smollm2",
 ) -> None:
     """Write a Llama drafter as a GGUF for llama.cpp, with the target's tokenizer (full-vocabulary head)."""
-    from adaspec.drafters import gguf
+    from adaspec.core.drafters import gguf
 
     if type_ not in gguf.FTYPES:
         raise AdaspecError(f"unknown GGUF type '{type_}'; choose one of {', '.join(gguf.FTYPES)}")

@@ -16,11 +16,11 @@ from typing import Protocol
 
 import torch
 
-from adaspec.backends import Backend, TorchBackend
-from adaspec.backends.base import llamacpp_where, torch_where
-from adaspec.backends.layered import LayeredBackend
-from adaspec.confidence import ConfidenceEnsemble
-from adaspec.config import (
+from adaspec.core.backends import Backend, TorchBackend
+from adaspec.core.backends.base import llamacpp_where, torch_where
+from adaspec.core.backends.layered import LayeredBackend
+from adaspec.core.confidence import ConfidenceEnsemble
+from adaspec.core.config import (
     BATCH_K_TABLE,
     CMASD_ALPHA,
     CMASD_COST,
@@ -42,14 +42,14 @@ from adaspec.config import (
     BackendChoice,
     GenerationConfig,
 )
-from adaspec.decode import Decoding, GenerationResult, Step, StopCriteria, generate
-from adaspec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
-from adaspec.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
-from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits_dir
-from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
-from adaspec.errors import AdaspecError
-from adaspec.models import LoadedModel, check_same_tokenizer
-from adaspec.policies import (
+from adaspec.core.decode import Decoding, GenerationResult, Step, StopCriteria, generate
+from adaspec.core.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from adaspec.core.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
+from adaspec.core.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits_dir
+from adaspec.core.drafters.shipped import is_standalone_dir, load_standalone, shipped
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel, check_same_tokenizer
+from adaspec.core.policies import (
     BatchTable,
     ConfidenceLength,
     CostAware,
@@ -58,11 +58,11 @@ from adaspec.policies import (
     FixedLength,
     LengthPolicy,
 )
+from adaspec.core.verify import AcceptanceRule, TopBetaTau
 from adaspec.routing import LearnedRouter, Router, RStitchRunner, ThresholdRouter, router_path
-from adaspec.verify import AcceptanceRule, TopBetaTau
 
 LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
-EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (drafters/shipped/)
+EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (core/drafters/shipped/)
 DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens
 FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a target step drafts for free (lookup)
@@ -137,13 +137,13 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
                 **_BACKEND},
     # router: a router.json (default: the shipped one)
     "rstitch+": {"drafter": (DRAFTER, None), "router": (ServerSide(), None), **_BACKEND},
-    # SpecBound (drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default SPECBOUND_EXITS),
-    # adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
+    # SpecBound (core/drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default
+    # SPECBOUND_EXITS), adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
     "specbound": {"exits": (str, None), "threshold": (float, SPECBOUND_THRESHOLD), "a": (float, SPECBOUND_A),
                   "d_max": (int, SPECBOUND_D_MAX), "adapters": (ServerSide(("none", "shipped")), None)},
 }
 LIST_OPTIONS = ("exits",)  # list values continue over the bare items after them: exits=8,12,16,threshold=0.8
-EXITS = "exits"  # the kind of the shipped exit adapters (drafters/shipped/<target>/exits/)
+EXITS = "exits"  # the kind of the shipped exit adapters (core/drafters/shipped/<target>/exits/)
 CMASD_METHODS = ("specdec", "cmasd", "cmasd-k", "cmasd-tau")
 ROUTING_METHODS = ("rstitch", "rstitch+")
 
@@ -463,7 +463,7 @@ class LlamaCppRunner:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from adaspec.backends.llamacpp import _init, use_flash_attention
+        from adaspec.core.backends.llamacpp import _init, use_flash_attention
 
         lc = _init()
         threads = self.threads or torch.get_num_threads()  # llama-cpp-python's own default is half the cores
@@ -475,7 +475,7 @@ class LlamaCppRunner:
 
     @property
     def where(self) -> str:
-        from adaspec.backends.llamacpp import ftype_name
+        from adaspec.core.backends.llamacpp import ftype_name
 
         return llamacpp_where(ftype_name(self.llm.metadata.get('general.file_type')), self.flash_attn)
 
@@ -507,7 +507,7 @@ class LlamaCppRunner:
 
 def resolve_backend(has_gguf: bool, choice: BackendChoice) -> BackendChoice:
     """`auto` made concrete: llamacpp where llama-cpp-python is installed and the target is a GGUF, else torch."""
-    from adaspec.backends.llamacpp import available
+    from adaspec.core.backends.llamacpp import available
 
     if choice.kind != "auto":
         return choice
@@ -519,15 +519,15 @@ def target_backend(target: LoadedModel, choice: BackendChoice) -> Backend:
     choice = resolve_backend(target.gguf is not None, choice)
     if choice.kind == "torch":
         return TorchBackend(target.model)
-    from adaspec.backends.llamacpp import LlamaCppBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(target_gguf(target, choice.format), threads=choice.threads)
 
 
 def target_gguf(target: LoadedModel, fmt: str) -> Path:
     """The target's GGUF in weight format `fmt` (converted once into the cache)."""
-    from adaspec.backends.llamacpp import requantize
-    from adaspec.models import cache_root
+    from adaspec.core.backends.llamacpp import requantize
+    from adaspec.core.models import cache_root
 
     if target.gguf is None:
         raise AdaspecError(f"llama.cpp runs GGUF files and target '{target.name}' was loaded from a Hugging Face "
@@ -604,13 +604,13 @@ DrafterChoice = LoadedModel | EagleArtifact | str  # a loaded model, an EAGLE he
 
 def drafter_backend(drafter: LoadedModel, target: Backend, target_model: LoadedModel | None) -> Backend:
     """A model drafter runs where its target runs: on llama.cpp as a GGUF in the target's weight format (converted
-    once into the cache: drafters/gguf.py, then requantized) when the target does, else on torch (also for a
+    once into the cache: core/drafters/gguf.py, then requantized) when the target does, else on torch (also for a
     drafter llama.cpp cannot run: not Llama-shaped)."""
-    from adaspec.backends.llamacpp import LlamaCppBackend, requantize
+    from adaspec.core.backends.llamacpp import LlamaCppBackend, requantize
 
     if isinstance(target, LlamaCppBackend) and target_model is not None:
-        from adaspec.drafters.gguf import drafter_gguf
-        from adaspec.models import cache_root
+        from adaspec.core.drafters.gguf import drafter_gguf
+        from adaspec.core.models import cache_root
 
         try:
             f16 = drafter_gguf(drafter.path, target_model.name)
@@ -662,7 +662,7 @@ def load_drafter(spec: str | None, target: LoadedModel, dtype: str = "auto") -> 
     """--drafter: None (the target's default), 'lookup', 'eagle' / 'small' (the drafters shipped for the
     target), or a directory: an EAGLE head, a compact shipped-format drafter, or any local Hugging Face
     causal LM that shares the target's tokenizer."""
-    from adaspec.models import load_model, resolve_dtype
+    from adaspec.core.models import load_model, resolve_dtype
 
     spec = spec or default_drafter(target.name)
     if spec == LOOKUP:

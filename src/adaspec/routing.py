@@ -27,16 +27,16 @@ from typing import Protocol
 
 import torch
 
-from adaspec.backends.base import Backend
-from adaspec.config import GenerationConfig
-from adaspec.decode import GenerationResult, Step, StopCriteria, first_step_s, timed
-from adaspec.errors import AdaspecError
-from adaspec.sampling import probs_from_logits, sample
+from adaspec.core.backends.base import Backend
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import GenerationResult, Step, StopCriteria, first_step_s, timed
+from adaspec.core.errors import AdaspecError
+from adaspec.core.sampling import probs_from_logits, sample
 
 SMALL, LARGE = "small", "large"  # Step.source
 WINDOW = 8  # tokens the `recent_large` feature looks back
 ROUTER_FILE = "router.json"
-ROUTER_KIND = "router"  # drafters/shipped/<target>/router/router.json: the default rstitch+ router
+ROUTER_KIND = "router"  # core/drafters/shipped/<target>/router/router.json: the default rstitch+ router
 ROUTER_FORMAT = "adaspec-router"
 FEATURES = ("bias", "entropy", "top1", "softmax_margin", "logit_margin", "position", "recent_large", "large",
             "large_x_entropy", "large_x_top1")
@@ -168,7 +168,7 @@ def router_path(option: str | None, target_name: str | None) -> Path:
             raise AdaspecError(f"router '{option}' not found: give a {ROUTER_FILE} written by `adaspec train-router` "
                                "(or its directory)")
         return path
-    from adaspec.drafters.shipped import SHIPPED_DIR
+    from adaspec.core.drafters.shipped import SHIPPED_DIR
 
     path = SHIPPED_DIR / str(target_name) / ROUTER_KIND / ROUTER_FILE
     if target_name is None or not path.is_file():

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adaspec.errors import AdaspecError
-from adaspec.policies import expected_tokens, interpolate  # the cost model CostAware drafts by
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import expected_tokens, interpolate  # the cost model CostAware drafts by
 
 DIGITS = 4
 BEST_K_MAX = 16
@@ -128,7 +128,7 @@ def expected_speedup(alpha: float | None, lengths: list[tuple[int, int]], costs:
 def backend_label(method: str, costs: dict) -> str | None:
     """The label of the backend `method` ran on, given the run's default backend (costs["backend"]); None for a
     label that does not parse."""
-    from adaspec.config import BackendChoice
+    from adaspec.core.config import BackendChoice
     from adaspec.methods import backend_choice, parse_method
 
     kind, _, fmt = str(costs.get("backend", "torch")).partition(":")

@@ -9,12 +9,12 @@ import time
 import torch
 from torch import nn
 
-from adaspec.backends.base import Backend
 from adaspec.bench.bound import Costs, alpha_needed
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import generate
-from adaspec.drafters.base import DraftContext, Drafter
-from adaspec.policies import FixedLength
+from adaspec.core.backends.base import Backend
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters.base import DraftContext, Drafter
+from adaspec.core.policies import FixedLength
 
 VERIFY_SIZES = (1, 2, 4, 6, 8)
 
@@ -116,9 +116,9 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
     `context_tokens`-token context and the ratio to one, the time to prefill that context, and each named
     drafter's cost per drafted token relative to one target step on the same backend. `adaspec costs` prints it;
     the README's table comes from it."""
-    from adaspec.config import DEFAULT_LLAMACPP_FORMAT, BackendChoice
+    from adaspec.core.config import DEFAULT_LLAMACPP_FORMAT, BackendChoice
+    from adaspec.core.models import load_model
     from adaspec.methods import MethodSpec, load_drafter, make_drafter, target_backend
-    from adaspec.models import load_model
 
     rows = []
     models: dict[str, object] = {}

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from adaspec.bench.data import Question
 from adaspec.bench.summary import load_records
 from adaspec.bench.sweep import SweepOptions, append_line, baseline_spec, load_models, run_method, sweep_point
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 INSTALL = "pip install 'adaspec\\[ray]'"  # the backslash keeps rich from reading [ray] as markup
 

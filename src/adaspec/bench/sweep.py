@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.summary import load_records, method_fields
-from adaspec.config import SPECBOUND_SWEEP, GenerationConfig
-from adaspec.errors import AdaspecError
+from adaspec.core.config import SPECBOUND_SWEEP, GenerationConfig
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import BUNDLED, LoadedModel, encode_prompt, load_model
 from adaspec.methods import OPTIONS, DrafterChoice, build_runner, default_drafter, load_drafter, parse_method
-from adaspec.models import BUNDLED, LoadedModel, encode_prompt, load_model
 
 if TYPE_CHECKING:
     from adaspec.bench.ray_sweep import RayOptions

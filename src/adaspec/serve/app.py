@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from adaspec.api import batch_engine
-from adaspec.batch import BatchEngine
-from adaspec.config import (
+from adaspec.core.batch import BatchEngine
+from adaspec.core.config import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SEED,
@@ -41,10 +41,10 @@ from adaspec.config import (
     GenerationConfig,
     SamplingConfig,
 )
-from adaspec.decode import GenerationResult
-from adaspec.errors import AdaspecError
+from adaspec.core.decode import GenerationResult
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel, encode_prompt
 from adaspec.methods import MethodSpec, Runner, build_runner, parse_method
-from adaspec.models import LoadedModel, encode_prompt
 from adaspec.serve.errors import Aborted, ApiError, api_error
 from adaspec.serve.metrics import CountRequests, Metrics
 from adaspec.serve.policy import RequestPolicy, runner_key, server_paths

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from adaspec.models import LoadedModel
+from adaspec.core.models import LoadedModel
 from adaspec.train.prompts import Prompt
 
 
@@ -48,7 +48,7 @@ def fastest_dtype() -> str:
 
 def generation_dtype(device: str = "auto") -> str:
     """The dtype the corpus is generated in: on a CPU the one it multiplies fastest, on a GPU its default (bf16)."""
-    from adaspec.models import default_dtype, resolve_device
+    from adaspec.core.models import default_dtype, resolve_device
 
     where = resolve_device(device)
     return fastest_dtype() if where.type == "cpu" else default_dtype(where)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from adaspec.models import DRAFT_VOCAB_FILE, LoadedModel
+from adaspec.core.models import DRAFT_VOCAB_FILE, LoadedModel
 from adaspec.train import checkpoint
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaspec.drafters.eagle import EagleArtifact, EagleConfig, EagleHead
-from adaspec.models import LoadedModel
+from adaspec.core.drafters.eagle import EagleArtifact, EagleConfig, EagleHead
+from adaspec.core.models import LoadedModel
 from adaspec.train import checkpoint
 from adaspec.train.drafter import frequent_tokens, split_rows
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaspec.backends.batched import BatchBackend
-from adaspec.config import BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
-from adaspec.decode import Decoding, GenerationResult, Step
-from adaspec.errors import AdaspecError
-from adaspec.machine import cpu_model
-from adaspec.policies import BatchCosts, BatchTable, token_rates
+from adaspec.core.backends.batched import BatchBackend
+from adaspec.core.config import BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
+from adaspec.core.decode import Decoding, GenerationResult, Step
+from adaspec.core.errors import AdaspecError
+from adaspec.core.machine import cpu_model
+from adaspec.core.policies import BatchCosts, BatchTable, token_rates
 
 
 @dataclass
@@ -256,7 +256,7 @@ def machine_costs(backend: BatchBackend, model_key: str, context_tokens: int = 2
                   refresh: bool = False) -> BatchCosts:
     """`measure_costs` on a `context_tokens`-token context, cached per machine in ~/.cache/adaspec/batch_costs.json
     by model, backend, slots, threads and CPU (a few seconds the first time)."""
-    from adaspec.models import cache_root
+    from adaspec.core.models import cache_root
 
     record = cache_root() / "batch_costs.json"
     key = "|".join([model_key, backend.where, f"slots={backend.slots}", f"threads={torch.get_num_threads()}",

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaspec.backends.base import Backend
-from adaspec.confidence import METRICS, ConfidenceEnsemble
-from adaspec.config import GenerationConfig
-from adaspec.drafters.base import Draft, DraftContext, Drafter
-from adaspec.errors import AdaspecError
-from adaspec.policies import FixedLength, LengthPolicy
-from adaspec.verify import AcceptanceRule, rule_for
+from adaspec.core.backends.base import Backend
+from adaspec.core.confidence import METRICS, ConfidenceEnsemble
+from adaspec.core.config import GenerationConfig
+from adaspec.core.drafters.base import Draft, DraftContext, Drafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import FixedLength, LengthPolicy
+from adaspec.core.verify import AcceptanceRule, rule_for
 
 
 @dataclass

@@ -25,9 +25,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 
-from adaspec.drafters.base import Draft, DraftContext
-from adaspec.errors import AdaspecError
-from adaspec.policies import LengthPolicy
+from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import LengthPolicy
 
 # P(the target keeps a copied token | it keeps the ones before it) by match-length bin and agreement bin, measured
 # on the dev split (module docstring). Match-length bins: upper bounds of m; agreement bins: < 0.5, < 0.75, >= 0.75.

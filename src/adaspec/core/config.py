@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 DEFAULT_MAX_NEW_TOKENS = 128
 # the k of sd, specdec and cmasd-tau: `auto` drafts what the backend's measured costs favour (policies.CostAware), so

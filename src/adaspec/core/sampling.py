@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaspec.config import SamplingConfig
+from adaspec.core.config import SamplingConfig
 
 
 def probs_from_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from adaspec.cache import StaticKV
+from adaspec.core.cache import StaticKV
 
 LEAN_MODEL_TYPES = ("llama",)
 LEAN_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # one table for every position (no dynamic scaling)

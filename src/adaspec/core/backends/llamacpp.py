@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaspec.backends.base import Backend, llamacpp_where
-from adaspec.backends.batched import BatchBackend, Row
-from adaspec.config import BATCH_CONTEXT, LLAMACPP_FORMATS
-from adaspec.errors import AdaspecError
+from adaspec.core.backends.base import Backend, llamacpp_where
+from adaspec.core.backends.batched import BatchBackend, Row
+from adaspec.core.config import BATCH_CONTEXT, LLAMACPP_FORMATS
+from adaspec.core.errors import AdaspecError
 
 INSTALL_HINT = ("pip install 'adaspec[llamacpp]', or `bash scripts/setup.sh`, which builds it the batch-invariant "
                 "way; llama-cpp-python builds from source, about 10 minutes on 2 cores")
@@ -117,7 +117,7 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
     per build and thread count in a child process, because a build can crash outright (ggml's AMX kernels, compiled
     in by -march=native, take every batch and crash where the kernel hands a process no AMX state, as in some
     VMs), and cached in ~/.cache/adaspec/llamacpp.json. Raises if the build crashes."""
-    from adaspec.models import cache_root
+    from adaspec.core.models import cache_root
 
     if not gguf.is_file():
         raise AdaspecError(f"GGUF file {gguf} not found")
@@ -474,7 +474,7 @@ class LlamaCppBatchBackend(BatchBackend):
         self.llm.truncate_seq(slot, length)
 
 
-if __name__ == "__main__":  # probe_build's child: python -m adaspec.backends.llamacpp GGUF THREADS
+if __name__ == "__main__":  # probe_build's child: python -m adaspec.core.backends.llamacpp GGUF THREADS
     try:
         print(json.dumps(_probe(Path(sys.argv[1]), int(sys.argv[2]))))
     except AdaspecError as e:

@@ -8,8 +8,8 @@ from typing import Protocol
 
 import torch
 
-from adaspec.confidence import annealed_confidence, annealed_temperature
-from adaspec.config import (
+from adaspec.core.confidence import annealed_confidence, annealed_temperature
+from adaspec.core.config import (
     CMASD_ALPHA,
     CMASD_EARLY_STOP,
     CMASD_K_MAX,
@@ -18,7 +18,7 @@ from adaspec.config import (
     SPECBOUND_D_MAX,
     SPECBOUND_THRESHOLD,
 )
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 
 class LengthPolicy(Protocol):

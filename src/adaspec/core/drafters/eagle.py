@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from adaspec.backends.base import Backend, common_prefix
-from adaspec.drafters.base import Draft, DraftContext
-from adaspec.errors import AdaspecError
-from adaspec.policies import LengthPolicy
-from adaspec.sampling import probs_from_logits, sample
+from adaspec.core.backends.base import Backend, common_prefix
+from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import LengthPolicy
+from adaspec.core.sampling import probs_from_logits, sample
 
 CONFIG_FILE = "eagle_config.json"
 WEIGHTS_FILE = "eagle_head.safetensors"
