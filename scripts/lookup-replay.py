@@ -20,10 +20,11 @@ from pathlib import Path
 
 from adaspec.bench.data import load_questions
 from adaspec.core.config import SamplingConfig
+from adaspec.core.costmodel import CostAware
 from adaspec.core.drafters import DraftContext, PromptLookupDrafter
 from adaspec.core.drafters.lookup import AGREEMENT_BINS, MATCH_BINS, acceptance_bin
 from adaspec.core.models import encode_prompt, load_model
-from adaspec.core.policies import CostAware, FixedLength
+from adaspec.core.policies import FixedLength
 
 
 def turns(run: Path, data: Path) -> list[tuple[list[int], list[int]]]:

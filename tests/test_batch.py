@@ -12,12 +12,13 @@ from test_lossless import PROMPT, T1, TOKENS, N, V, exact_joint, fit_pvalue
 
 from adaspec.core.backends import TorchBackend
 from adaspec.core.backends.batched import TorchBatchBackend
-from adaspec.core.batch import BatchEngine, Request, measure_costs, plan_lengths
+from adaspec.core.batch import BatchEngine, Request
 from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.costmodel import BatchCosts, CostAware, measure_batch_costs, plan_lengths, token_rates
 from adaspec.core.decode import Decoding, StopCriteria, generate
 from adaspec.core.drafters import PromptLookupDrafter
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import BatchCosts, ConfidenceLength, CostAware, FixedLength, token_rates
+from adaspec.core.policies import ConfidenceLength, FixedLength
 from adaspec.core.verify import TopBetaTau
 
 MAX_NEW = 24
@@ -146,7 +147,7 @@ def test_token_rates_come_from_cost_aware_policies_only():
 
 def test_measured_costs_cover_every_size_and_grow(model):
     backend = TorchBatchBackend(model, 4, context=128)
-    ms = measure_costs(backend, list(range(1, 40)), sizes=(1, 2, 8, 16), repeats=2)
+    ms = measure_batch_costs(backend, list(range(1, 40)), sizes=(1, 2, 8, 16), repeats=2)
     assert set(ms) == {1, 2, 8, 16} and all(v > 0 for v in ms.values())
     assert backend.tokens == [[]] * 4  # the slots are left empty
 
@@ -192,8 +193,8 @@ def test_greedy_sequences_batched_on_llamacpp_equal_each_decoded_alone(monkeypat
         pytest.skip("the llamacpp extra is not installed")
     from adaspec.bench.data import DEFAULT_DATA, load_questions
     from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
-    from adaspec.core.batch import machine_costs
     from adaspec.core.config import BackendChoice
+    from adaspec.core.costmodel import machine_costs
     from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import build_runner, parse_method
 

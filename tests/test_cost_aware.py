@@ -1,4 +1,4 @@
-"""The cost-aware draft length (policies.CostAware): what it verifies under steep and flat verify costs, how its
+"""The cost-aware draft length (costmodel.CostAware): what it verifies under steep and flat verify costs, how its
 acceptance estimate moves, and that greedy decoding with it stays exact."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from conftest import perturbed_llama, random_prompt, tiny_backend
 
 from adaspec.core.backends import TorchBackend
 from adaspec.core.config import GenerationConfig
+from adaspec.core.costmodel import CostAware, shadow_acceptance
 from adaspec.core.decode import generate
 from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import CostAware, shadow_acceptance
 from adaspec.methods import build_runner, parse_method
 
 STEEP = {1: 1.0, 2: 1.85, 3: 2.6, 4: 3.4, 9: 7.5}  # llama.cpp on Q4_1 weights: n positions cost about n steps
@@ -111,7 +111,7 @@ def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
 
 
 def test_the_bound_names_the_best_fixed_length_within_the_measured_sizes():
-    from adaspec.bench.bound import Costs, best_draft_length
+    from adaspec.core.costmodel import Costs, best_draft_length
 
     steep = Costs({str(n): 10.0 * r for n, r in STEEP.items()})
     flat = Costs({str(n): 10.0 * r for n, r in FLAT.items()})
@@ -148,8 +148,9 @@ def test_specdec_and_cmasd_tau_take_k_auto_and_refuse_a_bad_k():
 def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):
     from conftest import tiny_llama
 
+    from adaspec.core.costmodel import CostCapped
     from adaspec.core.models import LoadedModel
-    from adaspec.core.policies import ConfidenceLength, CostCapped
+    from adaspec.core.policies import ConfidenceLength
 
     capped = CostCapped(ConfidenceLength(alpha=1.0, k_min=1, k_max=6), CostAware(STEEP, draft_ratio=0.0, k_max=6))
     assert capped.draft_length() == 6 and capped.verify_length([0.45] * 6) == 0  # steep costs, unsure: plain

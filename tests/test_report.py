@@ -14,18 +14,7 @@ import pytest
 from conftest import tiny_llama
 from typer.testing import CliRunner
 
-from adaspec.bench.bound import (
-    Costs,
-    alpha_needed,
-    best_draft_length,
-    expected_speedup,
-    expected_tokens,
-    forward_ms,
-    interpolate,
-    method_bound,
-    method_costs,
-    token_acceptance,
-)
+from adaspec.bench.bound import expected_speedup, forward_ms, method_bound, method_costs, token_acceptance
 from adaspec.bench.data import load_questions
 from adaspec.bench.report import _backend_drafters, _ceiling, _forward_ms
 from adaspec.bench.rundir import build_summary, compare, rebuild
@@ -33,6 +22,7 @@ from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
 from adaspec.bench.summary import summarize
 from adaspec.cli import app
 from adaspec.core.config import GenerationConfig
+from adaspec.core.costmodel import Costs, alpha_needed, best_draft_length, expected_tokens, interpolate
 from adaspec.core.decode import GenerationResult
 from adaspec.core.errors import AdaspecError
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from adaspec.core.backends.batched import BatchBackend, TorchBatchBackend
-from adaspec.core.batch import BatchEngine, Request, machine_costs
+from adaspec.core.batch import BatchEngine, Request
 from adaspec.core.config import BackendChoice, GenerationConfig
+from adaspec.core.costmodel import machine_costs
 from adaspec.core.decode import GenerationResult
 from adaspec.core.errors import AdaspecError
 from adaspec.core.models import LoadedModel, encode_prompt, load_model

@@ -657,7 +657,7 @@ def costs(
 def _batch_costs(backends: str | None, target: str | None, slots: int, out: Path | None) -> None:
     """`adaspec costs --batch N`: per backend, the cost of one call by total positions and what the rule does."""
     from adaspec.api import batch_engine
-    from adaspec.core.batch import machine_costs, rule_table
+    from adaspec.core.costmodel import machine_costs, rule_table
     from adaspec.core.models import load_model
 
     if slots < 1:

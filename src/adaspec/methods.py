@@ -42,6 +42,7 @@ from adaspec.core.config import (
     BackendChoice,
     GenerationConfig,
 )
+from adaspec.core.costmodel import CostCapped, cost_aware
 from adaspec.core.decode import Decoding, GenerationResult, Step, StopCriteria, generate
 from adaspec.core.drafters import Drafter, ModelDrafter, PromptLookupDrafter
 from adaspec.core.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
@@ -52,8 +53,6 @@ from adaspec.core.models import LoadedModel, check_same_tokenizer
 from adaspec.core.policies import (
     BatchTable,
     ConfidenceLength,
-    CostAware,
-    CostCapped,
     ExitBound,
     FixedLength,
     LengthPolicy,
@@ -65,7 +64,6 @@ LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
 EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (core/drafters/shipped/)
 DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens
-FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a target step drafts for free (lookup)
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ _CONFIDENCE = {"l1": (float, 1 / 3), "l2": (float, 1 / 3), "l3": (float, 1 / 3),
 # method -> {option: (type, default)}; a ServerSide type marks the options a server request may not set freely
 OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "ar": {**_BACKEND},
-    # sd: k=auto (policies.CostAware: the length the backend's measured costs favour) or a fixed k
+    # sd: k=auto (costmodel.CostAware: the length the backend's measured costs favour) or a fixed k
     "sd": {"k": (str, DEFAULT_DRAFT_LENGTH), "drafter": (DRAFTER, None), "ngram": (NGRAM, 3), **_BACKEND},
     "hf": {},
     "hf-assisted": {"k": (AtLeast(1), None), "drafter": (DRAFTER, None)},
@@ -215,17 +213,6 @@ def sd_length(spec: MethodSpec) -> LengthPolicy | None:
     return FixedLength(k)
 
 
-def cost_aware(backend: Backend, drafter: Drafter) -> CostAware:
-    """policies.CostAware for `drafter` on `backend`, from their costs measured now on a 256-token context (a second
-    or two on the bundled model)."""
-    from adaspec.bench.costs import drafter_cost, verify_costs
-
-    context = [i % backend.vocab_size for i in range(min(256, backend.max_context // 2))]  # the ids do not matter
-    verify = verify_costs(backend, context, sizes=(1, 2, 3, 4, 6, 8, 9))
-    ratio = drafter_cost(drafter, backend, verify["verify_ms"]["1"], context)["drafter_cost_ratio"]
-    drafter.reset()
-    return CostAware({int(n): float(r) for n, r in verify["verify_ratio"].items()},
-                     0.0 if ratio < FREE_DRAFTER else ratio)
 
 
 def backend_choice(spec: MethodSpec, default: BackendChoice | None = None) -> BackendChoice:
@@ -290,7 +277,7 @@ class CMASDParts:
     policy: LengthPolicy | None  # None: k=auto, CostAware once the backend and drafter are known (build_runner)
     rule: AcceptanceRule | None  # None: the exact rule (greedy, or lossless sampling)
     confidence: ConfidenceEnsemble | None  # None: the method does not rate its drafts
-    cost_cap: bool = False  # cap `policy` by CostAware (policies.CostCapped), built with the backend
+    cost_cap: bool = False  # cap `policy` by CostAware (costmodel.CostCapped), built with the backend
 
 
 def cmasd_parts(spec: MethodSpec) -> CMASDParts:

@@ -44,66 +44,12 @@ contexts longer than the costs' one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from adaspec.core.costmodel import Costs, best_draft_length, expected_tokens
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import expected_tokens, interpolate  # the cost model CostAware drafts by
 
 DIGITS = 4
-BEST_K_MAX = 16
 CEILING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the report's "what these costs allow" table
 CEILING_SPEEDUPS = (1.3, 1.5, 1.8, 2.0)
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Measured costs in ms: the target scoring n positions (verify_ms), a drafter's first and marginal token."""
-
-    verify_ms: dict[str, float]
-    draft_first_ms: float = 0.0
-    draft_step_ms: float = 0.0
-
-    @property
-    def step_ms(self) -> float:
-        """One target step: scoring one position."""
-        return interpolate(self.verify_ms, 1)
-
-    def verify(self, n: float) -> float:
-        return interpolate(self.verify_ms, n)
-
-    def draft(self, k: float) -> float:
-        return 0.0 if k <= 0 else self.draft_first_ms + (k - 1) * self.draft_step_ms
-
-    @classmethod
-    def of(cls, verify_ms: dict[str, float], drafter: dict) -> Costs:
-        """From a costs.json verify curve and a drafter entry (drafter_first_ms, drafter_step_ms; only the marginal
-        cost in older runs; {}: a free drafter)."""
-        step = float(drafter.get("drafter_step_ms", 0.0))
-        return cls(verify_ms, float(drafter.get("drafter_first_ms", step)), step)
-
-
-def best_draft_length(alpha: float | None, costs: Costs, k_max: int = BEST_K_MAX) -> tuple[int | None, float | None]:
-    """(k, expected speedup) of the fixed draft length that maximises E(k) / (draft(k) + verify(k + 1)), k at most
-    k_max and within the measured verify sizes (no extrapolation); (None, None) without a measured alpha."""
-    if alpha is None:
-        return None, None
-    k_max = min(k_max, max(int(n) for n in costs.verify_ms) - 1)
-    step = costs.step_ms
-    return max(((k, expected_tokens(alpha, k) * step / (costs.draft(k) + costs.verify(k + 1)))
-                for k in range(k_max + 1)), key=lambda kv: kv[1])
-
-
-def alpha_needed(speedup: float, costs: Costs, tol: float = 1e-3) -> float | None:
-    """The least per-token acceptance alpha at which some fixed draft length (within the measured verify sizes) is
-    expected to reach `speedup` under `costs`, to within tol; None if none is even when every drafted token is
-    accepted. E(k) grows with alpha at every k, so the best expected speedup does too: bisection."""
-    if best_draft_length(1.0, costs)[1] < speedup:
-        return None
-    lo, hi = 0.0, 1.0
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if best_draft_length(mid, costs)[1] >= speedup else (mid, hi)
-    return hi
 
 
 def token_acceptance(steps: list[dict]) -> float | None:

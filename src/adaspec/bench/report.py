@@ -7,8 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from adaspec.bench import calibration as calib
-from adaspec.bench.bound import CEILING_ALPHAS, CEILING_SPEEDUPS, Costs, alpha_needed, best_draft_length
+from adaspec.bench.bound import CEILING_ALPHAS, CEILING_SPEEDUPS
 from adaspec.bench.summary import APART_S
+from adaspec.core.costmodel import Costs, alpha_needed, best_draft_length
 
 COLUMNS = [
     ("tokens/s", "tokens_per_s"), ("speedup vs ar", "speedup_vs_ar"), ("TTFT ms", "ttft_ms"),

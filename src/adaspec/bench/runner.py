@@ -19,12 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from adaspec.api import batch_engine
-from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
 from adaspec.bench.summary import load_records
 from adaspec.core.batch import BatchEngine, Request
 from adaspec.core.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, PEERS, BackendChoice, GenerationConfig
+from adaspec.core.costmodel import drafter_cost, verify_costs
 from adaspec.core.decode import GenerationResult, Step
 from adaspec.core.errors import AdaspecError
 from adaspec.core.machine import cpu_model

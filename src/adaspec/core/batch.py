@@ -20,22 +20,17 @@ the same result whatever the other rows are (tests/test_batch.py checks both bac
 from __future__ import annotations
 
 import itertools
-import json
-import platform
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
-
 from adaspec.core.backends.batched import BatchBackend
-from adaspec.core.config import BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
+from adaspec.core.config import BATCH_PREFILL_CHUNK
+from adaspec.core.costmodel import BatchCosts, plan_lengths, token_rates
 from adaspec.core.decode import Decoding, GenerationResult, Step
 from adaspec.core.errors import AdaspecError
-from adaspec.core.machine import cpu_model
-from adaspec.core.policies import BatchCosts, BatchTable, token_rates
+from adaspec.core.policies import BatchTable
 
 
 @dataclass
@@ -63,32 +58,10 @@ class Sequence:
     error: AdaspecError | None = None
 
 
-def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: float, costs: BatchCosts) -> list[int]:
-    """The draft lengths k_i that maximise the call's expected tokens per ms.
-
-    gains[i][j] is the chance that sequence i's (j+1)-th drafted token is emitted as an accepted token (the product
-    of its per-token acceptance up to j: non-increasing in j). The call scores `fixed_positions` positions whatever
-    is drafted and emits `fixed_tokens` expected tokens from them; drafting m more tokens scores m more positions.
-    The best set of m drafted tokens is the m largest gains (a prefix of each sequence's, as they do not rise), so
-    the rule is one scan over m: maximise (fixed_tokens + sum of the m largest gains) / cost(fixed_positions + m)."""
-    ranked = sorted(((g, i, j) for i, row in enumerate(gains) for j, g in enumerate(row)), key=lambda t: (-t[0], t[1],
-                                                                                                          t[2]))
-    best_m, best_rate, tokens = 0, fixed_tokens / costs.ms(fixed_positions), fixed_tokens
-    for m, (g, _, _) in enumerate(ranked, start=1):
-        tokens += g
-        rate = tokens / costs.ms(fixed_positions + m)
-        if rate > best_rate:
-            best_m, best_rate = m, rate
-    ks = [0] * len(gains)
-    for _, i, _ in ranked[:best_m]:
-        ks[i] += 1
-    return ks
-
-
 class BatchEngine:
     """Runs many `Request`s on one `BatchBackend`, at most `max_batch` at once (default: every slot).
 
-    `costs`: the measured cost of one call by total positions (policies.BatchCosts); without it the drafts of
+    `costs`: the measured cost of one call by total positions (costmodel.BatchCosts); without it the drafts of
     cost-aware sequences are verified as their own policy says (no batch rule)."""
 
     def __init__(self, backend: BatchBackend, costs: BatchCosts | None = None, max_batch: int | None = None,
@@ -220,66 +193,3 @@ class BatchEngine:
         while not self.idle:
             self.step()
         return sequences
-
-
-
-def measure_costs(backend: BatchBackend, context: list[int], sizes: Iterable[int] = BATCH_COST_SIZES,
-                  repeats: int = 5) -> dict[int, float]:
-    """Median ms of one call scoring T positions in all, for each T in `sizes`: spread over min(T, slots) sequences
-    that each hold `context`, every position with logits (as verification needs). The sizes take turns in every
-    round, so a load that comes and goes weighs on all alike."""
-    sizes = sorted(set(sizes))
-    used = min(backend.slots, max(sizes))
-    for slot in range(used):  # prefill each slot's context, a chunk at a time
-        backend.reset(slot)
-        for end in range(BATCH_PREFILL_CHUNK, len(context) + BATCH_PREFILL_CHUNK, BATCH_PREFILL_CHUNK):
-            backend.sync([(slot, context[: min(end, len(context))], 0)])
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    extra = [(7919 * i + 17) % backend.vocab_size for i in range(max(sizes))]  # any ids will do
-    for _ in range(repeats):
-        for n in sizes:
-            b = min(n, used)
-            wants = []
-            for slot in range(b):
-                m = n // b + (slot < n % b)
-                backend.rollback(slot, len(context))
-                wants.append((slot, context + extra[:m], m))
-            t0 = time.perf_counter()
-            backend.sync(wants)
-            times[n].append(time.perf_counter() - t0)
-    for slot in range(used):
-        backend.reset(slot)
-    return {n: 1000 * statistics.median(t) for n, t in times.items()}
-
-
-def machine_costs(backend: BatchBackend, model_key: str, context_tokens: int = 256,
-                  refresh: bool = False) -> BatchCosts:
-    """`measure_costs` on a `context_tokens`-token context, cached per machine in ~/.cache/adaspec/batch_costs.json
-    by model, backend, slots, threads and CPU (a few seconds the first time)."""
-    from adaspec.core.models import cache_root
-
-    record = cache_root() / "batch_costs.json"
-    key = "|".join([model_key, backend.where, f"slots={backend.slots}", f"threads={torch.get_num_threads()}",
-                    f"context={context_tokens}", platform.machine(), cpu_model() or "cpu"])
-    try:
-        cached = json.loads(record.read_text()) if record.is_file() else {}
-    except json.JSONDecodeError:
-        cached = {}
-    if refresh or key not in cached:
-        context = [(100 + 7919 * i) % backend.vocab_size for i in range(context_tokens)]
-        cached[key] = {str(n): round(ms, 3) for n, ms in measure_costs(backend, context).items()}
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(cached, indent=1))
-    return BatchCosts({int(n): float(ms) for n, ms in cached[key].items()})
-
-
-
-def rule_table(costs: BatchCosts, alphas: Iterable[float] = (0.5, 0.7, 0.9),
-               batches: Iterable[int] = (1, 2, 4, 8, 16, 32), k_max: int = 8) -> dict[float, dict[int, float]]:
-    """{alpha: {batch size: mean tokens drafted per sequence}}: what the cost rule picks for a batch of sequences
-    whose drafted tokens are each kept with chance alpha (`adaspec costs --batch`)."""
-    table: dict[float, dict[int, float]] = {}
-    for a in alphas:
-        gains = [a ** (j + 1) for j in range(k_max)]
-        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs)) / b for b in batches}
-    return table

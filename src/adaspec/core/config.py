@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from adaspec.core.errors import AdaspecError
 
 DEFAULT_MAX_NEW_TOKENS = 128
-# the k of sd, specdec and cmasd-tau: `auto` drafts what the backend's measured costs favour (policies.CostAware), so
+# the k of sd, specdec and cmasd-tau: `auto` drafts what the backend's measured costs favour (costmodel.CostAware), so
 # that no method's default is slower than plain decoding on a CPU where verifying costs nearly a step a position
 DEFAULT_DRAFT_LENGTH = "auto"
 DEFAULT_SEED = 0
@@ -39,7 +39,7 @@ CMASD_GAMMA = 0.05
 CMASD_TAU_BASE = 0.02
 CMASD_TAU_MODE = "intent"
 CMASD_EARLY_STOP = 1
-CMASD_COST = 1  # 1: cap the adaptive length by the length the backend's measured costs favour (policies.CostCapped)
+CMASD_COST = 1  # 1: cap the adaptive length by the length the backend's measured costs favour (costmodel.CostCapped)
 SPECDEC_BETA = 5
 SPECDEC_TAU = 0.1
 
