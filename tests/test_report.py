@@ -405,9 +405,8 @@ def untimed(rows: list[dict]) -> dict:
 def test_sweep_on_a_local_ray_cluster_writes_what_the_sequential_sweep_writes(tiny_dir, data, tmp_path):
     import ray  # in the dev extra: this test runs wherever the tests do
 
-    from adaspec.bench.ray_sweep import RayOptions
     from adaspec.bench.summary import load_records
-    from adaspec.bench.sweep import SweepOptions, read_points, run_sweep
+    from adaspec.bench.sweep import RayOptions, SweepOptions, read_points, run_sweep
 
     def options(out: Path) -> SweepOptions:
         # cost=0: the paper's length, so every process drafts alike (cost=1 reads timings measured in each)

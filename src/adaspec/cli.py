@@ -278,7 +278,7 @@ def sweep(
     rstitch_report.md and plots/rstitch_curve.png."""
     ray_opts = None
     if ray or ray_address:
-        from adaspec.bench.ray_sweep import RayOptions, require_ray
+        from adaspec.bench.sweep import RayOptions, require_ray
 
         require_ray()  # before any work: a clear error naming the extra to install
         if ray_cpus < 1:
