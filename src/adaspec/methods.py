@@ -351,8 +351,7 @@ class EngineRunner:
     target: Backend
     stop: StopCriteria
     drafter: Drafter | None = None
-    k: int = 1
-    policy: LengthPolicy | None = None  # None: FixedLength(k)
+    policy: LengthPolicy | None = None  # None: FixedLength(1) (ar: no drafter)
     rule: AcceptanceRule | None = None  # None: exact (greedy, or lossless sampling)
     confidence: ConfidenceEnsemble | None = None  # rates drafts (CM-ASD); steps then record calibration data
 
@@ -361,7 +360,7 @@ class EngineRunner:
         return self.target.where
 
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
-        policy = self.policy or FixedLength(self.k)
+        policy = self.policy or FixedLength(1)
         return generate(self.target, prompt_ids, config, self.drafter, policy, self.rule, self.stop, on_step,
                         self.confidence)
 
@@ -377,7 +376,7 @@ class EngineRunner:
         if not self.batchable:
             raise AdaspecError(f"{self.label}: batched decoding drafts with prompt lookup or nothing so far; the "
                                f"{self.drafter.name} drafter runs one sequence at a time (leave --concurrency at 1)")
-        policy = copy.deepcopy(self.policy or FixedLength(self.k))
+        policy = copy.deepcopy(self.policy or FixedLength(1))
         drafter = None if self.drafter is None else copy.deepcopy(self.drafter)
         return Decoding(prompt_ids, config, max_context, drafter, policy, self.rule, self.stop,
                         torch.Generator().manual_seed(config.seed), self.confidence)

@@ -1,48 +1,12 @@
-"""Measured costs: the target scoring n positions at once relative to one step, and a drafter's cost
-per drafted token relative to one target step. These explain every speedup."""
+"""`adaspec costs`: the cost table of every backend (the target scoring n positions at once relative to one step,
+the prefill, each drafter's cost per drafted token relative to one target step; measured by core/costmodel.py) and
+the acceptance a free drafter would need there. These explain every speedup."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
-import torch
-from torch import nn
-
 from adaspec.core.costmodel import Costs, alpha_needed, drafter_cost, verify_costs
-
-
-def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
-    """Memory bandwidth in GB/s: bytes read + written per second by a copy of a tensor far larger than the
-    caches (median of `repeats`)."""
-    src = torch.ones(megabytes << 20, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # commit the pages
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() / statistics.median(times) / 1e9
-
-
-def step_weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights one decoding step reads: every parameter once (tied ones once), less the input
-    embedding table unless it is the LM head (a step reads only its n rows)."""
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    params = {p.data_ptr(): p for p in model.parameters()}
-    if embed.data_ptr() != head.data_ptr():
-        params.pop(embed.data_ptr(), None)
-    return sum(p.numel() * p.element_size() for p in params.values())
-
-
-def bandwidth_floor(model: nn.Module, bandwidth_gbs: float | None = None) -> dict:
-    """The least time a step can take on this machine: its weight bytes over the memory bandwidth."""
-    gbs = bandwidth_gbs or copy_bandwidth_gbs()
-    nbytes = step_weight_bytes(model)
-    return {"weight_mb": round(nbytes / 1e6, 1), "bandwidth_gbs": round(gbs, 2),
-            "floor_ms": round(nbytes / gbs / 1e6, 3)}
-
 
 NEEDED_SPEEDUPS = (1.3, 1.8)  # `adaspec costs`: the acceptance a free drafter needs for these
 COST_TABLE_BACKENDS = ("torch:float32", "torch:bfloat16", "llamacpp:shipped", "llamacpp:q4_0", "llamacpp:q8_0",

@@ -186,10 +186,6 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[to
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def load_shards(paths: list[Path]) -> list[dict]:
-    return [item for p in paths for item in torch.load(p, weights_only=False)]
-
-
 def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: Path, config: EagleTrainConfig,
                 log=print) -> dict:
     """Train on feature items (from `extract_features` over `rows`), checkpointing; save an EagleArtifact. Trains

@@ -291,15 +291,3 @@ class EagleDrafter:
         self.cache.crop(len(self.consumed))  # forget positions drafted from predicted features
         return Draft(tokens, None if ctx.sampling.greedy else torch.stack(probs), confidence,
                      torch.stack(rows) if rows else None)  # logits [k, V]
-
-
-def param_count(head: EagleHead) -> int:
-    return sum(p.numel() for p in head.parameters())
-
-
-def expected_cost_mac(config: EagleConfig, vocab: int) -> int:
-    """Multiply-accumulates per drafted token, attention excluded: fc + layer + reduced head."""
-    h, kvd = config.hidden, config.kv_heads * config.head_dim
-    return 2 * h * h + 2 * h * h + 2 * h * kvd + 3 * h * config.intermediate + vocab * h
-
-

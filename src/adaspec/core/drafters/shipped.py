@@ -22,7 +22,6 @@ from adaspec.core.models import DRAFT_VOCAB_FILE, LoadedModel
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 STANDALONE_MARKER = "adaspec_drafter.json"
 WEIGHTS = "model.safetensors"
-KINDS = ("eagle", "small")
 
 
 def shipped(target_name: str, kind: str) -> Path | None:
