@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 
 from adaspec.core.backends.base import Backend
 from adaspec.core.config import GenerationConfig
-from adaspec.core.decode import GenerationResult, Step, StopCriteria, first_step_s, timed
+from adaspec.core.decode import GenerationResult, Step, StopCriteria, run_to_end
 from adaspec.core.errors import AdaspecError
 from adaspec.core.sampling import probs_from_logits, sample
 
@@ -250,19 +249,10 @@ def stitch(
     stop: StopCriteria | None = None,
     on_step: Callable[[Step], None] | None = None,
 ) -> GenerationResult:
-    """Run `stitch_steps` to the end with a generator seeded from config.seed (sampling draws from it)."""
+    """Run `stitch_steps` to the end with a generator seeded from config.seed (sampling draws from it). The TTFT is
+    the small model's prefill (and the large one's where backends prefill apart, else it comes later)."""
     generator = torch.Generator().manual_seed(config.seed)
-    steps: list[Step] = []
-    t0 = time.perf_counter()
-    for step in timed(stitch_steps(small, large, prompt_ids, config, router, stop, generator), t0):
-        steps.append(step)
-        if on_step is not None:
-            on_step(step)
-    wall = time.perf_counter() - t0
-    reason = steps[-1].stop if steps and steps[-1].stop is not None else "length"
-    # TTFT: the small model's prefill (and the large one's where backends prefill apart, else later)
-    return GenerationResult(list(prompt_ids), [t for s in steps for t in s.tokens], steps, wall, reason,
-                            first_step_s(steps))
+    return run_to_end(prompt_ids, stitch_steps(small, large, prompt_ids, config, router, stop, generator), on_step)
 
 
 def large_share(steps: list[Step]) -> float:
