@@ -9,7 +9,7 @@ from conftest import naive_greedy, random_prompt, tiny_llama
 from adaspec.core.backends import TorchBackend
 from adaspec.core.config import GenerationConfig, SamplingConfig
 from adaspec.core.decode import generate
-from adaspec.core.drafters.eagle import KV, EagleArtifact, EagleConfig, EagleDrafter, EagleHead
+from adaspec.core.drafters.eagle import EagleArtifact, EagleConfig, EagleDrafter, EagleHead
 from adaspec.core.policies import FixedLength
 from adaspec.train.eagle import (
     EagleTrainConfig,
@@ -63,7 +63,7 @@ def test_cached_drafting_equals_the_training_unroll():
             inputs = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)
         i = 7  # index i <-> drafter position j = i + 1
         for d in range(1, depth + 1):
-            cache = KV()
+            cache = head.new_cache(t + 1)
             last_true = i - (d - 1)  # index of the last position computed from true features
             out = head.step(feats_in[:, : last_true + 1], embed[tokens[:, : last_true + 1]], 1, cache)[:, -1:]
             for extra in range(1, d):
