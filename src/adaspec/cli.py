@@ -368,6 +368,18 @@ def distill_data(
         Console().print(f"{p}: {count_lines(p)} rows")
 
 
+def _ship(source: Path, report: Path, dest: Path, what: str) -> None:
+    """--ship: copy a trained artifact (a directory's files, or one file) into `dest`, its training report beside it
+    as TRAINING.md."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, dest, dirs_exist_ok=True)
+    else:
+        shutil.copy(source, dest / source.name)
+    shutil.copy(report, dest / "TRAINING.md")
+    Console().print(f"shipped {what} to {dest}")
+
+
 @app.command("train-drafter")
 def train_drafter_cmd(
     out: Annotated[Path, typer.Option(help="run directory: eagle/ and small/ (checkpoint, model, report)")] = Path(
@@ -439,10 +451,7 @@ def train_drafter_cmd(
         Console().print(f"{name}: report {write_training_report(run, report)}; "
                         f"{report['acceptance']['tokens_per_forward']:.2f} tokens per target forward at k=5")
         if ship is not None:
-            source = run / ("model" if name == "eagle" else "compact")
-            shutil.copytree(source, ship / name, dirs_exist_ok=True)
-            shutil.copy(run / "report.md", ship / name / "TRAINING.md")
-            Console().print(f"shipped {name} to {ship / name}")
+            _ship(run / ("model" if name == "eagle" else "compact"), run / "report.md", ship / name, name)
     Console().print(f"total {(time.time() - t0) / 60:.1f} min")
 
 
@@ -495,10 +504,8 @@ def train_router_cmd(
                         f"latency {m['latency']:.3f}, reward {m['reward']:.3f}")
     Console().print(f"router: {report['router']}; report: {out / 'report.md'}")
     if ship is not None:
-        (ship / ROUTER_KIND).mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / ROUTER_FILE, ship / ROUTER_KIND / ROUTER_FILE)
-        shutil.copy(out / "report.md", ship / ROUTER_KIND / "TRAINING.md")
-        Console().print(f"shipped the router to {ship / ROUTER_KIND} (the rstitch+ default for this target)")
+        _ship(out / ROUTER_FILE, out / "report.md", ship / ROUTER_KIND, "the router (the rstitch+ default for this "
+              "target)")
 
 
 @app.command("train-exits")
@@ -541,9 +548,7 @@ def train_exits_cmd(
     for layer, r in report["heldout"].items():
         Console().print(f"exit {layer}: held-out top-1 raw {r['raw']['top1']} -> adapted {r['adapted']['top1']}")
     if ship is not None:
-        shutil.copytree(out / "model", ship, dirs_exist_ok=True)
-        shutil.copy(out / "report.md", ship / "TRAINING.md")
-        Console().print(f"shipped the exit adapters to {ship}")
+        _ship(out / "model", out / "report.md", ship, "the exit adapters")
 
 
 @app.command()
