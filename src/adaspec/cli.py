@@ -574,8 +574,8 @@ def serve(
                                                        show_default="30")] = None,
     runner_cache: Annotated[int | None, typer.Option(help="method configurations kept built",
                                                      show_default="4")] = None,
-    runner_cache_mib: Annotated[float | None, typer.Option(help="and fewer while their memory passes this",
-                                                           show_default="4096")] = None,
+    runner_cache_mib: Annotated[float | None, typer.Option(
+        help="MiB: fewer configurations kept while their memory passes this", show_default="4096")] = None,
     request_methods: Annotated[str | None, typer.Option(
         help="methods a request's `speculative` may choose, comma-separated (none: only --method)",
         show_default="all")] = None,

@@ -104,7 +104,8 @@ class AtLeast:
 DRAFTER = ServerSide(DRAFTER_NAMES)  # a shipped drafter or prompt lookup, else a directory
 NGRAM = AtLeast(1)
 
-# CM-ASD / SpecDec option groups (README "CM-ASD"): drafter, adaptive length, relaxed verification, confidence
+# CM-ASD / SpecDec option groups (benchmarks/README.md "CM-ASD and SpecDec"): drafter, adaptive length, relaxed
+# verification, confidence
 _DRAFTING = {"drafter": (DRAFTER, None), "ngram": (NGRAM, 3)}
 _LENGTH = {"alpha": (float, CMASD_ALPHA), "k_min": (int, CMASD_K_MIN), "k_max": (int, CMASD_K_MAX),
            "early_stop": (int, CMASD_EARLY_STOP), "cost": (int, CMASD_COST)}
@@ -630,7 +631,7 @@ def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: Backen
 
 # Where a target's shipped EAGLE head beats prompt lookup in `adaspec bench`, list the target here to make the
 # head its default drafter. None does yet: the heads shipped for smollm2 are slower than lookup on the dev split
-# (README, "Trained drafters"), so they are used only when named (--drafter eagle|small).
+# (benchmarks/README.md, "Trained drafters (shipped)"), so they are used only when named (--drafter eagle|small).
 EAGLE_DEFAULT_TARGETS: frozenset[str] = frozenset()
 
 

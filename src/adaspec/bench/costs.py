@@ -18,7 +18,7 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
     """For each backend (torch:DTYPE or llamacpp:FORMAT): ms to score 1, 2, 4, 6, 8 positions on a cached
     `context_tokens`-token context and the ratio to one, the time to prefill that context, and each named
     drafter's cost per drafted token relative to one target step on the same backend. `adaspec costs` prints it;
-    the README's table comes from it."""
+    benchmarks/README.md's tables come from it."""
     from adaspec.core.config import DEFAULT_LLAMACPP_FORMAT, BackendChoice
     from adaspec.core.models import load_model
     from adaspec.methods import MethodSpec, load_drafter, make_drafter, target_backend

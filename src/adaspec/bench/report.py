@@ -235,7 +235,7 @@ def write_report(summary: dict, records: list[dict], out_dir: Path) -> Path:
     return path
 
 
-# issue 6: the speedup's interval, environment, per-category tables, analytic bound, histograms, compare
+# the report's tables: the analytic bound's columns, then the serving latencies
 BOUND_COLUMNS = [
     ("alpha", "alpha"), ("mean draft len", "mean_draft_len"), ("tokens/forward expected", "expected_tokens_per_step"),
     ("tokens/forward measured", "measured_tokens_per_step"), ("cost/forward expected", "expected_step_cost"),

@@ -179,7 +179,7 @@ def shadow_acceptance(proposed: list[int], emitted: list[int]) -> tuple[int, int
 @dataclass
 class CostAware:
     """The draft length that the backend's measured costs and a running acceptance estimate favour (adaspec's own;
-    README "Backends and weight formats").
+    benchmarks/README.md "Backends and weight formats").
 
     Each step verifies the k in 0..k_max that maximises E(k) / (verify(k + 1) + k * draft), with
     E(k) = (1 - a^(k+1)) / (1 - a) the expected tokens of Leviathan et al., verify(n) the measured cost of scoring n
@@ -323,8 +323,7 @@ FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a tar
 
 
 def cost_aware(backend: Backend, drafter: Drafter) -> CostAware:
-    """CostAware for `drafter` on `backend`, from their costs measured now on a 256-token context (a second
-    or two on the bundled model)."""
+    """CostAware for `drafter` on `backend`, from their costs measured now on a 256-token context."""
     context = [i % backend.vocab_size for i in range(min(256, backend.max_context // 2))]  # the ids do not matter
     verify = verify_costs(backend, context, sizes=(1, 2, 3, 4, 6, 8, 9))
     ratio = drafter_cost(drafter, backend, verify["verify_ms"]["1"], context)["drafter_cost_ratio"]

@@ -31,7 +31,7 @@ def read_corpus(path: Path) -> list[dict]:
 def fastest_dtype() -> str:
     """'bfloat16' where this CPU multiplies bf16 faster than fp32 (AMX / AVX512-BF16), else 'float32'.
 
-    Measured, not guessed: on AVX2-only CPUs bf16 matmuls are ~5x slower than fp32."""
+    Measured, not guessed: a CPU without native bf16 arithmetic (AVX2 only) emulates it, several times slower."""
     import time
 
     x, w = torch.randn(256, 576), torch.randn(1536, 576)
@@ -155,8 +155,8 @@ def build_corpus(model: LoadedModel, workdir: Path, seed: int = 0, direct: int =
     """Round 1: passages written by the target; round 2: direct prompts, then summarization/RAG prompts over
     the round-1 passages. Each round is a resumable JSONL in `workdir`, with its feature shards.
 
-    The defaults fit the 90-minute budget on a 2-core AVX2 machine (~75 tokens/s of batched fp32 generation):
-    about 150k completion tokens in ~35 minutes."""
+    The defaults make about 150k completion tokens, what the shipped drafters were trained on (benchmarks/README.md
+    "Trained drafters (shipped)" says how long that took)."""
     from adaspec.train.prompts import context_prompts, direct_prompts, passage_prompts
 
     first = generate_corpus(model, passage_prompts(passages, seed), workdir / "passages.jsonl", batch_size,

@@ -111,10 +111,9 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
     """What the installed llama.cpp build does with `gguf`: {"works": it scores a batch of positions without
     crashing, "flash_exact": flash attention keeps a position's logits the same alone and in a batch,
     "flash_faster": flash attention runs a 600-token prefill and 128 one-position steps after it faster, with the
-    times of both}. Flash attention prefills faster; its one-row kernel decodes faster on one CPU (an AMD EPYC:
-    9.6 against 10.0 ms a token at a 671-token context) and much slower on another (an Intel Xeon: 24 against 14
-    ms at 1000), so it is measured, not assumed. Probed once
-    per build and thread count in a child process, because a build can crash outright (ggml's AMX kernels, compiled
+    times of both}. Flash attention prefills faster; its one-row kernel decodes faster on some CPUs and much slower
+    on others (benchmarks/README.md "Backends and weight formats"), so it is measured, not assumed. Probed once per
+    build and thread count in a child process, because a build can crash outright (ggml's AMX kernels, compiled
     in by -march=native, take every batch and crash where the kernel hands a process no AMX state, as in some
     VMs), and cached in ~/.cache/adaspec/llamacpp.json. Raises if the build crashes."""
     from adaspec.core.models import cache_root
@@ -342,7 +341,7 @@ class LlamaCppModel:
 
     def logits(self, outputs: int) -> torch.Tensor:
         """Logits of the last decode's output positions -> [outputs, V] float32 (a copy: one memmove, the cheapest
-        way across, which matters at ~0.1 ms of a ~8 ms step)."""
+        way across, as it happens every step)."""
         out = torch.empty(outputs, self.n_vocab)
         ctypes.memmove(out.data_ptr(), self.lc.llama_get_logits(self.ctx), out.numel() * 4)
         return out
@@ -360,7 +359,7 @@ class LlamaCppModel:
         self.embeddings = on
 
     def truncate(self, length: int) -> None:
-        if length == 0:  # the positions only: zeroing the buffers too (data=True) costs ~20 ms for an 8k context
+        if length == 0:  # the positions only: zeroing the buffers too (data=True) writes the whole cache
             self.lc.llama_memory_clear(self.memory, False)
         elif not self.lc.llama_memory_seq_rm(self.memory, 0, length, -1):
             raise AdaspecError(f"llama.cpp could not roll its cache back to {length} positions")
