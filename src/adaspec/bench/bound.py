@@ -22,13 +22,15 @@ and costs draft(k) + verify(k + 1) target steps, so a method drafting k tokens p
   the lengths of the method's recorded forwards, expected speedup = mean E(k_s) / mean cost(k_s). For a fixed
   k this is the formula above; plugging the mean length into it instead would overstate E (concave in k).
 
-The best draft length: for the method's alpha and its backend's costs, the fixed k in 0..BEST_K_MAX that maximises
-E(k) / (draft(k) + verify(k + 1)); on a backend whose verify cost grows steeply with n (llama.cpp on quantized
-weights) it is short, on one where scoring n positions costs about one step (torch) it is long.
+The best draft length (core/costmodel.py, `best_draft_length`): for the method's alpha and its backend's costs,
+the fixed k in 0..BEST_K_MAX that maximises E(k) / (draft(k) + verify(k + 1)); on a backend whose verify cost grows
+steeply with n (llama.cpp on quantized weights) it is short, on one where scoring n positions costs about one step
+(torch) it is long.
 
-What the costs allow at all (the report's ceiling table, alpha_needed): the best expected speedup at a given
-alpha, and the least alpha at which some fixed k reaches a given speedup. On a backend whose verify(n) grows near
-n, a high speedup needs an alpha near 1 whatever the drafter, which says what a better drafter can and cannot buy.
+What the costs allow at all (the report's ceiling table, costmodel's `alpha_needed`): the best expected speedup at
+a given alpha, and the least alpha at which some fixed k reaches a given speedup. On a backend whose verify(n) grows
+near n, a high speedup needs an alpha near 1 whatever the drafter, which says what a better drafter can and cannot
+buy.
 
 Costs are per backend (costs.json "backends", keyed by `BackendChoice.label`): each method is modelled with its own
 backend's, and its measured speedup for the bound is against `ar` on that same backend in the run (None if the run
