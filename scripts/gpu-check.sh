@@ -21,8 +21,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 # resolve auto and check the device is usable (an error says what is missing)
-device=$("$py" -c "from adaspec.models import resolve_device; import sys; print(resolve_device(sys.argv[1]))" "$device")
-dtype=$("$py" -c "import torch, sys; from adaspec.models import default_dtype; print(default_dtype(torch.device(sys.argv[1])))" "$device")
+device=$("$py" -c "from adaspec.core.models import resolve_device; import sys; print(resolve_device(sys.argv[1]))" "$device")
+dtype=$("$py" -c "import torch, sys; from adaspec.core.models import default_dtype; print(default_dtype(torch.device(sys.argv[1])))" "$device")
 [[ "$device" == cpu ]] && export CUDA_VISIBLE_DEVICES=""  # `auto` anywhere below means the CPU too
 out=${out:-runs/gpu-check-${device//:/}}
 echo "gpu-check: device $device, dtype $dtype, target $target -> $out" >&2

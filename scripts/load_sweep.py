@@ -290,7 +290,7 @@ def main() -> None:
     if any(s != "adaspec" for s in servers):
         args.llama_server = args.llama_server or llama_server_binary()
     if args.gguf is None:
-        from adaspec.models import bundled_gguf
+        from adaspec.core.models import bundled_gguf
 
         args.gguf = str(bundled_gguf())
     prompts = prompts_of(args.data, args.prompts)

@@ -1,5 +1,5 @@
 """Replay prompt lookup over a run's greedy `ar` outputs, offline (no model): where lookup's acceptance table
-(drafters/lookup.py ACCEPTANCE) comes from, and what a length policy would gain, in tokens per verify cost.
+(core/drafters/lookup.py ACCEPTANCE) comes from, and what a length policy would gain, in tokens per verify cost.
 
   python scripts/lookup-replay.py RUN [--data QUESTIONS.jsonl] [--table]
 
@@ -19,11 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from adaspec.bench.data import load_questions
-from adaspec.config import SamplingConfig
-from adaspec.drafters import DraftContext, PromptLookupDrafter
-from adaspec.drafters.lookup import AGREEMENT_BINS, MATCH_BINS, acceptance_bin
-from adaspec.models import encode_prompt, load_model
-from adaspec.policies import CostAware, FixedLength
+from adaspec.core.config import SamplingConfig
+from adaspec.core.costmodel import CostAware
+from adaspec.core.drafters import DraftContext, PromptLookupDrafter
+from adaspec.core.drafters.lookup import AGREEMENT_BINS, MATCH_BINS, acceptance_bin
+from adaspec.core.models import encode_prompt, load_model
+from adaspec.core.policies import FixedLength
 
 
 def turns(run: Path, data: Path) -> list[tuple[list[int], list[int]]]:
@@ -46,7 +47,7 @@ def turns(run: Path, data: Path) -> list[tuple[list[int], list[int]]]:
 
 
 def bins(drafter: PromptLookupDrafter, ids: list[int], draft: list[int]) -> list[tuple[int, int]]:
-    """(match-length bin, agreement bin) of each drafted token, as drafters/lookup.acceptance bins them."""
+    """(match-length bin, agreement bin) of each drafted token, as core/drafters/lookup.acceptance bins them."""
     _, match = drafter.source(ids)
     return [acceptance_bin(match + i, drafter.agreement(ids[-drafter.max_ngram:] + draft[:i], token))
             for i, token in enumerate(draft)]

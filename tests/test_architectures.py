@@ -18,11 +18,11 @@ from conftest import random_prompt
 from test_lossless import PASS, PROMPT, SCALE, T1, TOKENS, V, fit_pvalue, probs_from_logits
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from adaspec.backends import TorchBackend
-from adaspec.config import GenerationConfig
-from adaspec.decode import generate
-from adaspec.drafters import ModelDrafter, PromptLookupDrafter
-from adaspec.policies import FixedLength
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.core.policies import FixedLength
 
 DEVICE = torch.device(os.environ.get("ADASPEC_TEST_DEVICE", "cpu"))
 SAMPLES = 600  # per architecture (tests/test_lossless.py draws 3000 on Llama, and shows the check's power)
@@ -160,12 +160,12 @@ def test_the_cost_table_measures_a_transformers_forward_target(monkeypatch):
     # `adaspec costs --target gemma3 --backends torch:float32`: the verify curve of a model the lean forward cannot run
     from pathlib import Path
 
-    import adaspec.models
+    import adaspec.core.models
     from adaspec.bench.costs import cost_table, cost_table_markdown
-    from adaspec.models import LoadedModel
+    from adaspec.core.models import LoadedModel
 
     model = tiny_model("gemma3_text", 3).cpu()
-    monkeypatch.setattr(adaspec.models, "load_model", lambda spec, dtype="auto", device="auto":
+    monkeypatch.setattr(adaspec.core.models, "load_model", lambda spec, dtype="auto", device="auto":
                         LoadedModel("tiny-gemma3", Path("."), model, None))
     rows = cost_table("tiny-gemma3", ("torch:float32",), context_tokens=20, drafters=(), repeats=1, log=lambda _: None)
     assert [r["backend"] for r in rows] == ["torch:float32"]

@@ -10,15 +10,16 @@ import pytest
 from conftest import random_prompt, tiny_llama
 from test_lossless import PROMPT, T1, TOKENS, N, V, exact_joint, fit_pvalue
 
-from adaspec.backends import TorchBackend
-from adaspec.backends.batched import TorchBatchBackend
-from adaspec.batch import BatchEngine, ContextCost, Request, measure_costs, plan_lengths
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import Decoding, StopCriteria, generate
-from adaspec.drafters import PromptLookupDrafter
-from adaspec.errors import AdaspecError
-from adaspec.policies import BatchCosts, ConfidenceLength, CostAware, FixedLength, token_rates
-from adaspec.verify import TopBetaTau
+from adaspec.core.backends import TorchBackend
+from adaspec.core.backends.batched import TorchBatchBackend
+from adaspec.core.batch import BatchEngine, Request
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.costmodel import BatchCosts, ContextCost, CostAware, measure_batch_costs, plan_lengths, token_rates
+from adaspec.core.decode import Decoding, StopCriteria, generate
+from adaspec.core.drafters import PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import ConfidenceLength, FixedLength
+from adaspec.core.verify import TopBetaTau
 
 MAX_NEW = 24
 PROMPTS = [random_prompt(seed, length=1 + (7 * seed) % 40) for seed in range(14)]  # lengths 1..40
@@ -180,7 +181,7 @@ def test_token_rates_come_from_cost_aware_policies_only():
 
 def test_measured_costs_cover_every_size_and_grow(model):
     backend = TorchBatchBackend(model, 4, context=128)
-    ms = measure_costs(backend, list(range(1, 40)), sizes=(1, 2, 8, 16), repeats=2)
+    ms = measure_batch_costs(backend, list(range(1, 40)), sizes=(1, 2, 8, 16), repeats=2)
     assert set(ms) == {1, 2, 8, 16} and all(v > 0 for v in ms.values())
     assert backend.tokens == [[]] * 4  # the slots are left empty
 
@@ -224,12 +225,12 @@ def test_greedy_sequences_batched_on_llamacpp_equal_each_decoded_alone(monkeypat
 
     if not _have_llama_cpp():
         pytest.skip("the llamacpp extra is not installed")
-    from adaspec.backends.llamacpp import LlamaCppBatchBackend
-    from adaspec.batch import machine_costs
     from adaspec.bench.data import DEFAULT_DATA, load_questions
-    from adaspec.config import BackendChoice
+    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
+    from adaspec.core.config import BackendChoice
+    from adaspec.core.costmodel import machine_costs
+    from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import build_runner, parse_method
-    from adaspec.models import encode_prompt, load_model
 
     monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
     target = load_model()
@@ -248,7 +249,7 @@ def test_greedy_sequences_batched_on_llamacpp_equal_each_decoded_alone(monkeypat
 
 
 def test_the_batch_size_table_drafts_by_the_number_of_sequences_in_the_call(model):
-    from adaspec.policies import BatchTable
+    from adaspec.core.policies import BatchTable
 
     table = BatchTable({1: 4, 2: 2, 4: 0})
     assert [BatchTable(table.table, b).draft_length() for b in (1, 2, 3, 4, 9)] == [4, 2, 2, 0, 0]

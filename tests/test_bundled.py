@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from adaspec.backends import TorchBackend
-from adaspec.config import BackendChoice, GenerationConfig
-from adaspec.decode import StopCriteria, generate
-from adaspec.drafters import ModelDrafter, PromptLookupDrafter
-from adaspec.errors import AdaspecError
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import BackendChoice, GenerationConfig
+from adaspec.core.decode import StopCriteria, generate
+from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import encode_prompt, load_model
+from adaspec.core.policies import FixedLength
 from adaspec.methods import build_runner, load_drafter, parse_method
-from adaspec.models import encode_prompt, load_model
-from adaspec.policies import FixedLength
 from adaspec.train.truncate import truncate_model
 
 pytestmark = pytest.mark.bundled

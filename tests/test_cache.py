@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import full_logits, random_prompt, tiny_backend
 
-from adaspec.backends import TorchBackend
-from adaspec.cache import cache_length, crop_cache
-from adaspec.errors import AdaspecError
+from adaspec.core.backends import TorchBackend
+from adaspec.core.cache import cache_length, crop_cache
+from adaspec.core.errors import AdaspecError
 
 ATOL = 1e-5
 

@@ -12,20 +12,19 @@ import torch
 from conftest import perturbed_llama, random_prompt, tiny_backend, tiny_llama
 from scipy.stats import chisquare
 
-from adaspec.backends import TorchBackend
 from adaspec.bench.calibration import calibrate, calibration, ranks, spearman
 from adaspec.bench.report import write_report
 from adaspec.bench.runner import ABLATION, BenchOptions, bench_methods
 from adaspec.bench.summary import summarize
 from adaspec.bench.sweep import point_specs
-from adaspec.config import CMASD_EARLY_STOP, CMASD_K_MAX, CMASD_K_MIN, GenerationConfig, SamplingConfig
-from adaspec.decode import generate
-from adaspec.drafters import Draft, DraftContext, ModelDrafter, PromptLookupDrafter
-from adaspec.errors import AdaspecError
-from adaspec.methods import cmasd_parts, parse_method, split_specs
-from adaspec.policies import ConfidenceLength, FixedLength, adaptive_length
-from adaspec.sampling import probs_from_logits
-from adaspec.verify import (
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import CMASD_EARLY_STOP, CMASD_K_MAX, CMASD_K_MIN, GenerationConfig, SamplingConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters import Draft, DraftContext, ModelDrafter, PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import ConfidenceLength, FixedLength, adaptive_length
+from adaspec.core.sampling import probs_from_logits
+from adaspec.core.verify import (
     TopBetaTau,
     greedy_accept,
     lenient_speculative_sampling,
@@ -33,6 +32,7 @@ from adaspec.verify import (
     speculative_sampling,
     top_beta_tau_accept,
 )
+from adaspec.methods import cmasd_parts, parse_method, split_specs
 
 MAX_NEW = 24
 CONFIG = GenerationConfig(max_new_tokens=MAX_NEW)

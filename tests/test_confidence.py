@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from adaspec.confidence import (
+from adaspec.core.confidence import (
     ConfidenceEnsemble,
     entropy_confidence,
     margin_confidence,
     softmax_margin_confidence,
 )
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 UNIFORM = torch.zeros(10)
 PEAKED = torch.tensor([20.0] + [0.0] * 9)

@@ -1,4 +1,4 @@
-"""The cost-aware draft length (policies.CostAware): what it verifies under steep and flat verify costs, how its
+"""The cost-aware draft length (costmodel.CostAware): what it verifies under steep and flat verify costs, how its
 acceptance estimate moves, and that greedy decoding with it stays exact."""
 
 from __future__ import annotations
@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 from conftest import perturbed_llama, random_prompt, tiny_backend
 
-from adaspec.backends import TorchBackend
-from adaspec.config import GenerationConfig
-from adaspec.decode import generate
-from adaspec.drafters import ModelDrafter, PromptLookupDrafter
-from adaspec.errors import AdaspecError
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import GenerationConfig
+from adaspec.core.costmodel import CostAware, shadow_acceptance
+from adaspec.core.decode import generate
+from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import FixedLength
 from adaspec.methods import build_runner, parse_method
-from adaspec.policies import CostAware, FixedLength, shadow_acceptance
 
 STEEP = {1: 1.0, 2: 1.85, 3: 2.6, 4: 3.4, 9: 7.5}  # llama.cpp on Q4_1 weights: n positions cost about n steps
 FLAT = {1: 1.0, 2: 1.02, 4: 1.05, 9: 1.1}  # a backend where scoring 9 positions costs one step
@@ -98,7 +99,7 @@ def test_greedy_sd_with_the_cost_aware_length_equals_ar(ratios):
 def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
     from conftest import tiny_llama
 
-    from adaspec.models import LoadedModel
+    from adaspec.core.models import LoadedModel
 
     assert parse_method("sd").get("k") == "auto"
     with pytest.raises(AdaspecError, match="k must be auto, table or a draft length"):
@@ -111,7 +112,7 @@ def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
 
 
 def test_the_bound_names_the_best_fixed_length_within_the_measured_sizes():
-    from adaspec.bench.bound import Costs, best_draft_length
+    from adaspec.core.costmodel import Costs, best_draft_length
 
     steep = Costs({str(n): 10.0 * r for n, r in STEEP.items()})
     flat = Costs({str(n): 10.0 * r for n, r in FLAT.items()})
@@ -148,8 +149,9 @@ def test_specdec_and_cmasd_tau_take_k_auto_and_refuse_a_bad_k():
 def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):
     from conftest import tiny_llama
 
-    from adaspec.models import LoadedModel
-    from adaspec.policies import ConfidenceLength, CostCapped
+    from adaspec.core.costmodel import CostCapped
+    from adaspec.core.models import LoadedModel
+    from adaspec.core.policies import ConfidenceLength
 
     capped = CostCapped(ConfidenceLength(alpha=1.0, k_min=1, k_max=6), CostAware(STEEP, draft_ratio=0.0, k_max=6))
     assert capped.draft_length() == 6 and capped.verify_length([0.45] * 6) == 0  # steep costs, unsure: plain
@@ -185,7 +187,7 @@ def test_cost_table_markdown_says_what_acceptance_each_backend_needs():
 
 
 def test_the_verdict_says_where_speculation_cannot_pay_and_where_it_does():
-    from adaspec.policies import verdict
+    from adaspec.core.costmodel import verdict
 
     steep = CostAware({1: 1.0, 2: 1.9, 3: 2.7, 4: 3.5})
     said = verdict(steep, drafted=100, accepted=60)

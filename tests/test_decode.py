@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from conftest import naive_greedy, perturbed_llama, random_prompt, tiny_backend, tiny_llama
 
-from adaspec.backends import TorchBackend
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import GenerationResult, StopCriteria, generate
-from adaspec.drafters import DraftContext, ModelDrafter, PromptLookupDrafter
-from adaspec.errors import AdaspecError
-from adaspec.policies import FixedLength
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.decode import GenerationResult, StopCriteria, generate
+from adaspec.core.drafters import DraftContext, ModelDrafter, PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import FixedLength
 
 MAX_NEW = 30
 CONFIG = GenerationConfig(max_new_tokens=MAX_NEW)

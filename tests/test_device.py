@@ -19,14 +19,14 @@ import torch
 from conftest import perturbed_llama, random_prompt, tiny_llama
 from test_architectures import tiny_model
 
-from adaspec.backends import TorchBackend
-from adaspec.backends.base import Backend, torch_where
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import generate
-from adaspec.drafters import ModelDrafter, PromptLookupDrafter
-from adaspec.errors import AdaspecError
-from adaspec.models import GEMMA3_INSTALL_HINT, default_dtype, is_gguf_target, load_model, resolve_device
-from adaspec.policies import FixedLength
+from adaspec.core.backends import TorchBackend
+from adaspec.core.backends.base import Backend, torch_where
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import GEMMA3_INSTALL_HINT, default_dtype, is_gguf_target, load_model, resolve_device
+from adaspec.core.policies import FixedLength
 
 READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "equal"}
 

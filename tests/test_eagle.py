@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from conftest import naive_greedy, random_prompt, tiny_llama
 
-from adaspec.backends import TorchBackend
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import generate
-from adaspec.drafters.eagle import KV, EagleArtifact, EagleConfig, EagleDrafter, EagleHead
-from adaspec.policies import FixedLength
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters.eagle import EagleArtifact, EagleConfig, EagleDrafter, EagleHead
+from adaspec.core.policies import FixedLength
 from adaspec.train.eagle import (
     EagleTrainConfig,
     batch_tensors,
@@ -63,7 +63,7 @@ def test_cached_drafting_equals_the_training_unroll():
             inputs = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)
         i = 7  # index i <-> drafter position j = i + 1
         for d in range(1, depth + 1):
-            cache = KV()
+            cache = head.new_cache(t + 1)
             last_true = i - (d - 1)  # index of the last position computed from true features
             out = head.step(feats_in[:, : last_true + 1], embed[tokens[:, : last_true + 1]], 1, cache)[:, -1:]
             for extra in range(1, d):
@@ -94,7 +94,7 @@ def test_eagle_speculative_decoding_equals_greedy():
 
 def test_a_repeated_proposal_on_the_same_ids_drafts_the_same_tokens():
     """bench's drafter cost proposes again on unchanged ids: nothing new to catch up on must still draft."""
-    from adaspec.drafters.base import DraftContext
+    from adaspec.core.drafters.base import DraftContext
 
     _, backend, drafter = eagle_pair()
     prompt = random_prompt(2)
@@ -125,7 +125,7 @@ def test_artifact_round_trips(tmp_path):
 
 
 def test_features_and_training_run_end_to_end(tmp_path):
-    from adaspec.models import LoadedModel
+    from adaspec.core.models import LoadedModel
 
     target = tiny_llama(2, scale=4.0)
     model = LoadedModel("tiny", tmp_path, target, None)

@@ -12,8 +12,8 @@ import torch
 from conftest import full_logits, tiny_llama
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from adaspec.drafters import gguf as export
-from adaspec.errors import AdaspecError
+from adaspec.core.drafters import gguf as export
+from adaspec.core.errors import AdaspecError
 
 VOCAB = 64
 SEQUENCES = [[1, 5, 9, 13, 2, 40, 7], [3, 3, 3, 60, 61, 62], [0, 17, 33, 48, 12, 11, 10, 9]]
@@ -176,7 +176,7 @@ def test_small_is_converted_once_into_the_cache(small):
 
 @pytest.mark.bundled
 def test_small_gguf_carries_the_targets_tokenizer(small):
-    from adaspec.models import bundled_gguf
+    from adaspec.core.models import bundled_gguf
 
     reader = gguf.GGUFReader(small[0])
     assert export.tokenizer_fields(reader) == export.read_tokenizer(bundled_gguf())

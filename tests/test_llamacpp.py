@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from adaspec.config import BackendChoice, GenerationConfig
-from adaspec.decode import generate
-from adaspec.drafters import PromptLookupDrafter
-from adaspec.errors import AdaspecError
+from adaspec.core.config import BackendChoice, GenerationConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters import PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel, encode_prompt, load_model
+from adaspec.core.policies import FixedLength
 from adaspec.methods import build_runner, parse_method, target_gguf
-from adaspec.models import LoadedModel, encode_prompt, load_model
-from adaspec.policies import FixedLength
 
 ONE_THREAD = BackendChoice(threads=1)  # llama.cpp's threads spin-wait: on a busy 2-core machine one thread is faster
 PROMPTS = [
@@ -28,7 +28,7 @@ PROMPTS = [
 
 
 def test_the_backend_without_llama_cpp_says_how_to_install_it(monkeypatch):
-    from adaspec.backends import llamacpp
+    from adaspec.core.backends import llamacpp
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
     assert not llamacpp.available()
@@ -52,7 +52,7 @@ def test_llamacpp_needs_a_gguf_target(tmp_path):
 
 
 def _have_llama_cpp() -> bool:
-    from adaspec.backends.llamacpp import available
+    from adaspec.core.backends.llamacpp import available
 
     return available()
 
@@ -67,7 +67,7 @@ def smollm():
 
 @pytest.fixture(scope="module")
 def backend(smollm):
-    from adaspec.backends.llamacpp import LlamaCppBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=1)  # one thread: robust to a busy machine
 
@@ -100,7 +100,7 @@ def test_scoring_k_positions_at_once_agrees_with_one_at_a_time(backend):
     backend.rollback(len(prompt))
     single = torch.stack([backend.extend([t])[0] for t in (11, 12, 13, 14)])  # [4, V]
     assert batched.shape == (4, backend.vocab_size)
-    from adaspec.backends.llamacpp import batch_invariant
+    from adaspec.core.backends.llamacpp import batch_invariant
 
     if batch_invariant():  # built as scripts/setup.sh builds it: the same logits to the bit
         torch.testing.assert_close(batched, single, rtol=0, atol=0)
@@ -134,7 +134,7 @@ def test_the_peer_decodes_the_same_model_greedily(smollm):
     """The peer runs with flash attention where it is faster, prefilling in one batch; our backend may differ (it
     needs exactness): the same weights and argmax with different rounding, so their texts may part at a near-tie.
     Teacher-forced through our backend, every token the peer chose is our top-1 or a near-tie of it."""
-    from adaspec.backends.llamacpp import LlamaCppBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBackend
 
     config = GenerationConfig(max_new_tokens=40)
     peer = build_runner(parse_method("llamacpp"), smollm, None, config, ONE_THREAD)
@@ -155,7 +155,7 @@ def test_the_peer_decodes_the_same_model_greedily(smollm):
 @needs_llama
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_sd_on_llamacpp_equals_ar_on_llamacpp(smollm, backend, prompt):
-    from adaspec.backends.llamacpp import batch_invariant
+    from adaspec.core.backends.llamacpp import batch_invariant
 
     if not batch_invariant():
         pytest.skip("this llama.cpp build rounds batches differently (tinyBLAS): build it as scripts/setup.sh does")
@@ -175,7 +175,12 @@ def test_greedy_sd_equals_ar_past_a_512_token_cache_with_either_attention(smollm
     on only where the build has that path patched out (flash_attention_exact) and it is faster here
     (use_flash_attention), and then prefills apart. None: the backend's own choice; True: flash attention forced
     wherever the build keeps it exact."""
-    from adaspec.backends.llamacpp import LlamaCppBackend, batch_invariant, flash_attention_exact, use_flash_attention
+    from adaspec.core.backends.llamacpp import (
+        LlamaCppBackend,
+        batch_invariant,
+        flash_attention_exact,
+        use_flash_attention,
+    )
 
     monkeypatch.delenv("ADASPEC_FLASH_ATTN", raising=False)
     if not batch_invariant():
@@ -198,7 +203,7 @@ def test_greedy_sd_equals_ar_past_a_512_token_cache_with_either_attention(smollm
 @pytest.mark.bundled
 @needs_llama
 def test_the_shipped_eagle_head_drafts_over_llamacpp_features_from_the_first_step(smollm):
-    from adaspec.backends.llamacpp import batch_invariant
+    from adaspec.core.backends.llamacpp import batch_invariant
 
     config = GenerationConfig(max_new_tokens=24)
     choice = BackendChoice("llamacpp", "shipped", threads=2)
@@ -214,7 +219,7 @@ def test_the_shipped_eagle_head_drafts_over_llamacpp_features_from_the_first_ste
 
 
 def test_flash_attention_can_be_forced_either_way(monkeypatch, tmp_path):
-    from adaspec.backends.llamacpp import flash_attention_exact
+    from adaspec.core.backends.llamacpp import flash_attention_exact
 
     monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
     assert flash_attention_exact(tmp_path / "never-read.gguf") is False
@@ -228,7 +233,7 @@ def test_a_build_that_crashes_on_a_batch_is_named_once_and_remembered(monkeypatc
     crash becomes a clear error (cached per build) instead of killing adaspec."""
     import subprocess
 
-    from adaspec.backends import llamacpp
+    from adaspec.core.backends import llamacpp
 
     monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
     monkeypatch.delenv("ADASPEC_FLASH_ATTN", raising=False)
@@ -263,12 +268,12 @@ def test_the_peer_honours_the_budget_and_eos(smollm):
 @pytest.mark.bundled
 @needs_llama
 def test_requantized_formats_are_cached_and_named_by_their_metadata(smollm, tmp_path, monkeypatch):
-    from adaspec.backends.llamacpp import file_type, requantize
+    from adaspec.core.backends.llamacpp import file_type, requantize
 
     assert file_type(smollm.gguf) == "q4_1"
     out = requantize(smollm.gguf, "q8_0", tmp_path)
     assert file_type(out) == "q8_0" and out.parent == tmp_path
-    from adaspec.backends.llamacpp import LlamaCppModel
+    from adaspec.core.backends.llamacpp import LlamaCppModel
 
     loaded = LlamaCppModel(out, n_ctx=64, threads=1)  # a loaded model reads it from llama.cpp's own metadata
     assert loaded.weights == "q8_0"
@@ -283,7 +288,7 @@ def test_requantized_formats_are_cached_and_named_by_their_metadata(smollm, tmp_
 @pytest.mark.bundled
 @needs_llama
 def test_the_shipped_small_drafter_runs_on_llamacpp_as_a_gguf_and_sd_stays_exact(smollm):
-    from adaspec.backends.llamacpp import LlamaCppBackend, batch_invariant, file_type
+    from adaspec.core.backends.llamacpp import LlamaCppBackend, batch_invariant, file_type
 
     config = GenerationConfig(max_new_tokens=24)
     choice = BackendChoice("llamacpp", "shipped", threads=1)
@@ -315,7 +320,7 @@ def test_a_drafters_reduced_vocabulary_holds_on_llamacpp(smollm):
 @pytest.mark.bundled
 @needs_llama
 def test_rstitch_runs_both_models_on_llamacpp_with_their_own_caches(smollm):
-    from adaspec.backends.llamacpp import LlamaCppBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBackend
 
     config = GenerationConfig(max_new_tokens=24)
     choice = BackendChoice("llamacpp", "shipped", threads=1)
@@ -347,7 +352,7 @@ def test_costs_refuses_a_backend_it_cannot_measure(capsys):
 def test_a_long_catch_up_after_the_prefill_scores_each_position_as_alone(smollm):
     """With flash attention a batch of 64+ rows goes in tiles; after the prefill the backend cuts a long batch
     (R-Stitch's large model catching up) into pieces that go row by row, so its logits equal one-at-a-time."""
-    from adaspec.backends.llamacpp import LlamaCppBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=2, flash_attn=True)
     assert backend.split_prefill
@@ -362,7 +367,7 @@ def test_a_long_catch_up_after_the_prefill_scores_each_position_as_alone(smollm)
 @pytest.mark.bundled
 @needs_llama
 def test_a_long_catch_up_returns_the_logits_and_hidden_states_of_every_position_asked_for(smollm):
-    from adaspec.backends.llamacpp import LlamaCppBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(smollm.gguf, n_ctx=1024, threads=2, flash_attn=True, keep_hidden=True)
     backend.extend(list(range(300, 310)))
@@ -373,7 +378,7 @@ def test_a_long_catch_up_returns_the_logits_and_hidden_states_of_every_position_
 
 def test_our_decoding_runs_without_flash_attention_unless_asked(monkeypatch, tmp_path):
     # alone, in a batch and in the server a sequence runs the same kernels: flash attention only when asked for
-    from adaspec.backends.llamacpp import use_flash_attention
+    from adaspec.core.backends.llamacpp import use_flash_attention
 
     monkeypatch.delenv("ADASPEC_FLASH_ATTN", raising=False)
     assert use_flash_attention(tmp_path / "never-read.gguf") is False

@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from adaspec.config import SamplingConfig
-from adaspec.drafters import DraftContext, PromptLookupDrafter
-from adaspec.drafters.lookup import acceptance
-from adaspec.errors import AdaspecError
-from adaspec.policies import FixedLength
+from adaspec.core.config import SamplingConfig
+from adaspec.core.drafters import DraftContext, PromptLookupDrafter
+from adaspec.core.drafters.lookup import acceptance
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import FixedLength
 
 
 def scan(ids: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1, candidates: int = 8,

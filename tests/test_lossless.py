@@ -15,14 +15,14 @@ import torch
 from conftest import full_logits, tiny_backend, tiny_llama
 from scipy.stats import chisquare
 
-from adaspec.backends import TorchBackend
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import generate
-from adaspec.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.core.policies import FixedLength
+from adaspec.core.sampling import probs_from_logits, sample
+from adaspec.core.verify import speculative_sampling
 from adaspec.methods import cmasd_parts, parse_method
-from adaspec.policies import FixedLength
-from adaspec.sampling import probs_from_logits, sample
-from adaspec.verify import speculative_sampling
 
 V = 8
 N = 3000  # samples per check

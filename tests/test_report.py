@@ -14,27 +14,17 @@ import pytest
 from conftest import tiny_llama
 from typer.testing import CliRunner
 
-from adaspec.bench.bound import (
-    Costs,
-    alpha_needed,
-    best_draft_length,
-    expected_speedup,
-    expected_tokens,
-    forward_ms,
-    interpolate,
-    method_bound,
-    method_costs,
-    token_acceptance,
-)
+from adaspec.bench.bound import expected_speedup, forward_ms, method_bound, method_costs, token_acceptance
 from adaspec.bench.data import load_questions
 from adaspec.bench.report import _backend_drafters, _ceiling, _forward_ms
 from adaspec.bench.rundir import build_summary, compare, rebuild
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
 from adaspec.bench.summary import summarize
 from adaspec.cli import app
-from adaspec.config import GenerationConfig
-from adaspec.decode import GenerationResult
-from adaspec.errors import AdaspecError
+from adaspec.core.config import GenerationConfig
+from adaspec.core.costmodel import Costs, alpha_needed, best_draft_length, expected_tokens, interpolate
+from adaspec.core.decode import GenerationResult
+from adaspec.core.errors import AdaspecError
 
 # ---------------------------------------------------------------- a tiny model directory with a tokenizer
 
@@ -415,9 +405,8 @@ def untimed(rows: list[dict]) -> dict:
 def test_sweep_on_a_local_ray_cluster_writes_what_the_sequential_sweep_writes(tiny_dir, data, tmp_path):
     import ray  # in the dev extra: this test runs wherever the tests do
 
-    from adaspec.bench.ray_sweep import RayOptions
     from adaspec.bench.summary import load_records
-    from adaspec.bench.sweep import SweepOptions, read_points, run_sweep
+    from adaspec.bench.sweep import RayOptions, SweepOptions, read_points, run_sweep
 
     def options(out: Path) -> SweepOptions:
         # cost=0: the paper's length, so every process drafts alike (cost=1 reads timings measured in each)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import full_logits, perturbed_llama, random_prompt, tiny_llama
 
-from adaspec.backends import TorchBackend
 from adaspec.bench.runner import step_record
 from adaspec.bench.summary import method_fields
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import StopCriteria, generate
-from adaspec.errors import AdaspecError
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.decode import StopCriteria, generate
+from adaspec.core.errors import AdaspecError
 from adaspec.methods import make_router, parse_method
 from adaspec.routing import (
     FEATURES,
@@ -312,7 +312,7 @@ def test_threshold_sweep_grid_and_its_speed_quality_share_curve(tmp_path):
 def loaded(name: str, model):
     from pathlib import Path
 
-    from adaspec.models import LoadedModel
+    from adaspec.core.models import LoadedModel
 
     return LoadedModel(name, Path("."), model, None)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaspec.config import SamplingConfig
-from adaspec.sampling import choose, probs_from_logits, sample
+from adaspec.core.config import SamplingConfig
+from adaspec.core.sampling import choose, probs_from_logits, sample
 
 PROBS = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
 LOGITS = torch.log(PROBS)

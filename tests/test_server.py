@@ -20,10 +20,10 @@ from serving import Served, assert_openai_error, running, sse_events_of
 from typer.testing import CliRunner
 
 from adaspec.cli import app as cli_app
-from adaspec.config import GenerationConfig
-from adaspec.decode import GenerationResult, Step
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import GenerationResult, Step
+from adaspec.core.models import encode_prompt, load_model
 from adaspec.methods import build_runner, parse_method
-from adaspec.models import encode_prompt, load_model
 from adaspec.serve import ServerOptions, TextStream, create_app
 
 pytestmark = pytest.mark.bundled

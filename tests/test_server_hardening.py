@@ -23,8 +23,8 @@ import httpx
 import pytest
 from serving import assert_openai_error, metric, running, tiny_target
 
-from adaspec.decode import GenerationResult, Step
-from adaspec.errors import AdaspecError
+from adaspec.core.decode import GenerationResult, Step
+from adaspec.core.errors import AdaspecError
 from adaspec.methods import parse_method
 from adaspec.serve import ApiError, RequestPolicy, ServerOptions, TextStream, create_app
 from adaspec.serve.requests import Speculative
@@ -154,7 +154,7 @@ def test_an_operator_named_artifact_is_read_and_its_path_never_shown(tiny, secre
 
 def test_a_request_cannot_make_the_server_convert_weights(served):
     """Row 9: format= values that convert are the operator's; nothing is converted on a request's word."""
-    with mock.patch("adaspec.backends.llamacpp.requantize", side_effect=AssertionError("converted")) as convert:
+    with mock.patch("adaspec.core.backends.llamacpp.requantize", side_effect=AssertionError("converted")) as convert:
         for speculative in ({"method": "sd:format=q8_0"}, {"method": "llamacpp:format=f16"},
                             {"method": "ar", "options": {"format": "q4_0"}}):
             error = assert_openai_error(post(served.base, chat(speculative=speculative)), 400)
@@ -526,6 +526,6 @@ def test_serve_refuses_a_bad_request_policy_before_loading_the_model(flags, mess
 
     from adaspec.cli import app as cli_app
 
-    with mock.patch("adaspec.models.load_model", side_effect=AssertionError("loaded")):
+    with mock.patch("adaspec.core.models.load_model", side_effect=AssertionError("loaded")):
         result = CliRunner().invoke(cli_app, ["serve", *flags])
     assert isinstance(result.exception, AdaspecError) and message in str(result.exception), result.output

@@ -15,18 +15,18 @@ import pytest
 import torch
 from conftest import full_logits, naive_greedy, random_prompt, tiny_llama
 
-from adaspec.backends import TorchBackend
-from adaspec.backends.layered import LayeredBackend
 from adaspec.bench.runner import step_record
 from adaspec.bench.summary import method_fields
-from adaspec.confidence import annealed_confidence, annealed_temperature
-from adaspec.config import GenerationConfig, SamplingConfig
-from adaspec.decode import StopCriteria, generate
-from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, ExitHeads, is_exits_dir
-from adaspec.errors import AdaspecError
+from adaspec.core.backends import TorchBackend
+from adaspec.core.backends.layered import LayeredBackend
+from adaspec.core.confidence import annealed_confidence, annealed_temperature
+from adaspec.core.config import GenerationConfig, SamplingConfig
+from adaspec.core.decode import StopCriteria, generate
+from adaspec.core.drafters.early_exit import EarlyExitDrafter, ExitArtifact, ExitHeads, is_exits_dir
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel
+from adaspec.core.policies import ExitBound
 from adaspec.methods import build_runner, parse_method, split_specs
-from adaspec.models import LoadedModel
-from adaspec.policies import ExitBound
 
 LAYERS = 6
 
@@ -49,7 +49,7 @@ def specbound(model, exits=(1, 2, 4), threshold=0.35, a=1.0, d_max=4, artifact=N
 
 
 def _context(ids, k_max=4):
-    from adaspec.drafters.base import DraftContext
+    from adaspec.core.drafters.base import DraftContext
 
     return DraftContext(list(ids), k_max, SamplingConfig(), torch.Generator().manual_seed(0))
 
@@ -241,12 +241,12 @@ def tiny_corpus(model, path: Path, rows: int = 40) -> Path:
 def test_train_exits_end_to_end_raises_exit_agreement_and_keeps_specbound_exact(tmp_path: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    import adaspec.models
+    import adaspec.core.models
     from adaspec.cli import app
 
     model = damped_llama(8, 1.0)
     target = LoadedModel("tiny", tmp_path, model, None)
-    monkeypatch.setattr(adaspec.models, "load_model", lambda *a, **k: target)
+    monkeypatch.setattr(adaspec.core.models, "load_model", lambda *a, **k: target)
     data = tiny_corpus(model, tmp_path / "data", rows=100)
     out, ship = tmp_path / "run", tmp_path / "shipped" / "exits"
     result = CliRunner().invoke(app, ["train-exits", "--data", str(data), "--out", str(out), "--exits", "1,2,4",
@@ -280,7 +280,7 @@ def test_specbound_sampling_is_lossless():
     exact autoregressive law (chi-square, vocabulary 8)."""
     from scipy.stats import chisquare
 
-    from adaspec.sampling import probs_from_logits
+    from adaspec.core.sampling import probs_from_logits
 
     vocab, n, tokens, sampling = 8, 800, 4, SamplingConfig(temperature=1.0)
     model = damped_llama(12, 0.3, scale=12.0, vocab=vocab)

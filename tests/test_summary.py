@@ -9,7 +9,7 @@ import pytest
 
 from adaspec.bench.report import write_report
 from adaspec.bench.summary import load_records, summarize
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 CAT = "the cat sat on the mat with a hat"
 NO_DRAFT = {"drafted": 0, "accepted": 0, "confidence": []}

@@ -1,4 +1,4 @@
-"""The torch backend's lean forward (backends/lean.py) computes transformers' logits on a preallocated cache:
+"""The torch backend's lean forward (core/backends/lean.py) computes transformers' logits on a preallocated cache:
 prefill, verification after rollback, reduced heads and kept hidden states all equal the Hugging Face path,
 and greedy decoding emits the same tokens on both."""
 
@@ -9,14 +9,14 @@ import torch
 from conftest import full_logits, random_prompt, tiny_llama
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from adaspec.backends import TorchBackend
-from adaspec.backends.lean import lean_unsupported
-from adaspec.cache import StaticKV
-from adaspec.config import GenerationConfig
-from adaspec.decode import generate
-from adaspec.drafters import ModelDrafter, PromptLookupDrafter
-from adaspec.errors import AdaspecError
-from adaspec.policies import FixedLength
+from adaspec.core.backends import TorchBackend
+from adaspec.core.backends.lean import lean_unsupported
+from adaspec.core.cache import StaticKV
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import generate
+from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import FixedLength
 
 ATOL = 1e-5
 
@@ -165,7 +165,7 @@ def test_an_unsupported_architecture_falls_back_to_the_hf_forward():
 
 @pytest.mark.bundled
 def test_the_bundled_model_gives_the_hf_logits_on_the_lean_path():
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
 
     model = load_model().model
     lean, hf = pair(model)

@@ -34,7 +34,7 @@ def test_context_prompts_wrap_the_passages():
 
 @pytest.mark.bundled
 def test_generation_appends_and_resumes(tmp_path):
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
     from adaspec.train.data import generate_corpus, read_corpus
 
     model = load_model()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import tiny_llama
 
-from adaspec.models import LoadedModel
+from adaspec.core.models import LoadedModel
 from adaspec.train.drafter import DrafterTrainConfig, frequent_tokens, sequences, train_drafter
 
 
@@ -68,7 +68,7 @@ def test_training_report_measures_acceptance_and_plots(tmp_path: Path):
 def test_compact_standalone_round_trips_with_the_target_embeddings(tmp_path: Path):
     import torch
 
-    from adaspec.drafters.shipped import is_standalone_dir, load_standalone, save_standalone
+    from adaspec.core.drafters.shipped import is_standalone_dir, load_standalone, save_standalone
     from adaspec.train.drafter import init_drafter
 
     target = LoadedModel("tiny", tmp_path, tiny_llama(0, layers=3), None)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from adaspec.backends.batched import BatchBackend, TorchBatchBackend
-from adaspec.batch import BatchEngine, Request, machine_costs
-from adaspec.config import BackendChoice, GenerationConfig
-from adaspec.decode import GenerationResult
-from adaspec.errors import AdaspecError
+from adaspec.core.backends.batched import BatchBackend, TorchBatchBackend
+from adaspec.core.batch import BatchEngine, Request
+from adaspec.core.config import BackendChoice, GenerationConfig
+from adaspec.core.costmodel import machine_costs
+from adaspec.core.decode import GenerationResult
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel, encode_prompt, load_model
 from adaspec.methods import build_runner, load_drafter, parse_method, resolve_backend, target_gguf
-from adaspec.models import LoadedModel, encode_prompt, load_model
 
 
 def batch_engine(target: LoadedModel, choice: BackendChoice, slots: int) -> BatchEngine:
@@ -25,7 +26,7 @@ def batch_engine(target: LoadedModel, choice: BackendChoice, slots: int) -> Batc
     if choice.kind == "torch":
         backend: BatchBackend = TorchBatchBackend(target.model, slots)
     else:
-        from adaspec.backends.llamacpp import LlamaCppBatchBackend
+        from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
 
         backend = LlamaCppBatchBackend(target_gguf(target, choice.format), slots, threads=choice.threads)
     return BatchEngine(backend, machine_costs(backend, target.name))

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adaspec.config import (
+from adaspec.core.config import (
     DEFAULT_BACKEND,
     DEFAULT_LLAMACPP_FORMAT,
     DEFAULT_MAX_NEW_TOKENS,
@@ -28,7 +28,7 @@ from adaspec.config import (
     GenerationConfig,
     SamplingConfig,
 )
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
 err = Console(stderr=True)
@@ -56,7 +56,7 @@ WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight fo
 def _placement(device: str, dtype: str) -> tuple[str, str]:
     """--device and --dtype made concrete (auto: a GPU where torch sees one; the dtype by device), as records name
     them (a CPU run records float32, as before --device existed)."""
-    from adaspec.models import default_dtype, resolve_device
+    from adaspec.core.models import default_dtype, resolve_device
 
     where = resolve_device(device)
     return str(where), default_dtype(where) if dtype == "auto" else dtype
@@ -86,8 +86,8 @@ def generate(
     device: Device = "auto",
 ) -> None:
     """Generate text, streaming it, then print tokens/s, mean accepted tokens and the speedup over `ar`."""
+    from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import build_runner, load_drafter, parse_method
-    from adaspec.models import encode_prompt, load_model
 
     config = _generation(max_new_tokens, temperature, top_k, top_p, seed, stop or ())
     spec = parse_method(method)
@@ -135,7 +135,7 @@ def generate(
         out.print(note)
     policy = getattr(runner, "policy", None)
     if policy is not None and result.steps and not routed:
-        from adaspec.policies import verdict
+        from adaspec.core.costmodel import verdict
 
         said = verdict(policy, sum(s.drafted for s in result.steps), sum(s.accepted for s in result.steps))
         if said:
@@ -285,7 +285,7 @@ def sweep(
     rstitch_report.md and plots/rstitch_curve.png."""
     ray_opts = None
     if ray or ray_address:
-        from adaspec.bench.ray_sweep import RayOptions, require_ray
+        from adaspec.bench.sweep import RayOptions, require_ray
 
         require_ray()  # before any work: a clear error naming the extra to install
         if ray_cpus < 1:
@@ -338,7 +338,7 @@ def make_drafter(
     device: Device = "auto",
 ) -> None:
     """Write a layer-truncated copy of the target (first N layers + its head) as a standalone drafter."""
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
     from adaspec.train.truncate import truncate_model
 
     path = truncate_model(load_model(target, device=device), layers, out)
@@ -346,7 +346,7 @@ def make_drafter(
 
 
 def default_data_dir(target_name: str) -> Path:
-    from adaspec.models import cache_root
+    from adaspec.core.models import cache_root
 
     return cache_root() / "train" / target_name
 
@@ -365,7 +365,7 @@ def distill_data(
 ) -> None:
     """Self-distillation data: the target's greedy answers to synthetic (never Spec-Bench) prompts, and its
     hidden states at every position (for the EAGLE-style head)."""
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
     from adaspec.train.data import build_corpus, count_lines, generation_dtype
 
     model = load_model(target, generation_dtype(device), device)
@@ -373,6 +373,18 @@ def distill_data(
                          batch_size, max_new_tokens)
     for p in paths:
         Console().print(f"{p}: {count_lines(p)} rows")
+
+
+def _ship(source: Path, report: Path, dest: Path, what: str) -> None:
+    """--ship: copy a trained artifact (a directory's files, or one file) into `dest`, its training report beside it
+    as TRAINING.md."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, dest, dirs_exist_ok=True)
+    else:
+        shutil.copy(source, dest / source.name)
+    shutil.copy(report, dest / "TRAINING.md")
+    Console().print(f"shipped {what} to {dest}")
 
 
 @app.command("train-drafter")
@@ -400,9 +412,9 @@ def train_drafter_cmd(
     """Distil drafters from the target on its own outputs: data (resumable), training (checkpointed), report."""
     import time
 
-    from adaspec.drafters.eagle import EagleArtifact
-    from adaspec.drafters.shipped import load_standalone, save_standalone
-    from adaspec.models import encode_prompt, load_model
+    from adaspec.core.drafters.eagle import EagleArtifact
+    from adaspec.core.drafters.shipped import load_standalone, save_standalone
+    from adaspec.core.models import encode_prompt, load_model
     from adaspec.train.data import CORPUS_BATCH, build_corpus, generation_dtype, load_corpus
     from adaspec.train.drafter import DrafterTrainConfig, split_rows, train_drafter
     from adaspec.train.eagle import EagleTrainConfig, items_from_corpus, train_eagle
@@ -446,10 +458,7 @@ def train_drafter_cmd(
         Console().print(f"{name}: report {write_training_report(run, report)}; "
                         f"{report['acceptance']['tokens_per_forward']:.2f} tokens per target forward at k=5")
         if ship is not None:
-            source = run / ("model" if name == "eagle" else "compact")
-            shutil.copytree(source, ship / name, dirs_exist_ok=True)
-            shutil.copy(run / "report.md", ship / name / "TRAINING.md")
-            Console().print(f"shipped {name} to {ship / name}")
+            _ship(run / ("model" if name == "eagle" else "compact"), run / "report.md", ship / name, name)
     Console().print(f"total {(time.time() - t0) / 60:.1f} min")
 
 
@@ -475,13 +484,13 @@ def train_router_cmd(
     dtype: Dtype = "auto",
     device: Device = "auto",
     ship: Annotated[Path | None, typer.Option(help="also copy the router to SHIP/router/ (e.g. src/adaspec/"
-                                                   "drafters/shipped/smollm2: the rstitch+ default)")] = None,
+                                                   "core/drafters/shipped/smollm2: the rstitch+ default)")] = None,
 ) -> None:
     """R-Stitch+: train the router with reward = accuracy - lambda * accuracy * latency (REINFORCE, see
     train/router.py); use it with --method rstitch+:router=OUT/router.json."""
-    from adaspec.backends import TorchBackend
+    from adaspec.core.backends import TorchBackend
+    from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import load_drafter, parse_method, small_model, stop_criteria
-    from adaspec.models import encode_prompt, load_model
     from adaspec.routing import ROUTER_FILE, ROUTER_KIND
     from adaspec.train.router import RouterTrainConfig, train_router
 
@@ -502,10 +511,8 @@ def train_router_cmd(
                         f"latency {m['latency']:.3f}, reward {m['reward']:.3f}")
     Console().print(f"router: {report['router']}; report: {out / 'report.md'}")
     if ship is not None:
-        (ship / ROUTER_KIND).mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / ROUTER_FILE, ship / ROUTER_KIND / ROUTER_FILE)
-        shutil.copy(out / "report.md", ship / ROUTER_KIND / "TRAINING.md")
-        Console().print(f"shipped the router to {ship / ROUTER_KIND} (the rstitch+ default for this target)")
+        _ship(out / ROUTER_FILE, out / "report.md", ship / ROUTER_KIND, "the router (the rstitch+ default for this "
+              "target)")
 
 
 @app.command("train-exits")
@@ -526,12 +533,12 @@ def train_exits_cmd(
     seed: int = DEFAULT_SEED,
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also copy the adapters to SHIP (e.g. "
-                                                    "src/adaspec/drafters/shipped/smollm2/exits)")] = None,
+                                                    "src/adaspec/core/drafters/shipped/smollm2/exits)")] = None,
     device: Device = "auto",
 ) -> None:
     """Train SpecBound's exit adapters on the self-distillation corpus: per exit layer a small map whose exit
     distribution (the target's final norm and LM head) matches the final layer's (KL); report per exit."""
-    from adaspec.models import load_model
+    from adaspec.core.models import load_model
     from adaspec.train.exits import ExitTrainConfig, read_corpus_dir, train_exits
 
     given: dict = {"rank": rank, "vocab": vocab, "epochs": epochs, "batch_size": batch_size, "max_rows": max_rows}
@@ -548,9 +555,7 @@ def train_exits_cmd(
     for layer, r in report["heldout"].items():
         Console().print(f"exit {layer}: held-out top-1 raw {r['raw']['top1']} -> adapted {r['adapted']['top1']}")
     if ship is not None:
-        shutil.copytree(out / "model", ship, dirs_exist_ok=True)
-        shutil.copy(out / "report.md", ship / "TRAINING.md")
-        Console().print(f"shipped the exit adapters to {ship}")
+        _ship(out / "model", out / "report.md", ship, "the exit adapters")
 
 
 @app.command()
@@ -576,8 +581,8 @@ def serve(
                                                        show_default="30")] = None,
     runner_cache: Annotated[int | None, typer.Option(help="method configurations kept built",
                                                      show_default="4")] = None,
-    runner_cache_mib: Annotated[float | None, typer.Option(help="and fewer while their memory passes this",
-                                                           show_default="4096")] = None,
+    runner_cache_mib: Annotated[float | None, typer.Option(
+        help="MiB: fewer configurations kept while their memory passes this", show_default="4096")] = None,
     request_methods: Annotated[str | None, typer.Option(
         help="methods a request's `speculative` may choose, comma-separated (none: only --method)",
         show_default="all")] = None,
@@ -598,8 +603,8 @@ def serve(
             raise
         install = "pip install 'adaspec\\[serve]'"  # the backslash keeps rich from reading [serve] as markup
         raise AdaspecError(f"`adaspec serve` needs {e.name}, which is not installed: {install}") from None
+    from adaspec.core.models import load_model
     from adaspec.methods import load_drafter, parse_method
-    from adaspec.models import load_model
 
     parse_method(method)  # a bad spec fails before the model loads
     if threads:
@@ -664,8 +669,8 @@ def costs(
 def _batch_costs(backends: str | None, target: str | None, slots: int, out: Path | None) -> None:
     """`adaspec costs --batch N`: per backend, the cost of one call by total positions and what the rule does."""
     from adaspec.api import batch_engine
-    from adaspec.batch import machine_costs, rule_table
-    from adaspec.models import load_model
+    from adaspec.core.costmodel import machine_costs, rule_table
+    from adaspec.core.models import load_model
 
     if slots < 1:
         raise AdaspecError(f"--batch must be >= 1 sequences, got {slots}")
@@ -700,7 +705,7 @@ def export_gguf_cmd(
                                              "copied, so token ids match")] = "smollm2",
 ) -> None:
     """Write a Llama drafter as a GGUF for llama.cpp, with the target's tokenizer (full-vocabulary head)."""
-    from adaspec.drafters import gguf
+    from adaspec.core.drafters import gguf
 
     if type_ not in gguf.FTYPES:
         raise AdaspecError(f"unknown GGUF type '{type_}'; choose one of {', '.join(gguf.FTYPES)}")

@@ -16,11 +16,11 @@ from typing import Protocol
 
 import torch
 
-from adaspec.backends import Backend, TorchBackend
-from adaspec.backends.base import llamacpp_where, torch_where
-from adaspec.backends.layered import LayeredBackend
-from adaspec.confidence import ConfidenceEnsemble
-from adaspec.config import (
+from adaspec.core.backends import Backend, TorchBackend
+from adaspec.core.backends.base import llamacpp_where, torch_where
+from adaspec.core.backends.layered import LayeredBackend
+from adaspec.core.confidence import ConfidenceEnsemble
+from adaspec.core.config import (
     BATCH_K_TABLE,
     CMASD_ALPHA,
     CMASD_COST,
@@ -42,30 +42,28 @@ from adaspec.config import (
     BackendChoice,
     GenerationConfig,
 )
-from adaspec.decode import Decoding, GenerationResult, Step, StopCriteria, generate
-from adaspec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
-from adaspec.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
-from adaspec.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits_dir
-from adaspec.drafters.shipped import is_standalone_dir, load_standalone, shipped
-from adaspec.errors import AdaspecError
-from adaspec.models import LoadedModel, check_same_tokenizer
-from adaspec.policies import (
+from adaspec.core.costmodel import CostCapped, cost_aware
+from adaspec.core.decode import Decoding, GenerationResult, Step, StopCriteria, generate
+from adaspec.core.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from adaspec.core.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_dir
+from adaspec.core.drafters.early_exit import EarlyExitDrafter, ExitArtifact, is_exits_dir
+from adaspec.core.drafters.shipped import is_standalone_dir, load_standalone, shipped
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel, check_same_tokenizer
+from adaspec.core.policies import (
     BatchTable,
     ConfidenceLength,
-    CostAware,
-    CostCapped,
     ExitBound,
     FixedLength,
     LengthPolicy,
 )
+from adaspec.core.verify import AcceptanceRule, TopBetaTau
 from adaspec.routing import LearnedRouter, Router, RStitchRunner, ThresholdRouter, router_path
-from adaspec.verify import AcceptanceRule, TopBetaTau
 
 LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
-EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (drafters/shipped/)
+EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (core/drafters/shipped/)
 DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 HF_LOOKUP_TOKENS = 10  # transformers' documented prompt_lookup_num_tokens
-FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a target step drafts for free (lookup)
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,8 @@ class AtLeast:
 DRAFTER = ServerSide(DRAFTER_NAMES)  # a shipped drafter or prompt lookup, else a directory
 NGRAM = AtLeast(1)
 
-# CM-ASD / SpecDec option groups (README "CM-ASD"): drafter, adaptive length, relaxed verification, confidence
+# CM-ASD / SpecDec option groups (benchmarks/README.md "CM-ASD and SpecDec"): drafter, adaptive length, relaxed
+# verification, confidence
 _DRAFTING = {"drafter": (DRAFTER, None), "ngram": (NGRAM, 3)}
 _LENGTH = {"alpha": (float, CMASD_ALPHA), "k_min": (int, CMASD_K_MIN), "k_max": (int, CMASD_K_MAX),
            "early_stop": (int, CMASD_EARLY_STOP), "cost": (int, CMASD_COST)}
@@ -120,7 +119,7 @@ _CONFIDENCE = {"l1": (float, 1 / 3), "l2": (float, 1 / 3), "l3": (float, 1 / 3),
 # method -> {option: (type, default)}; a ServerSide type marks the options a server request may not set freely
 OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     "ar": {**_BACKEND},
-    # sd: k=auto (policies.CostAware: the length the backend's measured costs favour) or a fixed k
+    # sd: k=auto (costmodel.CostAware: the length the backend's measured costs favour) or a fixed k
     "sd": {"k": (str, DEFAULT_DRAFT_LENGTH), "drafter": (DRAFTER, None), "ngram": (NGRAM, 3), **_BACKEND},
     "hf": {},
     "hf-assisted": {"k": (AtLeast(1), None), "drafter": (DRAFTER, None)},
@@ -137,13 +136,13 @@ OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
                 **_BACKEND},
     # router: a router.json (default: the shipped one)
     "rstitch+": {"drafter": (DRAFTER, None), "router": (ServerSide(), None), **_BACKEND},
-    # SpecBound (drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default SPECBOUND_EXITS),
-    # adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
+    # SpecBound (core/drafters/early_exit.py): exits (layer numbers, comma- or slash-separated; default
+    # SPECBOUND_EXITS), adapters: none | shipped | DIR (default: the target's shipped exit adapters if any, else none)
     "specbound": {"exits": (str, None), "threshold": (float, SPECBOUND_THRESHOLD), "a": (float, SPECBOUND_A),
                   "d_max": (int, SPECBOUND_D_MAX), "adapters": (ServerSide(("none", "shipped")), None)},
 }
 LIST_OPTIONS = ("exits",)  # list values continue over the bare items after them: exits=8,12,16,threshold=0.8
-EXITS = "exits"  # the kind of the shipped exit adapters (drafters/shipped/<target>/exits/)
+EXITS = "exits"  # the kind of the shipped exit adapters (core/drafters/shipped/<target>/exits/)
 CMASD_METHODS = ("specdec", "cmasd", "cmasd-k", "cmasd-tau")
 ROUTING_METHODS = ("rstitch", "rstitch+")
 
@@ -215,17 +214,6 @@ def sd_length(spec: MethodSpec) -> LengthPolicy | None:
     return FixedLength(k)
 
 
-def cost_aware(backend: Backend, drafter: Drafter) -> CostAware:
-    """policies.CostAware for `drafter` on `backend`, from their costs measured now on a 256-token context (a second
-    or two on the bundled model)."""
-    from adaspec.bench.costs import drafter_cost, verify_costs
-
-    context = [i % backend.vocab_size for i in range(min(256, backend.max_context // 2))]  # the ids do not matter
-    verify = verify_costs(backend, context, sizes=(1, 2, 3, 4, 6, 8, 9))
-    ratio = drafter_cost(drafter, backend, verify["verify_ms"]["1"], context)["drafter_cost_ratio"]
-    drafter.reset()
-    return CostAware({int(n): float(r) for n, r in verify["verify_ratio"].items()},
-                     0.0 if ratio < FREE_DRAFTER else ratio)
 
 
 def backend_choice(spec: MethodSpec, default: BackendChoice | None = None) -> BackendChoice:
@@ -290,7 +278,7 @@ class CMASDParts:
     policy: LengthPolicy | None  # None: k=auto, CostAware once the backend and drafter are known (build_runner)
     rule: AcceptanceRule | None  # None: the exact rule (greedy, or lossless sampling)
     confidence: ConfidenceEnsemble | None  # None: the method does not rate its drafts
-    cost_cap: bool = False  # cap `policy` by CostAware (policies.CostCapped), built with the backend
+    cost_cap: bool = False  # cap `policy` by CostAware (costmodel.CostCapped), built with the backend
 
 
 def cmasd_parts(spec: MethodSpec) -> CMASDParts:
@@ -364,8 +352,7 @@ class EngineRunner:
     target: Backend
     stop: StopCriteria
     drafter: Drafter | None = None
-    k: int = 1
-    policy: LengthPolicy | None = None  # None: FixedLength(k)
+    policy: LengthPolicy | None = None  # None: FixedLength(1) (ar: no drafter)
     rule: AcceptanceRule | None = None  # None: exact (greedy, or lossless sampling)
     confidence: ConfidenceEnsemble | None = None  # rates drafts (CM-ASD); steps then record calibration data
 
@@ -374,7 +361,7 @@ class EngineRunner:
         return self.target.where
 
     def __call__(self, prompt_ids, config, on_step=None) -> GenerationResult:
-        policy = self.policy or FixedLength(self.k)
+        policy = self.policy or FixedLength(1)
         return generate(self.target, prompt_ids, config, self.drafter, policy, self.rule, self.stop, on_step,
                         self.confidence)
 
@@ -390,7 +377,7 @@ class EngineRunner:
         if not self.batchable:
             raise AdaspecError(f"{self.label}: batched decoding drafts with prompt lookup or nothing so far; the "
                                f"{self.drafter.name} drafter runs one sequence at a time (leave --concurrency at 1)")
-        policy = copy.deepcopy(self.policy or FixedLength(self.k))
+        policy = copy.deepcopy(self.policy or FixedLength(1))
         drafter = None if self.drafter is None else copy.deepcopy(self.drafter)
         return Decoding(prompt_ids, config, max_context, drafter, policy, self.rule, self.stop,
                         torch.Generator().manual_seed(config.seed), self.confidence)
@@ -463,7 +450,7 @@ class LlamaCppRunner:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from adaspec.backends.llamacpp import _init, use_flash_attention
+        from adaspec.core.backends.llamacpp import _init, use_flash_attention
 
         lc = _init()
         threads = self.threads or torch.get_num_threads()  # llama-cpp-python's own default is half the cores
@@ -475,7 +462,7 @@ class LlamaCppRunner:
 
     @property
     def where(self) -> str:
-        from adaspec.backends.llamacpp import ftype_name
+        from adaspec.core.backends.llamacpp import ftype_name
 
         return llamacpp_where(ftype_name(self.llm.metadata.get('general.file_type')), self.flash_attn)
 
@@ -507,7 +494,7 @@ class LlamaCppRunner:
 
 def resolve_backend(has_gguf: bool, choice: BackendChoice) -> BackendChoice:
     """`auto` made concrete: llamacpp where llama-cpp-python is installed and the target is a GGUF, else torch."""
-    from adaspec.backends.llamacpp import available
+    from adaspec.core.backends.llamacpp import available
 
     if choice.kind != "auto":
         return choice
@@ -519,15 +506,15 @@ def target_backend(target: LoadedModel, choice: BackendChoice) -> Backend:
     choice = resolve_backend(target.gguf is not None, choice)
     if choice.kind == "torch":
         return TorchBackend(target.model)
-    from adaspec.backends.llamacpp import LlamaCppBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(target_gguf(target, choice.format), threads=choice.threads)
 
 
 def target_gguf(target: LoadedModel, fmt: str) -> Path:
     """The target's GGUF in weight format `fmt` (converted once into the cache)."""
-    from adaspec.backends.llamacpp import requantize
-    from adaspec.models import cache_root
+    from adaspec.core.backends.llamacpp import requantize
+    from adaspec.core.models import cache_root
 
     if target.gguf is None:
         raise AdaspecError(f"llama.cpp runs GGUF files and target '{target.name}' was loaded from a Hugging Face "
@@ -604,13 +591,13 @@ DrafterChoice = LoadedModel | EagleArtifact | str  # a loaded model, an EAGLE he
 
 def drafter_backend(drafter: LoadedModel, target: Backend, target_model: LoadedModel | None) -> Backend:
     """A model drafter runs where its target runs: on llama.cpp as a GGUF in the target's weight format (converted
-    once into the cache: drafters/gguf.py, then requantized) when the target does, else on torch (also for a
+    once into the cache: core/drafters/gguf.py, then requantized) when the target does, else on torch (also for a
     drafter llama.cpp cannot run: not Llama-shaped)."""
-    from adaspec.backends.llamacpp import LlamaCppBackend, requantize
+    from adaspec.core.backends.llamacpp import LlamaCppBackend, requantize
 
     if isinstance(target, LlamaCppBackend) and target_model is not None:
-        from adaspec.drafters.gguf import drafter_gguf
-        from adaspec.models import cache_root
+        from adaspec.core.drafters.gguf import drafter_gguf
+        from adaspec.core.models import cache_root
 
         try:
             f16 = drafter_gguf(drafter.path, target_model.name)
@@ -644,7 +631,7 @@ def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: Backen
 
 # Where a target's shipped EAGLE head beats prompt lookup in `adaspec bench`, list the target here to make the
 # head its default drafter. None does yet: the heads shipped for smollm2 are slower than lookup on the dev split
-# (README, "Trained drafters"), so they are used only when named (--drafter eagle|small).
+# (benchmarks/README.md, "Trained drafters (shipped)"), so they are used only when named (--drafter eagle|small).
 EAGLE_DEFAULT_TARGETS: frozenset[str] = frozenset()
 
 
@@ -662,7 +649,7 @@ def load_drafter(spec: str | None, target: LoadedModel, dtype: str = "auto") -> 
     """--drafter: None (the target's default), 'lookup', 'eagle' / 'small' (the drafters shipped for the
     target), or a directory: an EAGLE head, a compact shipped-format drafter, or any local Hugging Face
     causal LM that shares the target's tokenizer."""
-    from adaspec.models import load_model, resolve_dtype
+    from adaspec.core.models import load_model, resolve_dtype
 
     spec = spec or default_drafter(target.name)
     if spec == LOOKUP:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,16 +26,16 @@ from typing import Protocol
 
 import torch
 
-from adaspec.backends.base import Backend
-from adaspec.config import GenerationConfig
-from adaspec.decode import GenerationResult, Step, StopCriteria, first_step_s, timed
-from adaspec.errors import AdaspecError
-from adaspec.sampling import probs_from_logits, sample
+from adaspec.core.backends.base import Backend
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import GenerationResult, Step, StopCriteria, run_to_end
+from adaspec.core.errors import AdaspecError
+from adaspec.core.sampling import probs_from_logits, sample
 
 SMALL, LARGE = "small", "large"  # Step.source
 WINDOW = 8  # tokens the `recent_large` feature looks back
 ROUTER_FILE = "router.json"
-ROUTER_KIND = "router"  # drafters/shipped/<target>/router/router.json: the default rstitch+ router
+ROUTER_KIND = "router"  # core/drafters/shipped/<target>/router/router.json: the default rstitch+ router
 ROUTER_FORMAT = "adaspec-router"
 FEATURES = ("bias", "entropy", "top1", "softmax_margin", "logit_margin", "position", "recent_large", "large",
             "large_x_entropy", "large_x_top1")
@@ -168,7 +167,7 @@ def router_path(option: str | None, target_name: str | None) -> Path:
             raise AdaspecError(f"router '{option}' not found: give a {ROUTER_FILE} written by `adaspec train-router` "
                                "(or its directory)")
         return path
-    from adaspec.drafters.shipped import SHIPPED_DIR
+    from adaspec.core.drafters.shipped import SHIPPED_DIR
 
     path = SHIPPED_DIR / str(target_name) / ROUTER_KIND / ROUTER_FILE
     if target_name is None or not path.is_file():
@@ -250,19 +249,10 @@ def stitch(
     stop: StopCriteria | None = None,
     on_step: Callable[[Step], None] | None = None,
 ) -> GenerationResult:
-    """Run `stitch_steps` to the end with a generator seeded from config.seed (sampling draws from it)."""
+    """Run `stitch_steps` to the end with a generator seeded from config.seed (sampling draws from it). The TTFT is
+    the small model's prefill (and the large one's where backends prefill apart, else it comes later)."""
     generator = torch.Generator().manual_seed(config.seed)
-    steps: list[Step] = []
-    t0 = time.perf_counter()
-    for step in timed(stitch_steps(small, large, prompt_ids, config, router, stop, generator), t0):
-        steps.append(step)
-        if on_step is not None:
-            on_step(step)
-    wall = time.perf_counter() - t0
-    reason = steps[-1].stop if steps and steps[-1].stop is not None else "length"
-    # TTFT: the small model's prefill (and the large one's where backends prefill apart, else later)
-    return GenerationResult(list(prompt_ids), [t for s in steps for t in s.tokens], steps, wall, reason,
-                            first_step_s(steps))
+    return run_to_end(prompt_ids, stitch_steps(small, large, prompt_ids, config, router, stop, generator), on_step)
 
 
 def large_share(steps: list[Step]) -> float:

@@ -22,13 +22,15 @@ and costs draft(k) + verify(k + 1) target steps, so a method drafting k tokens p
   the lengths of the method's recorded forwards, expected speedup = mean E(k_s) / mean cost(k_s). For a fixed
   k this is the formula above; plugging the mean length into it instead would overstate E (concave in k).
 
-The best draft length: for the method's alpha and its backend's costs, the fixed k in 0..BEST_K_MAX that maximises
-E(k) / (draft(k) + verify(k + 1)); on a backend whose verify cost grows steeply with n (llama.cpp on quantized
-weights) it is short, on one where scoring n positions costs about one step (torch) it is long.
+The best draft length (core/costmodel.py, `best_draft_length`): for the method's alpha and its backend's costs,
+the fixed k in 0..BEST_K_MAX that maximises E(k) / (draft(k) + verify(k + 1)); on a backend whose verify cost grows
+steeply with n (llama.cpp on quantized weights) it is short, on one where scoring n positions costs about one step
+(torch) it is long.
 
-What the costs allow at all (the report's ceiling table, alpha_needed): the best expected speedup at a given
-alpha, and the least alpha at which some fixed k reaches a given speedup. On a backend whose verify(n) grows near
-n, a high speedup needs an alpha near 1 whatever the drafter, which says what a better drafter can and cannot buy.
+What the costs allow at all (the report's ceiling table, costmodel's `alpha_needed`): the best expected speedup at
+a given alpha, and the least alpha at which some fixed k reaches a given speedup. On a backend whose verify(n) grows
+near n, a high speedup needs an alpha near 1 whatever the drafter, which says what a better drafter can and cannot
+buy.
 
 Costs are per backend (costs.json "backends", keyed by `BackendChoice.label`): each method is modelled with its own
 backend's, and its measured speedup for the bound is against `ar` on that same backend in the run (None if the run
@@ -44,66 +46,12 @@ contexts longer than the costs' one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from adaspec.errors import AdaspecError
-from adaspec.policies import expected_tokens, interpolate  # the cost model CostAware drafts by
+from adaspec.core.costmodel import Costs, best_draft_length, expected_tokens
+from adaspec.core.errors import AdaspecError
 
 DIGITS = 4
-BEST_K_MAX = 16
 CEILING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the report's "what these costs allow" table
 CEILING_SPEEDUPS = (1.3, 1.5, 1.8, 2.0)
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Measured costs in ms: the target scoring n positions (verify_ms), a drafter's first and marginal token."""
-
-    verify_ms: dict[str, float]
-    draft_first_ms: float = 0.0
-    draft_step_ms: float = 0.0
-
-    @property
-    def step_ms(self) -> float:
-        """One target step: scoring one position."""
-        return interpolate(self.verify_ms, 1)
-
-    def verify(self, n: float) -> float:
-        return interpolate(self.verify_ms, n)
-
-    def draft(self, k: float) -> float:
-        return 0.0 if k <= 0 else self.draft_first_ms + (k - 1) * self.draft_step_ms
-
-    @classmethod
-    def of(cls, verify_ms: dict[str, float], drafter: dict) -> Costs:
-        """From a costs.json verify curve and a drafter entry (drafter_first_ms, drafter_step_ms; only the marginal
-        cost in older runs; {}: a free drafter)."""
-        step = float(drafter.get("drafter_step_ms", 0.0))
-        return cls(verify_ms, float(drafter.get("drafter_first_ms", step)), step)
-
-
-def best_draft_length(alpha: float | None, costs: Costs, k_max: int = BEST_K_MAX) -> tuple[int | None, float | None]:
-    """(k, expected speedup) of the fixed draft length that maximises E(k) / (draft(k) + verify(k + 1)), k at most
-    k_max and within the measured verify sizes (no extrapolation); (None, None) without a measured alpha."""
-    if alpha is None:
-        return None, None
-    k_max = min(k_max, max(int(n) for n in costs.verify_ms) - 1)
-    step = costs.step_ms
-    return max(((k, expected_tokens(alpha, k) * step / (costs.draft(k) + costs.verify(k + 1)))
-                for k in range(k_max + 1)), key=lambda kv: kv[1])
-
-
-def alpha_needed(speedup: float, costs: Costs, tol: float = 1e-3) -> float | None:
-    """The least per-token acceptance alpha at which some fixed draft length (within the measured verify sizes) is
-    expected to reach `speedup` under `costs`, to within tol; None if none is even when every drafted token is
-    accepted. E(k) grows with alpha at every k, so the best expected speedup does too: bisection."""
-    if best_draft_length(1.0, costs)[1] < speedup:
-        return None
-    lo, hi = 0.0, 1.0
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if best_draft_length(mid, costs)[1] >= speedup else (mid, hi)
-    return hi
 
 
 def token_acceptance(steps: list[dict]) -> float | None:
@@ -128,7 +76,7 @@ def expected_speedup(alpha: float | None, lengths: list[tuple[int, int]], costs:
 def backend_label(method: str, costs: dict) -> str | None:
     """The label of the backend `method` ran on, given the run's default backend (costs["backend"]); None for a
     label that does not parse."""
-    from adaspec.config import BackendChoice
+    from adaspec.core.config import BackendChoice
     from adaspec.methods import backend_choice, parse_method
 
     kind, _, fmt = str(costs.get("backend", "torch")).partition(":")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaspec.confidence import METRICS
+from adaspec.core.confidence import METRICS
 
 BINS = 10
 MIN_COUNT = 20  # bins with fewer tokens are reported but left out of the bin-level Spearman

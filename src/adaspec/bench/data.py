@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "specbench_dev.jsonl"
 

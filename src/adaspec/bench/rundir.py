@@ -18,7 +18,7 @@ from adaspec.bench.bound import bound, forward_ms
 from adaspec.bench.report import compare_markdown, write_report
 from adaspec.bench.specbench import write_answers
 from adaspec.bench.summary import load_records, summarize
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 RECORDS, CONFIG, COSTS, SKIPPED, SUMMARY, REPORT = (
     "records.jsonl", "config.json", "costs.json", "skipped.json", "summary.json", "report.md")

@@ -19,15 +19,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from adaspec.api import batch_engine
-from adaspec.batch import BatchEngine, Request
-from adaspec.bench.costs import drafter_cost, verify_costs
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
 from adaspec.bench.summary import load_records
-from adaspec.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, PEERS, BackendChoice, GenerationConfig
-from adaspec.decode import GenerationResult, Step
-from adaspec.errors import AdaspecError
-from adaspec.machine import cpu_model
+from adaspec.core.batch import BatchEngine, Request
+from adaspec.core.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, PEERS, BackendChoice, GenerationConfig
+from adaspec.core.costmodel import drafter_cost, verify_costs
+from adaspec.core.decode import GenerationResult, Step
+from adaspec.core.errors import AdaspecError
+from adaspec.core.machine import cpu_model
+from adaspec.core.models import BUNDLED, LoadedModel, encode_prompt, is_gguf_target, load_model
 from adaspec.methods import (
     OPTIONS,
     DrafterChoice,
@@ -43,7 +44,6 @@ from adaspec.methods import (
     resolve_backend,
     target_backend,
 )
-from adaspec.models import BUNDLED, LoadedModel, encode_prompt, is_gguf_target, load_model
 
 BLOCK_PER_SLOT = 4  # --concurrency N: questions per block, per sequence slot (a block's tail runs below N)
 DEFAULT_METHODS = ("ar", "sd", "hf", "hf-assisted", "hf-lookup")
@@ -69,7 +69,7 @@ class BenchOptions:
     ablation: bool = False  # run ABLATION (then `methods` are added after it) and write its table
     answers: bool = False  # also write Spec-Bench answer files, out/model_answer/<target>-<method>.jsonl
     backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says
-    concurrency: int = 1  # > 1: questions decoded this many at a time by the batched engine (batch.py)
+    concurrency: int = 1  # > 1: questions decoded this many at a time by the batched engine (core/batch.py)
 
 
 def source_revision() -> str | None:

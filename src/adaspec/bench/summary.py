@@ -13,8 +13,8 @@ from adaspec.bench.bound import turn_split
 from adaspec.bench.calibration import calibration
 from adaspec.bench.metrics import ROUGE_KEYS, corpus_bleu, gsm8k_accuracy, rouge
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
-from adaspec.config import PEERS
-from adaspec.errors import AdaspecError
+from adaspec.core.config import PEERS
+from adaspec.core.errors import AdaspecError
 
 BASELINE = "ar"
 REQUIRED = ("question_id", "category", "method", "new_tokens", "wall_s")

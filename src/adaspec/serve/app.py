@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from adaspec.api import batch_engine
-from adaspec.batch import BatchEngine
-from adaspec.config import (
+from adaspec.core.batch import BatchEngine
+from adaspec.core.config import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SEED,
@@ -41,10 +41,10 @@ from adaspec.config import (
     GenerationConfig,
     SamplingConfig,
 )
-from adaspec.decode import GenerationResult
-from adaspec.errors import AdaspecError
+from adaspec.core.decode import GenerationResult
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel, encode_prompt
 from adaspec.methods import MethodSpec, Runner, build_runner, parse_method
-from adaspec.models import LoadedModel, encode_prompt
 from adaspec.serve.errors import Aborted, ApiError, api_error
 from adaspec.serve.metrics import CountRequests, Metrics
 from adaspec.serve.policy import RequestPolicy, runner_key, server_paths
@@ -68,7 +68,7 @@ class ServerOptions:
     max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a request names none (capped by the context)
     drain_s: float = 30.0  # on shutdown, how long in-flight requests may run before they are ended
     runner_cache: int = 4  # runners kept, one per configuration (method, options, ignore_eos)
-    runner_cache_mib: float = 4096.0  # and fewer while the memory they took passes this
+    runner_cache_mib: float = 4096.0  # fewer runners kept while the memory they took passes this (MiB)
     max_body_bytes: int = 1 << 20  # a larger request body gets 413
     body_timeout_s: float = 30.0  # a body not read in full by then gets 408 (slow uploads)
     backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says

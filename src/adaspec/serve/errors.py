@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 log = logging.getLogger("adaspec.serve")
 

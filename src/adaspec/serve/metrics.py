@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adaspec.decode import GenerationResult
+from adaspec.core.decode import GenerationResult
 from adaspec.serve.errors import ApiError
 
 KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/health", "/metrics")

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 from adaspec.methods import OPTIONS, MethodSpec, ServerSide, parse_method
 from adaspec.serve.errors import ApiError
 from adaspec.serve.requests import Speculative
@@ -111,7 +111,7 @@ def server_paths(model_path: Path, artifacts: dict[str, Path]) -> Redactor:
     """The paths a message could leak: artifacts (by name), the model, the model cache, this package, Python's
     prefix and the home directory."""
     import adaspec
-    from adaspec.models import cache_root
+    from adaspec.core.models import cache_root
 
     return Redactor([*((p, name) for name, p in artifacts.items()), (model_path, "<model>"),
                      (cache_root(), "<cache>"), (Path(adaspec.__file__).parent, "<adaspec>"),

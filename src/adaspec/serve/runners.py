@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 from adaspec.methods import Runner
 from adaspec.serve.errors import ApiError
 

@@ -1,7 +1,7 @@
-"""Continuous batching: one thread runs the batched engine (batch.py) for every request whose method can decode
+"""Continuous batching: one thread runs the batched engine (core/batch.py) for every request whose method can decode
 batched, admitting queued requests into the running batch between steps (up to `max_batch`), prefilling long
 prompts in chunks while the others step, and handing each job its steps as they land (text deltas, stop strings,
-aborts: serve/worker.py's `Job`). Greedy answers do not depend on what else is in the batch (batch.py).
+aborts: serve/worker.py's `Job`). Greedy answers do not depend on what else is in the batch (core/batch.py).
 
 A request whose method cannot run batched (the transformers peers, R-Stitch, SpecBound, a model or EAGLE drafter,
 a backend other than the engine's) or that does not fit a batch slot's context runs alone between batches: while one
@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from adaspec.batch import BatchEngine, Request, Sequence
-from adaspec.decode import GenerationResult, Step
-from adaspec.errors import AdaspecError
+from adaspec.core.batch import BatchEngine, Request, Sequence
+from adaspec.core.decode import GenerationResult, Step
+from adaspec.core.errors import AdaspecError
 from adaspec.methods import Runner
 from adaspec.serve.errors import Aborted
 from adaspec.serve.text import TextStream

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from adaspec.config import GenerationConfig
-from adaspec.decode import GenerationResult, Step
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import GenerationResult, Step
 from adaspec.methods import Runner
 from adaspec.serve.errors import Aborted
 from adaspec.serve.text import TextStream

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from adaspec.models import LoadedModel
+from adaspec.core.models import LoadedModel
 from adaspec.train.prompts import Prompt
 
 
@@ -31,7 +31,7 @@ def read_corpus(path: Path) -> list[dict]:
 def fastest_dtype() -> str:
     """'bfloat16' where this CPU multiplies bf16 faster than fp32 (AMX / AVX512-BF16), else 'float32'.
 
-    Measured, not guessed: on AVX2-only CPUs bf16 matmuls are ~5x slower than fp32."""
+    Measured, not guessed: a CPU without native bf16 arithmetic (AVX2 only) emulates it, several times slower."""
     import time
 
     x, w = torch.randn(256, 576), torch.randn(1536, 576)
@@ -48,7 +48,7 @@ def fastest_dtype() -> str:
 
 def generation_dtype(device: str = "auto") -> str:
     """The dtype the corpus is generated in: on a CPU the one it multiplies fastest, on a GPU its default (bf16)."""
-    from adaspec.models import default_dtype, resolve_device
+    from adaspec.core.models import default_dtype, resolve_device
 
     where = resolve_device(device)
     return fastest_dtype() if where.type == "cpu" else default_dtype(where)
@@ -155,8 +155,8 @@ def build_corpus(model: LoadedModel, workdir: Path, seed: int = 0, direct: int =
     """Round 1: passages written by the target; round 2: direct prompts, then summarization/RAG prompts over
     the round-1 passages. Each round is a resumable JSONL in `workdir`, with its feature shards.
 
-    The defaults fit the 90-minute budget on a 2-core AVX2 machine (~75 tokens/s of batched fp32 generation):
-    about 150k completion tokens in ~35 minutes."""
+    The defaults make about 150k completion tokens, what the shipped drafters were trained on (benchmarks/README.md
+    "Trained drafters (shipped)" says how long that took)."""
     from adaspec.train.prompts import context_prompts, direct_prompts, passage_prompts
 
     first = generate_corpus(model, passage_prompts(passages, seed), workdir / "passages.jsonl", batch_size,

@@ -3,8 +3,9 @@
 The drafter is a Hugging Face causal LM with the target's width and tokenizer, a few decoder layers
 initialised from the target's, and the target's (frozen, shared) embeddings. It is trained to predict the
 target's next token on self-distillation data, with the loss over a reduced vocabulary: the `vocab` tokens
-the target emits most often. The reduced head is what makes drafting cheap (the full 49152 x 576 head costs
-about a third of a target step); the full-vocabulary model stays a valid standalone LM for peers.
+the target emits most often. The reduced head is what makes drafting cheap (a small
+model's full-vocabulary head is a large share of its step); the full-vocabulary model stays a valid standalone LM
+for peers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from adaspec.models import DRAFT_VOCAB_FILE, LoadedModel
+from adaspec.core.models import DRAFT_VOCAB_FILE, LoadedModel
 from adaspec.train import checkpoint
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaspec.drafters.eagle import EagleArtifact, EagleConfig, EagleHead
-from adaspec.models import LoadedModel
+from adaspec.core.drafters.eagle import EagleArtifact, EagleConfig, EagleHead
+from adaspec.core.models import LoadedModel
 from adaspec.train import checkpoint
 from adaspec.train.drafter import frequent_tokens, split_rows
 
@@ -184,10 +184,6 @@ def unrolled_loss(head: EagleHead, embed: torch.Tensor, lm_rows: torch.Tensor, b
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(device, non_blocking=True) for t in batch)
-
-
-def load_shards(paths: list[Path]) -> list[dict]:
-    return [item for p in paths for item in torch.load(p, weights_only=False)]
 
 
 def train_eagle(target: LoadedModel, rows: list[dict], items: list[dict], out: Path, config: EagleTrainConfig,

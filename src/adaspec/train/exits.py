@@ -27,17 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaspec.confidence import annealed_confidence
-from adaspec.config import (
+from adaspec.core.confidence import annealed_confidence
+from adaspec.core.config import (
     SPECBOUND_A,
     SPECBOUND_RANK,
     SPECBOUND_THRESHOLD,
     SPECBOUND_TRAIN_EXITS,
     SPECBOUND_VOCAB,
 )
-from adaspec.drafters.early_exit import ExitArtifact, ExitHeads
-from adaspec.errors import AdaspecError
-from adaspec.models import LoadedModel
+from adaspec.core.drafters.early_exit import ExitArtifact, ExitHeads
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel
 from adaspec.train import checkpoint
 from adaspec.train.data import read_corpus
 from adaspec.train.drafter import frequent_tokens, split_rows

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaspec.backends import TorchBackend
-from adaspec.config import GenerationConfig
-from adaspec.decode import StopCriteria, generate
-from adaspec.models import LoadedModel
-from adaspec.policies import FixedLength
+from adaspec.core.backends import TorchBackend
+from adaspec.core.config import GenerationConfig
+from adaspec.core.decode import StopCriteria, generate
+from adaspec.core.models import LoadedModel
+from adaspec.core.policies import FixedLength
 
 
 def acceptance_at_k(target: LoadedModel, drafter, prompts: list[list[int]], k: int = 5,

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from adaspec.backends.base import Backend
 from adaspec.bench.metrics import gsm8k_answer
-from adaspec.config import DEFAULT_SEED, ROUTER_LAMBDA, RSTITCH_TAU_DOWN, RSTITCH_TAU_UP, GenerationConfig
-from adaspec.decode import StopCriteria
-from adaspec.errors import AdaspecError
+from adaspec.core.backends.base import Backend
+from adaspec.core.config import DEFAULT_SEED, ROUTER_LAMBDA, RSTITCH_TAU_DOWN, RSTITCH_TAU_UP, GenerationConfig
+from adaspec.core.decode import StopCriteria
+from adaspec.core.errors import AdaspecError
 from adaspec.routing import FEATURES, ROUTER_FILE, LearnedRouter, Router, ThresholdRouter, forward_counts, stitch
 from adaspec.train.prompts import ITEMS, NAMES
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaspec.errors import AdaspecError
-from adaspec.models import LoadedModel
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import LoadedModel
 from adaspec.train.drafter import init_drafter
 
 

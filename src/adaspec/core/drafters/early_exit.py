@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaspec.backends.layered import LayeredBackend
-from adaspec.drafters.base import Draft, DraftContext
-from adaspec.errors import AdaspecError
-from adaspec.policies import ExitBound, LengthPolicy
-from adaspec.sampling import probs_from_logits, sample
+from adaspec.core.backends.layered import LayeredBackend
+from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import ExitBound, LengthPolicy
+from adaspec.core.sampling import probs_from_logits, sample
 
 CONFIG_FILE = "exits_config.json"
 WEIGHTS_FILE = "exits.safetensors"

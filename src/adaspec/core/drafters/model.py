@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from adaspec.backends.base import Backend
-from adaspec.drafters.base import Draft, DraftContext
-from adaspec.policies import LengthPolicy
-from adaspec.sampling import probs_from_logits, sample
+from adaspec.core.backends.base import Backend
+from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.policies import LengthPolicy
+from adaspec.core.sampling import probs_from_logits, sample
 
 
 class ModelDrafter:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 DEFAULT_MAX_NEW_TOKENS = 128
-# the k of sd, specdec and cmasd-tau: `auto` drafts what the backend's measured costs favour (policies.CostAware), so
+# the k of sd, specdec and cmasd-tau: `auto` drafts what the backend's measured costs favour (costmodel.CostAware), so
 # that no method's default is slower than plain decoding on a CPU where verifying costs nearly a step a position
 DEFAULT_DRAFT_LENGTH = "auto"
 DEFAULT_SEED = 0
@@ -26,13 +26,13 @@ BATCH_PREFILL_CHUNK = 256
 BATCH_COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 BATCH_COST_CONTEXT = 256  # the context (tokens per sequence) the batch cost curve is measured on
 BATCH_K_TABLE = {1: 5, 2: 4, 4: 3, 8: 2, 16: 1, 32: 0}
-# `adaspec serve --max-batch`: sequences decoded together. Measured on a 2-core AMD EPYC (llama.cpp, shipped Q4_1,
-# `adaspec costs --batch 16`): one call costs 10.2 ms for 1 position, 96 ms for 16 (6.0 a position), 170 ms for 32
-# (5.3): past 16 a step's wait grows for little more throughput.
+# `adaspec serve --max-batch`: sequences decoded together. On a CPU a call's cost grows nearly in proportion to the
+# positions it scores, so past about 16 sequences a step's wait grows for little more throughput (`adaspec costs
+# --batch N` measures the curve of a machine; benchmarks/README.md "Many sequences (batch load)").
 DEFAULT_MAX_BATCH = 16
 
-# CM-ASD and SpecDec (issue 5; README "CM-ASD" says how they were chosen). tau is in nats of the target's
-# log-probabilities; beta is SpecDec's top-beta.
+# CM-ASD and SpecDec (benchmarks/README.md "CM-ASD and SpecDec" says how they were chosen). tau is in nats of the
+# target's log-probabilities; beta is SpecDec's top-beta.
 CMASD_ALPHA = 0.5
 CMASD_K_MIN = 1
 CMASD_K_MAX = 8
@@ -40,13 +40,13 @@ CMASD_GAMMA = 0.05
 CMASD_TAU_BASE = 0.02
 CMASD_TAU_MODE = "intent"
 CMASD_EARLY_STOP = 1
-CMASD_COST = 1  # 1: cap the adaptive length by the length the backend's measured costs favour (policies.CostCapped)
+CMASD_COST = 1  # 1: cap the adaptive length by the length the backend's measured costs favour (costmodel.CostCapped)
 SPECDEC_BETA = 5
 SPECDEC_TAU = 0.1
 
-# R-Stitch (issue 8; README "R-Stitch"): thresholds on the normalised entropy H / log|V| of the model that is
-# generating. The small model hands a token to the large one when its entropy is above RSTITCH_TAU_UP; the large
-# one hands back when its own entropy is below tau_down (None: the same value, the paper's single threshold).
+# R-Stitch (benchmarks/README.md "R-Stitch and R-Stitch+"): thresholds on the normalised entropy H / log|V| of the
+# model that is generating. The small model hands a token to the large one when its entropy is above RSTITCH_TAU_UP;
+# the large one hands back when its own entropy is below tau_down (None: the same value, the paper's single threshold).
 # Starting points, to be tuned on the dev split with `adaspec sweep --base rstitch`.
 RSTITCH_TAU_UP = 0.05
 RSTITCH_TAU_DOWN: float | None = None
@@ -54,7 +54,7 @@ RSTITCH_TAU_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # `adaspec sweep --base rs
 # R-Stitch+: reward = accuracy - lambda * accuracy * latency (latency relative to the large model alone)
 ROUTER_LAMBDA = 0.5
 
-# SpecBound (issue 7; README "SpecBound"): early exits of the target itself. A drafted token exits after the first
+# SpecBound (benchmarks/README.md "SpecBound"): early exits of the target itself. A drafted token exits after the first
 # layer of SPECBOUND_EXITS whose annealed confidence max softmax(z / T_l), T_l = 1 + a (1 - l / L), reaches the
 # threshold; a token that reaches the deepest exit without exiting ends the draft; at most d_max tokens a step.
 # `adaspec train-exits` trains adapters for SPECBOUND_TRAIN_EXITS over a SPECBOUND_VOCAB-token exit head.
@@ -68,16 +68,17 @@ SPECBOUND_SWEEP = {"threshold": (0.5, 0.6, 0.7, 0.8, 0.9), "d_max": (2, 3, 4, 6)
 SPECBOUND_RANK = 0  # exit adapter: 0 = a full affine map (as the tuned lens), r > 0 = a rank-r residual update
 
 
-# Backends (issue 11; README "Backends and weight formats"): where a method's models run. `torch` runs the Hugging
+# Backends (benchmarks/README.md "Backends and weight formats"): where a method's models run. `torch` runs the Hugging
 # Face model; `llamacpp` runs the target's GGUF through llama.cpp (the optional extra `adaspec[llamacpp]`) in a
 # weight format converted once into the cache; backend `auto` is llamacpp where it is installed and the target is a
 # GGUF, else torch. The default format is "shipped", the GGUF file as it is: only it (and f32) hold the shipped
 # weights exactly. A Q4_1 block's values d*q + m need up to ~16 significant bits, so f16 keeps about 70 % of them
-# exactly and bf16 about 26 %: every other format is a slightly different model, opt-in (README table).
+# exactly and bf16 about 26 %: every other format is a slightly different model, opt-in.
 BACKENDS = ("auto", "torch", "llamacpp")
 DEFAULT_BACKEND = "auto"
 LLAMACPP_FORMATS = ("shipped", "q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
 DEFAULT_LLAMACPP_FORMAT = "shipped"
+
 
 @dataclass(frozen=True)
 class SamplingConfig:

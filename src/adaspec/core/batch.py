@@ -20,22 +20,17 @@ the same result whatever the other rows are (tests/test_batch.py checks both bac
 from __future__ import annotations
 
 import itertools
-import json
-import platform
-import statistics
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
-
-from adaspec.backends.batched import BatchBackend
-from adaspec.config import BATCH_COST_CONTEXT, BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
-from adaspec.decode import Decoding, GenerationResult, Step
-from adaspec.errors import AdaspecError
-from adaspec.machine import cpu_model
-from adaspec.policies import BatchCosts, BatchTable, token_rates
+from adaspec.core.backends.batched import BatchBackend
+from adaspec.core.config import BATCH_COST_CONTEXT, BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
+from adaspec.core.costmodel import BatchCosts, ContextCost, plan_lengths, token_rates
+from adaspec.core.decode import Decoding, GenerationResult, Step
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import BatchTable
 
 
 @dataclass
@@ -63,92 +58,10 @@ class Sequence:
     error: AdaspecError | None = None
 
 
-def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: float, costs: BatchCosts,
-                 extra: list[float] | None = None, fixed_extra: float = 0.0, split_ms: float = 0.0,
-                 fixed_lengths: Iterable[int] = ()) -> list[int]:
-    """The draft lengths k_i that maximise the call's expected tokens per ms.
-
-    gains[i][j] is the chance that sequence i's (j+1)-th drafted token is emitted as an accepted token (the product
-    of its per-token acceptance up to j: non-increasing in j). The call scores `fixed_positions` positions whatever
-    is drafted and emits `fixed_tokens` expected tokens from them; drafting m more tokens scores m more positions.
-    A call costs costs.ms(positions) plus what the measured curve leaves out: `fixed_extra` ms for the fixed positions,
-    extra[i] ms for each position drafted for sequence i (attention over a context longer than the curve's), and
-    `split_ms` for each row length beyond the first among the call's rows (a backend that runs rows of unequal length
-    as one pass per length: llama.cpp with a KV stream per sequence); `fixed_lengths` are the lengths of the rows the
-    rule does not set, and each sequence it sets has a row of k_i + 1. Drafted tokens are taken best gain per ms
-    first (a prefix of each sequence's, as gains do not rise), and the rule is one scan over m: maximise
-    (fixed_tokens + the m best gains) / (the call's cost with them)."""
-    extra = extra or [0.0] * len(gains)
-    base = max(fixed_positions, 1)
-    step = max((costs.ms(2 * base) - costs.ms(base)) / base, 1e-9)  # the curve's ms per further position
-    ranked = sorted(((g, i, j) for i, row in enumerate(gains) for j, g in enumerate(row)),
-                    key=lambda t: (-t[0] / (step + extra[t[1]]), t[1], t[2]))
-    rows = Counter(fixed_lengths)
-    rows[1] += len(gains)
-    ks = [0] * len(gains)
-
-    def cost(positions: int, added: float) -> float:
-        return costs.ms(positions) + added + split_ms * (len(rows) - 1)
-
-    best_m, best_rate = 0, fixed_tokens / cost(fixed_positions, fixed_extra)
-    tokens, added = fixed_tokens, fixed_extra
-    for m, (g, i, _) in enumerate(ranked, start=1):
-        tokens += g
-        added += extra[i]
-        rows[ks[i] + 1] -= 1
-        if not rows[ks[i] + 1]:
-            del rows[ks[i] + 1]
-        ks[i] += 1
-        rows[ks[i] + 1] += 1
-        rate = tokens / cost(fixed_positions + m, added)
-        if rate > best_rate:
-            best_m, best_rate = m, rate
-    ks = [0] * len(gains)
-    for _, i, _ in ranked[:best_m]:
-        ks[i] += 1
-    return ks
-
-
-class ContextCost:
-    """What a call costs beyond the measured curve, learned from the engine's own calls: `per_token` ms for each
-    position scored per token of its context beyond `context` (the curve's), and `per_split` ms for each row length
-    beyond the first in a call. Attention grows with the context and a batch does not share it, so on a long context
-    a drafted position costs about what a plain one does; and a backend that runs rows of unequal length as separate
-    passes (llama.cpp with a KV stream per sequence) pays a pass for each length a draft adds. Both make drafting
-    stop paying sooner than the curve says. Fitted by recency-weighted least squares through the origin of
-    (observed - curve) ms on (sum over rows of positions x context beyond, row lengths - 1), over calls that only
-    decode; the curve's own sizes spread positions evenly over the sequences, as plain decoding does."""
-
-    def __init__(self, context: int, decay: float = 0.98) -> None:
-        self.context, self.decay = context, decay
-        self.sums = [0.0] * 5  # decayed sums of x*x, x*d, d*d, x*r, d*r (r: observed - curve)
-        self.per_token = self.per_split = 0.0
-
-    def beyond(self, positions: int, end: int) -> float:
-        """The fit's first regressor for a row of `positions` positions ending at position `end`."""
-        return positions * max(0, end - positions // 2 - self.context)
-
-    def observe(self, curve_ms: float, ms: float, x: float, splits: int = 0) -> None:
-        if x <= 0 and splits <= 0:
-            return
-        r = ms - curve_ms
-        self.sums = [self.decay * s + v for s, v in zip(self.sums, (x * x, x * splits, splits * splits, x * r,
-                                                                      splits * r), strict=True)]
-        xx, xd, dd, xr, dr = self.sums
-        det = xx * dd - xd * xd
-        if det > 1e-9 * max(xx * dd, 1e-30):
-            a, b = (xr * dd - dr * xd) / det, (dr * xx - xr * xd) / det
-        else:  # one regressor never varied apart from the other: fit them one at a time
-            a, b = (xr / xx if xx else 0.0), (dr / dd if dd and not xx else 0.0)
-        if a < 0 or b < 0:  # a cost does not fall below the curve: refit the other one alone
-            a, b = (max(0.0, xr / xx) if xx else 0.0, 0.0) if b < 0 else (0.0, max(0.0, dr / dd) if dd else 0.0)
-        self.per_token, self.per_split = max(0.0, a), max(0.0, b)
-
-
 class BatchEngine:
     """Runs many `Request`s on one `BatchBackend`, at most `max_batch` at once (default: every slot).
 
-    `costs`: the measured cost of one call by total positions (policies.BatchCosts, measured on a context of
+    `costs`: the measured cost of one call by total positions (costmodel.BatchCosts, measured on a context of
     `cost_context` tokens); without it the drafts of cost-aware sequences are verified as their own policy says (no
     batch rule). What longer contexts and unequal rows add to it is learned from the engine's own calls
     (`ContextCost`) unless `learn` is off (`costs` then stand as given)."""
@@ -230,7 +143,8 @@ class BatchEngine:
         t0 = time.perf_counter()
         logits = self.backend.sync(wants)
         now = time.perf_counter()
-        if self.learn and self.costs is not None and not chunks and max(n for n, _ in new) <= BATCH_COST_SIZES[-1]:  # decoding only
+        decoding_only = not chunks and max(n for n, _ in new) <= BATCH_COST_SIZES[-1]
+        if self.learn and self.costs is not None and decoding_only:
             self.context_cost.observe(self.costs.ms(sum(n for n, _ in new)), 1000 * (now - t0),
                                       sum(self.context_cost.beyond(n, end) for n, end in new),
                                       len({n for n, _ in new}) - 1)
@@ -299,66 +213,3 @@ class BatchEngine:
         while not self.idle:
             self.step()
         return sequences
-
-
-
-def measure_costs(backend: BatchBackend, context: list[int], sizes: Iterable[int] = BATCH_COST_SIZES,
-                  repeats: int = 5) -> dict[int, float]:
-    """Median ms of one call scoring T positions in all, for each T in `sizes`: spread over min(T, slots) sequences
-    that each hold `context`, every position with logits (as verification needs). The sizes take turns in every
-    round, so a load that comes and goes weighs on all alike."""
-    sizes = sorted(set(sizes))
-    used = min(backend.slots, max(sizes))
-    for slot in range(used):  # prefill each slot's context, a chunk at a time
-        backend.reset(slot)
-        for end in range(BATCH_PREFILL_CHUNK, len(context) + BATCH_PREFILL_CHUNK, BATCH_PREFILL_CHUNK):
-            backend.sync([(slot, context[: min(end, len(context))], 0)])
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    extra = [(7919 * i + 17) % backend.vocab_size for i in range(max(sizes))]  # any ids will do
-    for _ in range(repeats):
-        for n in sizes:
-            b = min(n, used)
-            wants = []
-            for slot in range(b):
-                m = n // b + (slot < n % b)
-                backend.rollback(slot, len(context))
-                wants.append((slot, context + extra[:m], m))
-            t0 = time.perf_counter()
-            backend.sync(wants)
-            times[n].append(time.perf_counter() - t0)
-    for slot in range(used):
-        backend.reset(slot)
-    return {n: 1000 * statistics.median(t) for n, t in times.items()}
-
-
-def machine_costs(backend: BatchBackend, model_key: str, context_tokens: int = BATCH_COST_CONTEXT,
-                  refresh: bool = False) -> BatchCosts:
-    """`measure_costs` on a `context_tokens`-token context, cached per machine in ~/.cache/adaspec/batch_costs.json
-    by model, backend, slots, threads and CPU (a few seconds the first time)."""
-    from adaspec.models import cache_root
-
-    record = cache_root() / "batch_costs.json"
-    key = "|".join([model_key, backend.where, f"slots={backend.slots}", f"threads={torch.get_num_threads()}",
-                    f"context={context_tokens}", platform.machine(), cpu_model() or "cpu"])
-    try:
-        cached = json.loads(record.read_text()) if record.is_file() else {}
-    except json.JSONDecodeError:
-        cached = {}
-    if refresh or key not in cached:
-        context = [(100 + 7919 * i) % backend.vocab_size for i in range(context_tokens)]
-        cached[key] = {str(n): round(ms, 3) for n, ms in measure_costs(backend, context).items()}
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(cached, indent=1))
-    return BatchCosts({int(n): float(ms) for n, ms in cached[key].items()})
-
-
-
-def rule_table(costs: BatchCosts, alphas: Iterable[float] = (0.5, 0.7, 0.9),
-               batches: Iterable[int] = (1, 2, 4, 8, 16, 32), k_max: int = 8) -> dict[float, dict[int, float]]:
-    """{alpha: {batch size: mean tokens drafted per sequence}}: what the cost rule picks for a batch of sequences
-    whose drafted tokens are each kept with chance alpha (`adaspec costs --batch`)."""
-    table: dict[float, dict[int, float]] = {}
-    for a in alphas:
-        gains = [a ** (j + 1) for j in range(k_max)]
-        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs)) / b for b in batches}
-    return table

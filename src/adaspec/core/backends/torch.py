@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from adaspec.backends.base import Backend
-from adaspec.backends.lean import LeanLlama, lean_unsupported
-from adaspec.cache import StaticKV, crop_cache, new_cache
-from adaspec.config import TORCH_CACHE_LEN
-from adaspec.errors import AdaspecError
+from adaspec.core.backends.base import Backend
+from adaspec.core.backends.lean import LeanLlama, lean_unsupported
+from adaspec.core.cache import StaticKV, crop_cache, new_cache
+from adaspec.core.config import TORCH_CACHE_LEN
+from adaspec.core.errors import AdaspecError
 
 
 class TorchBackend(Backend):

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from adaspec.errors import AdaspecError
-from adaspec.models import BUNDLED, LoadedModel, bundled_gguf, cache_root
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import BUNDLED, LoadedModel, bundled_gguf, cache_root
 
 ARCH = "llama"
 FTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -195,7 +195,7 @@ def target_gguf(target_name: str) -> Path:
 
 def drafter_source(spec: str, target_name: str) -> Path:
     """DRAFTER -> its directory: 'small' (shipped for the target) or a local Hugging Face model directory."""
-    from adaspec.drafters.shipped import shipped
+    from adaspec.core.drafters.shipped import shipped
 
     if spec in SHIPPED_KINDS:
         path = shipped(Path(target_name).stem if target_name != BUNDLED else BUNDLED, spec)
@@ -229,8 +229,8 @@ def prepare_out(out: Path) -> Path:
 
 def load_for_export(spec: str, target_name: str = BUNDLED) -> LoadedModel:
     """The drafter as a full fp32 model: a compact shipped-format one gets the target's embeddings."""
-    from adaspec.drafters.shipped import is_standalone_dir, load_standalone
-    from adaspec.models import load_model
+    from adaspec.core.drafters.shipped import is_standalone_dir, load_standalone
+    from adaspec.core.models import load_model
 
     path = drafter_source(spec, target_name)
     if is_standalone_dir(path):

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaspec.backends.base import Backend, llamacpp_where
-from adaspec.backends.batched import BatchBackend, Row
-from adaspec.config import BATCH_CONTEXT, LLAMACPP_FORMATS
-from adaspec.errors import AdaspecError
+from adaspec.core.backends.base import Backend, llamacpp_where
+from adaspec.core.backends.batched import BatchBackend, Row
+from adaspec.core.config import BATCH_CONTEXT, LLAMACPP_FORMATS
+from adaspec.core.errors import AdaspecError
 
 INSTALL_HINT = ("pip install 'adaspec[llamacpp]', or `bash scripts/setup.sh`, which builds it the batch-invariant "
                 "way; llama-cpp-python builds from source, about 10 minutes on 2 cores")
@@ -111,13 +111,12 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
     """What the installed llama.cpp build does with `gguf`: {"works": it scores a batch of positions without
     crashing, "flash_exact": flash attention keeps a position's logits the same alone and in a batch,
     "flash_faster": flash attention runs a 600-token prefill and 128 one-position steps after it faster, with the
-    times of both}. Flash attention prefills faster; its one-row kernel decodes faster on one CPU (an AMD EPYC:
-    9.6 against 10.0 ms a token at a 671-token context) and much slower on another (an Intel Xeon: 24 against 14
-    ms at 1000), so it is measured, not assumed. Probed once
-    per build and thread count in a child process, because a build can crash outright (ggml's AMX kernels, compiled
+    times of both}. Flash attention prefills faster; its one-row kernel decodes faster on some CPUs and much slower
+    on others (benchmarks/README.md "Backends and weight formats"), so it is measured, not assumed. Probed once per
+    build and thread count in a child process, because a build can crash outright (ggml's AMX kernels, compiled
     in by -march=native, take every batch and crash where the kernel hands a process no AMX state, as in some
     VMs), and cached in ~/.cache/adaspec/llamacpp.json. Raises if the build crashes."""
-    from adaspec.models import cache_root
+    from adaspec.core.models import cache_root
 
     if not gguf.is_file():
         raise AdaspecError(f"GGUF file {gguf} not found")
@@ -342,7 +341,7 @@ class LlamaCppModel:
 
     def logits(self, outputs: int) -> torch.Tensor:
         """Logits of the last decode's output positions -> [outputs, V] float32 (a copy: one memmove, the cheapest
-        way across, which matters at ~0.1 ms of a ~8 ms step)."""
+        way across, as it happens every step)."""
         out = torch.empty(outputs, self.n_vocab)
         ctypes.memmove(out.data_ptr(), self.lc.llama_get_logits(self.ctx), out.numel() * 4)
         return out
@@ -360,7 +359,7 @@ class LlamaCppModel:
         self.embeddings = on
 
     def truncate(self, length: int) -> None:
-        if length == 0:  # the positions only: zeroing the buffers too (data=True) costs ~20 ms for an 8k context
+        if length == 0:  # the positions only: zeroing the buffers too (data=True) writes the whole cache
             self.lc.llama_memory_clear(self.memory, False)
         elif not self.lc.llama_memory_seq_rm(self.memory, 0, length, -1):
             raise AdaspecError(f"llama.cpp could not roll its cache back to {length} positions")
@@ -474,7 +473,7 @@ class LlamaCppBatchBackend(BatchBackend):
         self.llm.truncate_seq(slot, length)
 
 
-if __name__ == "__main__":  # probe_build's child: python -m adaspec.backends.llamacpp GGUF THREADS
+if __name__ == "__main__":  # probe_build's child: python -m adaspec.core.backends.llamacpp GGUF THREADS
     try:
         print(json.dumps(_probe(Path(sys.argv[1]), int(sys.argv[2]))))
     except AdaspecError as e:

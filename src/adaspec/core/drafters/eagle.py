@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from adaspec.backends.base import Backend, common_prefix
-from adaspec.drafters.base import Draft, DraftContext
-from adaspec.errors import AdaspecError
-from adaspec.policies import LengthPolicy
-from adaspec.sampling import probs_from_logits, sample
+from adaspec.core.backends.base import Backend, common_prefix
+from adaspec.core.backends.lean import causal_mask, rms_norm, rope
+from adaspec.core.cache import StaticKV
+from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import LengthPolicy
+from adaspec.core.sampling import probs_from_logits, sample
 
 CONFIG_FILE = "eagle_config.json"
 WEIGHTS_FILE = "eagle_head.safetensors"
@@ -62,42 +64,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, Llama's rotate-half convention. x [B, heads, T, D], positions [T]."""
+    """Rotary embedding (Llama's rotate-half convention) at `positions` from the base `theta`: the head computes
+    its angles itself, the rotation is the lean forward's. x [B, heads, T, D], positions [T]."""
     d = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))  # [D/2]
     angles = positions.float()[:, None] * inv[None]  # [T, D/2]
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)  # [T, D]
-    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
-@dataclass
-class KV:
-    """This head's own KV cache: [1, kv_heads, S, D] each, cropped by position."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], 2)
-        self.v = v if self.v is None else torch.cat([self.v, v], 2)
-        return self.k, self.v
-
-    def crop(self, length: int) -> None:
-        if length == 0:
-            self.k = self.v = None
-        elif self.k is not None:
-            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+    sin = torch.cat([-angles.sin(), angles.sin()], -1).to(x.dtype)  # [T, D], first half negated (lean.rope)
+    return rope(x, cos, sin)
 
 
 class EagleHead(nn.Module):
@@ -154,18 +132,22 @@ class EagleHead(nn.Module):
         h = self.post_attention_layernorm(x)
         return self.norm(x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
 
-    def step(self, features: torch.Tensor, embeds: torch.Tensor, start: int, cache: KV) -> torch.Tensor:
-        """Run positions start .. start+T-1 on top of `cache` (which holds positions < start); [1, T, H]."""
+    def step(self, features: torch.Tensor, embeds: torch.Tensor, start: int, cache: StaticKV) -> torch.Tensor:
+        """Run rotary positions start .. start+T-1 on top of `cache` (one layer, one row: the positions before
+        them); [1, T, H]. The cache grows by T."""
         t = features.shape[1]
+        cache.check_room(1, t)
         positions = torch.arange(start, start + t, device=features.device)
         x, q, k, v = self.project(features, embeds, positions)
-        k, v = cache.append(k, v)
-        mask = None
-        if t > 1:  # causal, aligned to the end of the keys
-            s = k.shape[2]
-            keys, queries = torch.arange(s, device=k.device), torch.arange(s - t, s, device=k.device)
-            mask = keys[None, :] <= queries[:, None]  # [T, S]
+        mask = causal_mask(cache.length, t, device=features.device)  # [T, S], None for one position
+        k, v = cache.write(0, k, v)  # [1, kv_heads, S, D] each
+        cache.advance(t)
         return self.finish(x, q, k, v, mask)
+
+    def new_cache(self, capacity: int, device: torch.device | str | None = None) -> StaticKV:
+        """An empty cache for `step` of up to `capacity` positions."""
+        c = self.config
+        return StaticKV(1, c.kv_heads, c.head_dim, capacity, next(self.parameters()).dtype, 1, device)
 
 
 @dataclass
@@ -231,10 +213,11 @@ class EagleDrafter:
         self.lm_rows = model.get_output_embeddings().weight[self.vocab].detach().to(dtype).contiguous()  # [v, H]
         self.dtype = dtype
         self.vocab_size = int(model.config.vocab_size)
+        self.cache = self.head.new_cache(target.max_context, self.device)  # the target's context fits
         self.reset()
 
     def reset(self) -> None:
-        self.cache = KV()
+        self.cache.crop(0)
         self.features = torch.empty(0, self.head.config.hidden, device=self.device)  # [F, H] target features f_0..
         self.consumed: list[int] = []  # tokens x_1..x_C behind the cached positions 1..C
 
@@ -291,15 +274,3 @@ class EagleDrafter:
         self.cache.crop(len(self.consumed))  # forget positions drafted from predicted features
         return Draft(tokens, None if ctx.sampling.greedy else torch.stack(probs), confidence,
                      torch.stack(rows) if rows else None)  # logits [k, V]
-
-
-def param_count(head: EagleHead) -> int:
-    return sum(p.numel() for p in head.parameters())
-
-
-def expected_cost_mac(config: EagleConfig, vocab: int) -> int:
-    """Multiply-accumulates per drafted token, attention excluded: fc + layer + reduced head."""
-    h, kvd = config.hidden, config.kv_heads * config.head_dim
-    return 2 * h * h + 2 * h * h + 2 * h * kvd + 3 * h * config.intermediate + vocab * h
-
-

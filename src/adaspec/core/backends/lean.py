@@ -7,7 +7,7 @@ only copies: the fused QKV and gate-up matrices), takes RoPE from a table precom
 rotary embedding, and writes keys and values into a `StaticKV`.
 
 In bf16 the matrices are repacked once for oneDNN (`Linear`, a copy of every matrix): the same products, bit
-for bit, at about 1.7x the memory bandwidth of `F.linear` on one-row inputs (a decoding step's cost is
+for bit, read at a higher memory bandwidth than `F.linear` reaches on one-row inputs (a decoding step's cost is
 reading the weights).
 
 One decoder layer (pre-norm, as `LlamaDecoderLayer`):
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from adaspec.cache import StaticKV
+from adaspec.core.cache import StaticKV
 
 LEAN_MODEL_TYPES = ("llama",)
 LEAN_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # one table for every position (no dynamic scaling)
@@ -45,7 +45,7 @@ def lean_unsupported(model: PreTrainedModel) -> str | None:
 
 class Linear:
     """x @ W.T for one dtype. bf16 on a CPU with oneDNN: W repacked once into oneDNN's blocked layout (a copy)
-    and multiplied by oneDNN (bit-identical to `F.linear`, about twice its bandwidth on a one-row input, where
+    and multiplied by oneDNN (bit-identical to `F.linear`, and faster on a one-row input, where
     `F.linear` goes through a generic bf16 GEMM); otherwise `F.linear` on W itself."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaspec.config import SamplingConfig
+from adaspec.core.config import SamplingConfig
 
 
 def probs_from_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -35,10 +35,3 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     if generator is not None and probs.device != generator.device:
         probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def choose(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """Next token from logits [V]: argmax when greedy, else a draw from the warped distribution."""
-    if sampling.greedy:
-        return int(logits.argmax())
-    return sample(probs_from_logits(logits, sampling), generator)

@@ -17,9 +17,9 @@ from typing import Protocol
 
 import torch
 
-from adaspec.config import CMASD_TAU_MODE, SPECDEC_BETA, SPECDEC_TAU, SamplingConfig
-from adaspec.errors import AdaspecError
-from adaspec.sampling import probs_from_logits, sample
+from adaspec.core.config import CMASD_TAU_MODE, SPECDEC_BETA, SPECDEC_TAU, SamplingConfig
+from adaspec.core.errors import AdaspecError
+from adaspec.core.sampling import probs_from_logits, sample
 
 TAU_MODES = ("intent", "literal")
 # tau is capped here in the sampled rule: e^80 * p >= 1 >= q wherever p > 2e-35, so a larger tau changes nothing,

@@ -8,8 +8,8 @@ from typing import Protocol
 
 import torch
 
-from adaspec.config import SamplingConfig
-from adaspec.policies import LengthPolicy
+from adaspec.core.config import SamplingConfig
+from adaspec.core.policies import LengthPolicy
 
 Scorer = Callable[[torch.Tensor], float]  # a drafted position's logits [V] -> its confidence in [0, 1]
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from adaspec.errors import AdaspecError
-from adaspec.models import DRAFT_VOCAB_FILE, LoadedModel
+from adaspec.core.errors import AdaspecError
+from adaspec.core.models import DRAFT_VOCAB_FILE, LoadedModel
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 STANDALONE_MARKER = "adaspec_drafter.json"
 WEIGHTS = "model.safetensors"
-KINDS = ("eagle", "small")
 
 
 def shipped(target_name: str, kind: str) -> Path | None:

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from adaspec.backends.base import Backend, common_prefix
-from adaspec.backends.lean import LeanLlama, lean_unsupported, rms_norm
-from adaspec.backends.lean import causal_mask as lean_mask
-from adaspec.cache import StaticKV, new_cache
-from adaspec.config import TORCH_CACHE_LEN
-from adaspec.errors import AdaspecError
+from adaspec.core.backends.base import Backend, common_prefix
+from adaspec.core.backends.lean import LeanLlama, lean_unsupported, rms_norm
+from adaspec.core.backends.lean import causal_mask as lean_mask
+from adaspec.core.cache import StaticKV, new_cache
+from adaspec.core.config import TORCH_CACHE_LEN
+from adaspec.core.errors import AdaspecError
 
 LAYERED_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # embeddings unscaled, pre-norm decoder layers, one RoPE
 

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 
 class StaticKV:

@@ -13,21 +13,21 @@ scores its candidates by frequency):
   (agreement = count / (occurrences + 1)). `ACCEPTANCE` maps them to a probability; it was measured by replaying
   the bundled model's greedy outputs on the Spec-Bench dev split (every turn, llama.cpp) through this drafter,
   23k proposals: from 0.15 (m = 1, agreement < 0.5) to 0.999 (m > 12, agreement >= 0.75). It is a prior: CostAware
-  refines it online per confidence bin (policies.py), and CM-ASD reads it as the drafter's confidence (a copy has
+  refines it online per confidence bin (costmodel.py), and CM-ASD reads it as the drafter's confidence (a copy has
   no logits for the entropy and margin metrics).
 
 The search is a table per n-gram size from each n-gram to its starts and to the tokens that followed it, extended
 with the tokens added since the last call: a step costs what it adds, not a scan of the whole context (a backward
-scan of a 700-token prompt costs ~0.1 ms in Python, ~1 % of a llama.cpp step)."""
+scan costs Python time in proportion to the context, every step)."""
 
 from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
 
-from adaspec.drafters.base import Draft, DraftContext
-from adaspec.errors import AdaspecError
-from adaspec.policies import LengthPolicy
+from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import LengthPolicy
 
 # P(the target keeps a copied token | it keeps the ones before it) by match-length bin and agreement bin, measured
 # on the dev split (module docstring). Match-length bins: upper bounds of m; agreement bins: < 0.5, < 0.75, >= 0.75.

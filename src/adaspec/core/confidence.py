@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspec.errors import AdaspecError
+from adaspec.core.errors import AdaspecError
 
 METRICS = ("entropy", "margin", "softmax")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from adaspec.backends.base import common_prefix, torch_where
-from adaspec.backends.lean import LeanLlama, lean_unsupported, rms_norm, rope
-from adaspec.config import BATCH_CONTEXT
-from adaspec.errors import AdaspecError
+from adaspec.core.backends.base import common_prefix, torch_where
+from adaspec.core.backends.lean import LeanLlama, lean_unsupported, rms_norm, rope
+from adaspec.core.config import BATCH_CONTEXT
+from adaspec.core.errors import AdaspecError
 
 
 @dataclass(frozen=True)
