@@ -42,7 +42,9 @@ from adaspec.core.errors import AdaspecError
 INSTALL_HINT = ("pip install 'adaspec[llamacpp]', or `bash scripts/setup.sh`, which builds it the batch-invariant "
                 "way; llama-cpp-python builds from source, about 10 minutes on 2 cores")
 FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # llama_ftype values
-FTYPE_NAMES = {v: k for k, v in FTYPES.items()}
+FTYPE_NAMES = {v: k for k, v in FTYPES.items()} | {  # formats a GGUF may come in, named in records
+    8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m",
+    16: "q5_k_s", 17: "q5_k_m", 18: "q6_k"}
 
 
 def llama_cpp():
