@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaspec.core.config import SamplingConfig
-from adaspec.core.sampling import choose, probs_from_logits, sample
+from adaspec.core.sampling import probs_from_logits, sample
 
 PROBS = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
 LOGITS = torch.log(PROBS)
@@ -92,16 +92,6 @@ def test_minus_infinity_logits_get_zero_probability():
     for sampling in (SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.5, top_k=4, top_p=0.95)):
         p = probs_from_logits(logits, sampling)
         assert p[0] == 0 and p[2] == 0 and torch.isclose(p.sum(), torch.tensor(1.0))
-
-
-def test_choose_is_argmax_when_greedy_and_a_seeded_draw_otherwise():
-    assert choose(LOGITS, SamplingConfig(), None) == 1
-    draws = [choose(LOGITS, SamplingConfig(temperature=1.0, top_k=2), torch.Generator().manual_seed(s))
-             for s in range(200)]
-    assert set(draws) == {1, 3}
-    again = [choose(LOGITS, SamplingConfig(temperature=1.0, top_k=2), torch.Generator().manual_seed(s))
-             for s in range(200)]
-    assert draws == again
 
 
 def test_sample_follows_the_probabilities():
