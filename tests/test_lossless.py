@@ -19,7 +19,7 @@ from adaspec.backends import TorchBackend
 from adaspec.config import GenerationConfig, SamplingConfig
 from adaspec.decode import generate
 from adaspec.drafters import ModelDrafter, PromptLookupDrafter
-from adaspec.methods import cmasd_parts, parse_method
+from adaspec.methods import parse_method
 from adaspec.policies import FixedLength
 from adaspec.sampling import probs_from_logits, sample
 from adaspec.verify import speculative_sampling
@@ -169,7 +169,7 @@ def test_reduced_vocabulary_drafter_is_lossless(target, joints):
 def test_cmasd_k_early_stop_is_lossless(target, drafter, joints):
     # the early stop decides after the t-th token from C_1..C_t, confidences of positions whose distributions
     # depend only on earlier tokens: whether a token is verified never depends on that token or later ones
-    parts = cmasd_parts(parse_method("cmasd-k:k_max=3,alpha=3.4"))
+    parts = parse_method("cmasd-k:k_max=3,alpha=3.4").options.parts()
     draws = draw(target, T1, drafter, max_new=TOKENS + 1, policy=parts.policy, confidence=parts.confidence)
     assert_both_paths_ran(draws)
     assert min(draws.first_lengths[2], draws.first_lengths[3]) > N // 10  # the sampled token moves the stop
