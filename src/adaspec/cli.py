@@ -49,6 +49,8 @@ BackendKind = Annotated[str, typer.Option("--backend", help="where methods run u
                                                        "llamacpp (the target's GGUF on llama.cpp, the `llamacpp` "
                                                        "extra)")]
 METHOD = f"method spec NAME[:key=value,...] (`adaspec methods` lists their options); NAME: {', '.join(names())}"
+PATH_OPTIONS = " or ".join(sorted({f"{name}=" for m in methods() for name, f in m.fields.items()
+                                   if f.server_side is not None and not f.server_side.writes}))
 WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: shipped (the GGUF as it is, "
                                                          "the default) | q4_0 | q4_1 | q8_0 | f16 | bf16 | f32 "
                                                          "(converted once; all but f32 round the shipped weights)")]
@@ -588,8 +590,7 @@ def serve(
         help="methods a request's `speculative` may choose, comma-separated (none: only --method)",
         show_default="all")] = None,
     artifact: Annotated[list[str] | None, typer.Option(
-        help="NAME=PATH a request may name as drafter=, router= or adapters= (repeatable); requests never name "
-             "paths")] = None,
+        help=f"NAME=PATH a request may name as {PATH_OPTIONS} (repeatable); requests never name paths")] = None,
     allow_format: Annotated[list[str] | None, typer.Option(
         help="llama.cpp weight format a request's format= may name, converted once into the cache (repeatable)")]
     = None,

@@ -141,7 +141,8 @@ def sweep_point(spec: str, opts: SweepOptions, baseline: list[dict], models: Mod
     questions = [q for q in questions_of(opts) if q.question_id in answered]
     records = list(run_method(spec, opts, models, questions, progress))
     fields = method_fields(records, {r["question_id"]: r for r in baseline}).to_json()
-    point = {k: v for k, v in parse_method(spec).options.items() if isinstance(v, int | float)}
+    parsed = parse_method(spec)
+    point = {k: v for k in parsed.given if isinstance(v := getattr(parsed.options, k), int | float)}
     q = quality(fields)
     return {"key": spec, "spec": spec, **point, **fields, "quality": None if q is None else round(q, 4)}
 

@@ -17,6 +17,7 @@ from adaspec.backends import Backend
 from adaspec.config import BackendChoice, GenerationConfig
 from adaspec.decode import StopCriteria
 from adaspec.errors import AdaspecError
+from adaspec.methods.drafting import DrafterChoice
 from adaspec.methods.options import Field, Options, ServerSide, fields_of, sweep_grid
 from adaspec.methods.placement import backend_choice, target_backend
 from adaspec.methods.runners import Runner, stop_criteria
@@ -43,7 +44,7 @@ class BuildContext:
     """What a method's build gets besides its spec."""
 
     target: LoadedModel
-    drafter: object  # what --drafter loaded (methods.drafting.DrafterChoice), None: the method's default
+    drafter: DrafterChoice | None  # what --drafter loaded; None: the method's default
     config: GenerationConfig
     backend: BackendChoice | None = None  # where methods run unless their spec says (None: the defaults)
 
@@ -58,15 +59,18 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method. `lossless`: at its defaults, greedy output equals ar's and sampled output follows the
+    target's law (the exactness suites check every such method: tests/exactness.py). `peer`: another project's
+    decoding of the same model, measured against ours. `costs`: its cost is the target's verify cost plus its
+    drafter's, as costs.json measures them (bench/bound.py's expected speedup applies)."""
+
     name: str
     options: type[Options]
     build: Callable[[MethodSpec, BuildContext], Runner]
-    about: str  # one line: what it is (the CLI's method help)
-    lossless: bool = False  # at its defaults, greedy output equals ar's and sampled output follows the target's law:
-    # the exactness and chi-square suites (tests/exactness.py) check every such method
-    peer: bool = False  # another project's decoding of the same model, measured against ours
-    costs: bool = False  # its cost is the target's verify cost plus its drafter's, as costs.json measures them
-    # (bench/bound.py's expected speedup applies)
+    about: str  # one line: what it is (`adaspec methods`)
+    lossless: bool = False
+    peer: bool = False
+    costs: bool = False
 
     @property
     def fields(self) -> dict[str, Field]:
@@ -110,7 +114,7 @@ def methods() -> list[Method]:
 
 def _items(method: Method, rest: str, text: str) -> list[tuple[str, str]]:
     """The `key=value` items after the method's name; a list option goes on over the bare items after it."""
-    fields = fields_of(method.options)
+    fields = method.fields
     items: list[tuple[str, str]] = []
     for item in filter(None, (s.strip() for s in rest.split(","))):
         if "=" not in item and items and items[-1][0] in fields and fields[items[-1][0]].items:
@@ -126,8 +130,7 @@ def _items(method: Method, rest: str, text: str) -> list[tuple[str, str]]:
 def _read(method: Method, field: Field | None, key: str, value: object, label: str,
           server_side: ServerCheck | None) -> object:
     if field is None:
-        allowed = fields_of(method.options)
-        hint = f"options: {', '.join(allowed)}" if allowed else "it takes no options"
+        hint = f"options: {', '.join(method.fields)}" if method.fields else "it takes no options"
         raise AdaspecError(f"method '{method.name}' has no option '{key}'; {hint}")
     try:
         out = field.read(value)
@@ -151,8 +154,7 @@ def parse_method(text: str, server_side: ServerCheck | None = None,
     extra = list((options or {}).items())
     label = text + ("," if ":" in text else ":") + ",".join(f"{k}={v}" for k, v in extra) if extra else text
     given: Iterable[tuple[str, object]] = [*_items(method, rest, text), *extra]
-    fields = fields_of(method.options)
-    values = {key: _read(method, fields.get(key), key, value, label, server_side) for key, value in given}
+    values = {key: _read(method, method.fields.get(key), key, value, label, server_side) for key, value in given}
     try:
         return MethodSpec(name, method.options(**values), label, tuple(values))
     except AdaspecError as e:
@@ -174,7 +176,7 @@ def split_specs(text: str) -> list[str]:
     return specs
 
 
-def build_runner(spec: MethodSpec, target: LoadedModel, drafter: object, config: GenerationConfig,
+def build_runner(spec: MethodSpec, target: LoadedModel, drafter: DrafterChoice | None, config: GenerationConfig,
                  backend: BackendChoice | None = None) -> Runner:
     """A runner for `spec`. `drafter` is what --drafter loaded (a model, an EAGLE head, 'lookup', or None: the
     method's default); `backend` is where methods run whose spec does not say (methods without backend options run
