@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import perturbed_llama, random_prompt, tiny_backend, tiny_llama
+from conftest import perturbed_llama, random_prompt, save_tiny, tiny_backend, tiny_llama
 from scipy.stats import chisquare
 
 from adaspec.backends import TorchBackend
@@ -464,19 +464,6 @@ def test_report_has_the_ablation_table_and_calibration_section(tmp_path):
 
 
 # --- adaspec sweep, on a tiny model directory -------------------------------------------------------------------
-
-def save_tiny(path, model) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(63)} | {"[UNK]": 63}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    model.config.eos_token_id = None  # run to the token budget
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import full_logits, naive_greedy, random_prompt, tiny_llama
+from conftest import damped_llama, full_logits, naive_greedy, random_prompt, tiny_llama
 
 from adaspec.backends import TorchBackend
 from adaspec.backends.layered import LayeredBackend
@@ -29,17 +29,6 @@ from adaspec.models import LoadedModel
 from adaspec.policies import ExitBound
 
 LAYERS = 6
-
-
-def damped_llama(seed: int, damp: float = 0.3, scale: float = 40.0, **kwargs):
-    """A tiny Llama whose layers from the third on add `damp` times their usual update: exits after 1, 2 or 4
-    layers often predict the final token; the LM head is scaled so that exits can be confident."""
-    model = tiny_llama(seed, layers=LAYERS, scale=scale, **kwargs)
-    with torch.no_grad():
-        for layer in model.model.layers[2:]:
-            layer.self_attn.o_proj.weight.mul_(damp)
-            layer.mlp.down_proj.weight.mul_(damp)
-    return model
 
 
 def specbound(model, exits=(1, 2, 4), threshold=0.35, a=1.0, d_max=4, artifact=None, lean=None):
