@@ -149,9 +149,9 @@ async def drive(url: str, prompts: list[str], clients: int, requests: int, args:
 
 REFERENCE = """
 import json, sys, time
-from adaspec.config import BackendChoice, GenerationConfig
+from adaspec.core.config import BackendChoice, GenerationConfig
 from adaspec.methods import build_runner, load_drafter, parse_method
-from adaspec.models import encode_prompt, load_model
+from adaspec.core.models import encode_prompt, load_model
 
 method, threads, max_tokens, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 prompts = json.loads(sys.stdin.read())

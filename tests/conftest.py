@@ -27,11 +27,26 @@ def tiny_llama(seed: int, vocab: int = 64, layers: int = 2, scale: float = 1.0, 
 def perturbed_llama(seed: int, noise: float, noise_seed: int = 99, **kwargs):
     """`tiny_llama(seed, **kwargs)` with every weight jittered by `noise` times its own std: a drafter that
     agrees with that target often but not always (accepts, partial accepts and rejections all happen)."""
-    model = tiny_llama(seed, **kwargs)
+    return jittered(tiny_llama(seed, **kwargs), noise, noise_seed)
+
+
+def jittered(model, noise: float, noise_seed: int = 99):
+    """`model` (in place) with every weight jittered by `noise` times its own std."""
     generator = torch.Generator().manual_seed(noise_seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(noise * p.std() * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def damped_llama(seed: int, damp: float = 0.3, scale: float = 40.0, layers: int = 6, **kwargs):
+    """A tiny Llama whose layers from the third on add `damp` times their usual update: early exits (SpecBound's)
+    after 1, 2 or 4 layers often predict the final token; the LM head is scaled so that exits can be confident."""
+    model = tiny_llama(seed, layers=layers, scale=scale, **kwargs)
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.mul_(damp)
+            layer.mlp.down_proj.weight.mul_(damp)
     return model
 
 
@@ -56,3 +71,17 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
     """Logits [T, V] of a fresh, cache-free forward of `ids`."""
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def save_tiny(path, model) -> None:
+    """`model` saved as a local Hugging Face model directory with a 64-word tokenizer (w0 .. w62), no EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(63)} | {"[UNK]": 63}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.config.eos_token_id = None  # run to the token budget
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import perturbed_llama, random_prompt, tiny_backend, tiny_llama
+from conftest import perturbed_llama, random_prompt, save_tiny, tiny_backend, tiny_llama
 from scipy.stats import chisquare
 
 from adaspec.bench.calibration import calibrate, calibration, ranks, spearman
@@ -32,7 +32,7 @@ from adaspec.core.verify import (
     speculative_sampling,
     top_beta_tau_accept,
 )
-from adaspec.methods import cmasd_parts, parse_method, split_specs
+from adaspec.methods import parse_method, split_specs
 
 MAX_NEW = 24
 CONFIG = GenerationConfig(max_new_tokens=MAX_NEW)
@@ -58,7 +58,7 @@ def ar_outputs(target) -> list[list[int]]:
 
 
 def run(spec: str, target, drafter, prompt, config=CONFIG):
-    parts = cmasd_parts(parse_method(spec))
+    parts = parse_method(spec).options.parts()
     return generate(target, prompt, config, drafter, parts.policy, parts.rule, confidence=parts.confidence)
 
 
@@ -362,15 +362,15 @@ def test_options_a_method_lacks_or_of_the_wrong_type_are_refused(spec, message):
 
 def test_method_parts_compose_as_documented():
     spec = parse_method("cmasd:alpha=0.8,gamma=1.0,tau_base=0.1,beta=5,k_min=1,k_max=8")
-    parts = cmasd_parts(spec)
+    parts = spec.options.parts()
     assert parts.policy == ConfidenceLength(0.8, 1, 8, bool(CMASD_EARLY_STOP))
     assert parts.rule == TopBetaTau(5, 0.1, 1.0, "intent") and parts.confidence is not None
-    specdec = cmasd_parts(parse_method("specdec:k=4,beta=3,tau=0.2"))
+    specdec = parse_method("specdec:k=4,beta=3,tau=0.2").options.parts()
     assert specdec.policy == FixedLength(4) and specdec.rule == TopBetaTau(3, 0.2) and specdec.confidence is None
-    cmasd_k = cmasd_parts(parse_method("cmasd-k:metric=entropy"))
+    cmasd_k = parse_method("cmasd-k:metric=entropy").options.parts()
     assert isinstance(cmasd_k.policy, ConfidenceLength) and cmasd_k.rule is None
     assert cmasd_k.confidence.only == "entropy"
-    tau = cmasd_parts(parse_method("cmasd-tau:k=3,tau_mode=literal"))
+    tau = parse_method("cmasd-tau:k=3,tau_mode=literal").options.parts()
     assert tau.policy == FixedLength(3) and tau.rule.tau_mode == "literal" and tau.rule.gamma > 0
 
 
@@ -465,19 +465,6 @@ def test_report_has_the_ablation_table_and_calibration_section(tmp_path):
 
 # --- adaspec sweep, on a tiny model directory -------------------------------------------------------------------
 
-def save_tiny(path, model) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(63)} | {"[UNK]": 63}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    model.config.eos_token_id = None  # run to the token budget
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -550,7 +537,8 @@ def test_sweep_measures_its_points_against_ar_on_the_base_methods_backend():
     assert baseline_spec("sd:backend=llamacpp,format=q8_0,k=3") == "ar:backend=llamacpp,format=q8_0"
     assert baseline_spec("rstitch:backend=torch") == "ar:backend=torch"
     assert baseline_spec("specbound:adapters=none") == "ar:backend=torch"  # SpecBound runs on torch only
-    assert parse_method(baseline_spec("specbound")).options == {"backend": "torch"}
+    baseline = parse_method(baseline_spec("specbound"))
+    assert baseline.given == ("backend",) and baseline.options.backend == "torch"
 
 
 def test_sweep_grid_specs_and_empty_axes():

@@ -101,10 +101,10 @@ def test_sd_k_auto_is_the_default_and_bad_k_is_refused(tmp_path):
 
     from adaspec.core.models import LoadedModel
 
-    assert parse_method("sd").get("k") == "auto"
+    assert parse_method("sd").options.k == "auto"
     with pytest.raises(AdaspecError, match="k must be auto, table or a draft length"):
         parse_method("sd:k=many")
-    with pytest.raises(AdaspecError, match="sd: draft length k must be >= 1"):
+    with pytest.raises(AdaspecError, match="sd:k=0: draft length k must be >= 1"):
         parse_method("sd:k=0")
     target = LoadedModel("tiny", tmp_path, tiny_llama(1, scale=6.0), None)
     runner = build_runner(parse_method("sd"), target, "lookup", GenerationConfig(max_new_tokens=8))
@@ -135,15 +135,13 @@ def test_the_report_shows_the_verify_curve_of_every_backend(tmp_path):
 
 
 def test_specdec_and_cmasd_tau_take_k_auto_and_refuse_a_bad_k():
-    from adaspec.methods import cmasd_parts
-
-    assert cmasd_parts(parse_method("cmasd-tau:k=auto")).policy is None  # CostAware, built with the runner
-    assert cmasd_parts(parse_method("specdec:k=auto")).policy is None
-    assert cmasd_parts(parse_method("specdec:k=3")).policy.draft_length() == 3
-    with pytest.raises(AdaspecError, match="cmasd-tau: draft length k must be >= 1"):
-        cmasd_parts(parse_method("cmasd-tau:k=0"))
+    assert parse_method("cmasd-tau:k=auto").options.parts().policy is None  # CostAware, built with the runner
+    assert parse_method("specdec:k=auto").options.parts().policy is None
+    assert parse_method("specdec:k=3").options.parts().policy.draft_length() == 3
+    with pytest.raises(AdaspecError, match="cmasd-tau:k=0: draft length k must be >= 1"):
+        parse_method("cmasd-tau:k=0")
     with pytest.raises(AdaspecError, match="k must be auto, table or a draft length"):
-        cmasd_parts(parse_method("specdec:k=long"))
+        parse_method("specdec:k=long")
 
 
 def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):

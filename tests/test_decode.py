@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import naive_greedy, perturbed_llama, random_prompt, tiny_backend, tiny_llama
+from exactness import V, greedy_check, lossless_methods, method_runner, tiny_models
 
 from adaspec.core.backends import TorchBackend
 from adaspec.core.config import GenerationConfig, SamplingConfig
@@ -246,3 +247,19 @@ def test_a_backend_that_prefills_apart_gives_the_same_tokens(ar_outputs, drafter
         sd = generate(split, prompt, CONFIG, drafters[name], FixedLength(3))
         assert sd.token_ids == ar_outputs[i]
         assert_step_accounting(sd, 3, MAX_NEW)
+
+
+# --- every lossless method of the registry, built by its build() at its defaults (tests/exactness.py)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_models()
+
+
+@pytest.mark.parametrize("name", lossless_methods())
+def test_every_lossless_method_is_greedy_exact(tiny, name):
+    runner = method_runner(name, tiny)
+    prompts = [random_prompt(seed, length=2 + seed % 9, vocab=V) for seed in range(8)]
+    drafted, accepted = greedy_check(runner, tiny.target.model, prompts)
+    assert runner.drafter is None or 0 < accepted < drafted  # a drafting method ran both paths

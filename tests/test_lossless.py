@@ -2,18 +2,36 @@
 
 On a vocabulary of 8, the exact law of the first three sampled tokens is enumerated from the target
 (forward passes on every prefix). Samples drawn with fixed seeds must fit it (chi-square goodness of fit),
-for ar, for model drafters and for prompt lookup; the same statistic must reject deliberately biased rules.
+for ar, for model drafters and for prompt lookup, and for every lossless method of the registry
+(tests/exactness.py); the same statistic must reject deliberately biased rules and methods.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import full_logits, tiny_backend, tiny_llama
-from scipy.stats import chisquare
+from exactness import (
+    FAIL,
+    PASS,
+    PROMPT,
+    T1,
+    TOKENS,
+    Draws,
+    N,
+    Seq,
+    V,
+    assert_both_paths_ran,
+    chisquare_pvalue,
+    draw_runner,
+    exact_joint,
+    fit_pvalue,
+    lossless_methods,
+    method_runner,
+    tiny_models,
+)
 
 from adaspec.core.backends import TorchBackend
 from adaspec.core.config import GenerationConfig, SamplingConfig
@@ -22,20 +40,11 @@ from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
 from adaspec.core.policies import FixedLength
 from adaspec.core.sampling import probs_from_logits, sample
 from adaspec.core.verify import speculative_sampling
-from adaspec.methods import cmasd_parts, parse_method
+from adaspec.methods import Method, build_engine, parse_method, register, unregister
+from adaspec.methods.sd import SDOptions
 
-V = 8
-N = 3000  # samples per check
-PROMPT = [1, 2, 3, 1, 2, 4, 5, 1, 2]  # repeats, so prompt lookup proposes drafts
 SCALE = 10.0  # LM-head scale: next-token laws far from uniform, target and drafter far apart
-TOKENS = 3  # the law of the first three generated tokens is checked
-PASS = 1e-3  # a lossless method must fit with p-value above this
-FAIL = 1e-6  # a biased rule must be rejected with p-value below this
-
-T1 = SamplingConfig(temperature=1.0)
 WARPED = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9)
-
-Seq = tuple[int, ...]
 
 
 @pytest.fixture(scope="module")
@@ -53,79 +62,13 @@ def joints(target) -> dict[SamplingConfig, dict[Seq, float]]:
     return {sampling: exact_joint(target.model, sampling) for sampling in (T1, WARPED)}
 
 
-def exact_joint(model, sampling: SamplingConfig) -> dict[Seq, float]:
-    """P(t1 .. t_TOKENS) under token-by-token sampling from the target, by enumerating every prefix."""
-    joint: dict[Seq, float] = {(): 1.0}
-    for _ in range(TOKENS):
-        longer: dict[Seq, float] = {}
-        for prefix, mass in joint.items():
-            if mass == 0.0:
-                longer.update({prefix + (t,): 0.0 for t in range(V)})
-                continue
-            probs = probs_from_logits(full_logits(model, PROMPT + list(prefix))[-1], sampling)  # [V]
-            longer.update({prefix + (t,): mass * float(probs[t]) for t in range(V)})
-        joint = longer
-    assert abs(sum(joint.values()) - 1.0) < 1e-4
-    return joint
-
-
-def chisquare_pvalue(observed: dict, expected: dict) -> float:
-    """Goodness of fit of counts to expected counts over the same cells; cells with expected count < 5
-    are merged into one; a sample in a cell of probability zero fails outright."""
-    if any(observed.get(c, 0) for c in expected if expected[c] == 0.0):
-        return 0.0
-    assert set(observed) <= set(expected)
-    small = [c for c in expected if 0.0 < expected[c] < 5]
-    cells = [c for c in expected if expected[c] >= 5]
-    exp = [expected[c] for c in cells] + ([sum(expected[c] for c in small)] if small else [])
-    obs = [observed.get(c, 0) for c in cells] + ([sum(observed.get(c, 0) for c in small)] if small else [])
-    return float(chisquare(obs, exp, sum_check=False).pvalue)
-
-
-def fit_pvalue(samples: list[Seq], joint: dict[Seq, float]) -> float:
-    """The smaller chi-square p-value of the samples' (t1, t2) joint and t3 marginal against the exact law."""
-    pvalues = []
-    for project in (lambda s: s[:2], lambda s: s[2:3]):
-        expected: dict = {}
-        for seq, p in joint.items():
-            expected[project(seq)] = expected.get(project(seq), 0.0) + p * len(samples)
-        observed: dict = {}
-        for s in samples:
-            observed[project(s)] = observed.get(project(s), 0) + 1
-        pvalues.append(chisquare_pvalue(observed, expected))
-    return min(pvalues)
-
-
-@dataclass
-class Draws:
-    samples: list[Seq]
-    drafted: int = 0
-    accepted: int = 0
-    rejections: int = 0  # steps that kept fewer tokens than drafted
-    full_accepts: int = 0  # steps that kept every drafted token (a bonus token was drawn)
-    first_lengths: Counter = field(default_factory=Counter)  # tokens the first step drafted
-
-
 def draw(target, sampling, drafter=None, k=2, max_new=TOKENS, rule=None, policy=None, confidence=None) -> Draws:
     """N generations, seeds 0..N-1; the first TOKENS tokens of each."""
-    out = Draws([])
+    out = Draws()
     for seed in range(N):
         config = GenerationConfig(max_new_tokens=max_new, sampling=sampling, seed=seed)
-        result = generate(target, PROMPT, config, drafter, policy or FixedLength(k), rule=rule, confidence=confidence)
-        out.samples.append(tuple(result.token_ids[:TOKENS]))
-        out.first_lengths[result.steps[0].drafted] += 1
-        for s in result.steps:
-            if s.drafted:
-                out.drafted += s.drafted
-                out.accepted += s.accepted
-                out.rejections += s.accepted < s.drafted
-                out.full_accepts += s.accepted == s.drafted
+        out.add(generate(target, PROMPT, config, drafter, policy or FixedLength(k), rule=rule, confidence=confidence))
     return out
-
-
-def assert_both_paths_ran(draws: Draws) -> None:
-    """A fit is only evidence if drafts were both accepted and rejected many times."""
-    assert draws.rejections > N // 20 and draws.full_accepts > N // 20 and draws.accepted > N // 10
 
 
 def total_variation(a: dict, b: dict) -> float:
@@ -169,7 +112,7 @@ def test_reduced_vocabulary_drafter_is_lossless(target, joints):
 def test_cmasd_k_early_stop_is_lossless(target, drafter, joints):
     # the early stop decides after the t-th token from C_1..C_t, confidences of positions whose distributions
     # depend only on earlier tokens: whether a token is verified never depends on that token or later ones
-    parts = cmasd_parts(parse_method("cmasd-k:k_max=3,alpha=3.4"))
+    parts = parse_method("cmasd-k:k_max=3,alpha=3.4").options.parts()
     draws = draw(target, T1, drafter, max_new=TOKENS + 1, policy=parts.policy, confidence=parts.confidence)
     assert_both_paths_ran(draws)
     assert min(draws.first_lengths[2], draws.first_lengths[3]) > N // 10  # the sampled token moves the stop
@@ -199,6 +142,41 @@ def accept_everything(target_logits, draft_tokens, draft_probs, sampling, genera
 @pytest.mark.parametrize("rule", [resample_from_p, accept_everything])
 def test_the_check_catches_a_biased_acceptance_rule(target, drafter, joints, rule):
     assert fit_pvalue(draw(target, T1, drafter, rule=rule).samples, joints[T1]) < FAIL
+
+
+# Every lossless method of the registry, built by its build() at its defaults: a method is checked by being registered
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def tiny_joint(tiny) -> dict[Seq, float]:
+    return exact_joint(tiny.target.model, T1)
+
+
+@pytest.mark.parametrize("name", lossless_methods())
+def test_every_lossless_method_samples_the_target_law(tiny, tiny_joint, name):
+    runner = method_runner(name, tiny)
+    draws = draw_runner(runner)
+    if runner.drafter is not None:
+        assert_both_paths_ran(draws)
+    assert fit_pvalue(draws.samples, tiny_joint) > PASS
+
+
+def test_the_registry_check_catches_a_biased_method(tiny, tiny_joint):
+    """The control: sd keeping every drafted token, registered as if lossless, fails the same check."""
+    def build(spec, ctx):
+        return replace(build_engine(spec, ctx), rule=accept_everything)
+
+    register(Method("sd-keeps-all", SDOptions, build, "sd that keeps every draft (biased on purpose)", lossless=True))
+    try:
+        draws = draw_runner(method_runner("sd-keeps-all", tiny))
+    finally:
+        unregister("sd-keeps-all")
+    assert draws.drafted > N and fit_pvalue(draws.samples, tiny_joint) < FAIL
 
 
 # The rule alone, without models: for any draft law q, the first emitted token is distributed as p.

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from serving import running, sse_events_of, tiny_target
 
-from adaspec.methods import OPTIONS
+from adaspec.methods import get, names
 from adaspec.serve import ApiError, ServerOptions, TextStream, create_app
 
 pytestmark = pytest.mark.bundled
@@ -37,23 +37,21 @@ anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.
 option_values = st.one_of(ints, floats, strings, st.booleans())
 PLAUSIBLE = ["auto", "1", "2", "4", "none", "shipped", "small", "lookup", "eagle", "torch", "llamacpp", "auto",
              "q8_0", "8", "1/2", "1,2", "linear", "exp", "entropy", "margin"]
-plausible = {int: st.integers(-2, 12), float: st.floats(-0.5, 1.5), bool: st.booleans()}
+plausible = {"int": st.integers(-2, 12), "float": st.floats(-0.5, 1.5), "an integer >= 1": st.integers(-2, 12)}
 
 
 @st.composite
 def speculative(draw) -> dict:
     """Mostly a method of the registry with some of its own options at plausible values; sometimes anything."""
-    name = draw(st.sampled_from(list(OPTIONS)) if draw(st.integers(0, 5)) else strings)
-    table = OPTIONS.get(name, {})
-    keys = draw(st.lists(st.sampled_from(list(table)), max_size=2, unique=True)) if table else []
+    name = draw(st.sampled_from(names()) if draw(st.integers(0, 5)) else strings)
+    fields = get(name).fields if name in names() else {}
+    keys = draw(st.lists(st.sampled_from(list(fields)), max_size=2, unique=True)) if fields else []
     if draw(st.integers(0, 5)) == 0:
         keys.append(draw(st.one_of(st.just("bogus"), strings)))
     options = {}
     for key in keys:
-        kind = table[key][0] if key in table else None
-        value = plausible.get(kind, st.sampled_from(PLAUSIBLE)) if kind in plausible else st.sampled_from(PLAUSIBLE)
-        if hasattr(kind, "least"):  # methods.AtLeast
-            value = st.integers(-2, 12)
+        what = fields[key].what if key in fields else None  # how the registry reads it: int, float, str, ...
+        value = plausible.get(what, st.sampled_from(PLAUSIBLE))
         options[key] = draw(st.one_of(value, value, value, value, value, option_values))
     form = draw(st.sampled_from(["text", "object", "options only", "method only"]))
     if form == "text":

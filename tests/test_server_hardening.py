@@ -161,7 +161,7 @@ def test_a_request_cannot_make_the_server_convert_weights(served):
             assert "may not make the server convert weights" in error["message"]
         convert.assert_not_called()
     allowed = RequestPolicy(formats=("q8_0",)).spec(Speculative(method="sd:format=q8_0"), parse_method("ar"))
-    assert allowed.options["format"] == "q8_0"
+    assert allowed.options.format == "q8_0"
 
 
 # -------------------------------------------------------------------------- 2, 5, 6, 7, 11, 12: no 500 from input
@@ -231,7 +231,7 @@ def test_option_and_parameter_ranges_get_400(served, extra, message):
 
 
 def test_hf_lookup_with_negative_k_never_reaches_transformers(served):
-    with mock.patch("adaspec.methods.HFRunner", side_effect=AssertionError("built")):
+    with mock.patch("adaspec.methods.peers.HFRunner", side_effect=AssertionError("built")):
         assert_openai_error(post(served.base, chat(speculative={"method": "hf-lookup:k=-1"})), 400)
 
 

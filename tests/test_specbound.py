@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import full_logits, naive_greedy, random_prompt, tiny_llama
+from conftest import damped_llama, full_logits, naive_greedy, random_prompt, tiny_llama
 
 from adaspec.bench.runner import step_record
 from adaspec.bench.summary import method_fields
@@ -29,17 +29,6 @@ from adaspec.core.policies import ExitBound
 from adaspec.methods import build_runner, parse_method, split_specs
 
 LAYERS = 6
-
-
-def damped_llama(seed: int, damp: float = 0.3, scale: float = 40.0, **kwargs):
-    """A tiny Llama whose layers from the third on add `damp` times their usual update: exits after 1, 2 or 4
-    layers often predict the final token; the LM head is scaled so that exits can be confident."""
-    model = tiny_llama(seed, layers=LAYERS, scale=scale, **kwargs)
-    with torch.no_grad():
-        for layer in model.model.layers[2:]:
-            layer.self_attn.o_proj.weight.mul_(damp)
-            layer.mlp.down_proj.weight.mul_(damp)
-    return model
 
 
 def specbound(model, exits=(1, 2, 4), threshold=0.35, a=1.0, d_max=4, artifact=None, lean=None):
@@ -318,15 +307,17 @@ def test_method_specs_keep_exit_lists_and_bad_options_are_errors():
     assert split_specs("ar,specbound:exits=8,12,16,threshold=0.7,d_max=3,sd") == [
         "ar", "specbound:exits=8,12,16,threshold=0.7,d_max=3", "sd"]
     spec = parse_method("specbound:exits=8,12,16,threshold=0.7,d_max=3")
-    assert spec.options == {"exits": "8,12,16", "threshold": 0.7, "d_max": 3}
-    assert parse_method("specbound:exits=1/2/4").options["exits"] == "1/2/4"
-    from adaspec.bench.sweep import SPECBOUND_GRID, point_specs
+    assert spec.given == ("exits", "threshold", "d_max") and spec.options.exits == (8, 12, 16)
+    assert (spec.options.threshold, spec.options.d_max) == (0.7, 3)
+    assert parse_method("specbound:exits=1/2/4").options.exits == (1, 2, 4)
+    from adaspec.bench.sweep import point_specs
+    from adaspec.methods import get
 
     points = point_specs("specbound:exits=1,2,4", {"threshold": (0.5, 0.7), "d_max": (2.0, 4.0)})
     assert [p for p, _ in points][:2] == ["specbound:exits=1,2,4,threshold=0.5,d_max=2",
                                           "specbound:exits=1,2,4,threshold=0.5,d_max=4"]
-    assert all(parse_method(p).options["exits"] == "1,2,4" for p, _ in points) and len(points) == 4
-    assert len(point_specs("specbound", SPECBOUND_GRID)) == 20
+    assert all(parse_method(p).options.exits == (1, 2, 4) for p, _ in points) and len(points) == 4
+    assert len(point_specs("specbound", get("specbound").grid)) == 20
     for bad, message in [("specbound:threshold=0.5,x", "not key=value"),
                          ("specbound:exits=8,x", "layer numbers"), ("specbound:exits=12,8", "increasing"),
                          ("specbound:exits=0,4", "layer numbers >= 1"), ("specbound:threshold=1.5", "threshold"),
@@ -371,7 +362,7 @@ def test_a_server_request_may_not_name_an_adapter_directory(tmp_path: Path):
 
     policy, default = RequestPolicy(), parse_method("ar")
     spec = policy.spec(Speculative(method="specbound", options={"exits": "1/2", "adapters": "none"}), default)
-    assert spec.options == {"exits": "1/2", "adapters": "none"}
+    assert spec.given == ("exits", "adapters") and spec.options.exits == (1, 2) and spec.options.adapters == "none"
     path = ExitArtifact(ExitHeads(32, [1]), None, LAYERS).save(tmp_path / "exits")
     with pytest.raises(ApiError, match="may not name a file on the server"):
         policy.spec(Speculative(method="specbound", options={"adapters": str(path)}), default)

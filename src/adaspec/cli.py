@@ -18,10 +18,8 @@ from adaspec.core.config import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SEED,
     ROUTER_LAMBDA,
-    RSTITCH_TAU_GRID,
     RSTITCH_TAU_UP,
     SPECBOUND_RANK,
-    SPECBOUND_SWEEP,
     SPECBOUND_TRAIN_EXITS,
     SPECBOUND_VOCAB,
     BackendChoice,
@@ -29,6 +27,8 @@ from adaspec.core.config import (
     SamplingConfig,
 )
 from adaspec.core.errors import AdaspecError
+from adaspec.methods import methods, names
+from adaspec.methods.options import render
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
 err = Console(stderr=True)
@@ -48,6 +48,9 @@ BackendKind = Annotated[str, typer.Option("--backend", help="where methods run u
                                                        "llamacpp): auto (llamacpp where installed) | torch | "
                                                        "llamacpp (the target's GGUF on llama.cpp, the `llamacpp` "
                                                        "extra)")]
+METHOD = f"method spec NAME[:key=value,...] (`adaspec methods` lists their options); NAME: {', '.join(names())}"
+PATH_OPTIONS = " or ".join(sorted({f"{name}=" for m in methods() for name, f in m.fields.items()
+                                   if f.server_side is not None and not f.server_side.writes}))
 WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: shipped (the GGUF as it is, "
                                                          "the default) | q4_0 | q4_1 | q8_0 | f16 | bf16 | f32 "
                                                          "(converted once; all but f32 round the shipped weights)")]
@@ -69,7 +72,7 @@ def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> Gen
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the user message (or raw text with --no-chat)")],
-    method: Annotated[str, typer.Option(help="method spec, e.g. sd, sd:k=4, ar")] = "sd",
+    method: Annotated[str, typer.Option(help=METHOD)] = "sd",
     target: Target = None,
     drafter: Drafter = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
@@ -143,6 +146,19 @@ def generate(
     if routed:
         large = sum(s.source == "large" for s in result.steps)
         out.print(f"the large model produced {large} of {result.new_tokens} tokens ({large / result.new_tokens:.0%})")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """The registered methods: what each is, and its options with their defaults (None: the run's, or the target's
+    shipped artifact)."""
+    table = Table(show_header=True, show_lines=True)
+    for col in ("method", "what it is", "options"):
+        table.add_column(col)
+    for m in methods():
+        options = ", ".join(f"{name}={render(f.default)}" for name, f in m.fields.items())
+        table.add_row(m.name + (" (peer)" if m.peer else ""), m.about, options or "–")
+    Console().print(table)
 
 
 @app.command()
@@ -237,6 +253,17 @@ def compare(
     print(text, end="")
 
 
+def Axis(name: str) -> object:  # noqa: N802 (a type, as the other Annotated aliases)
+    """An `adaspec sweep` axis: comma-separated values of option `name` ('' leaves it out), by default the grid of
+    the methods that sweep it (the registry's)."""
+    swept = [m for m in methods() if name in m.grid]
+    grid = ",".join(map(str, swept[0].grid[name])) if swept else ""
+    bases = " | ".join(m.name for m in swept)
+    return Annotated[str | None, typer.Option("--" + name.replace("_", "-"), show_default=grid or "''",
+                                              help=f"--base {bases}: comma-separated {name} values ('' leaves the "
+                                                   "axis out)")]
+
+
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
@@ -249,18 +276,13 @@ def sweep(
     out: Annotated[Path, typer.Option(help="output directory (ar.jsonl, sweep.jsonl, pareto.json, plots/)")] = Path(
         "runs/sweep"),
     base: Annotated[str, typer.Option(help="method spec the grid is added to, e.g. cmasd:early_stop=0")] = "cmasd",
-    alpha: Annotated[str, typer.Option(help="comma-separated values ('' leaves the axis out)")] = "0.5,0.75,1.0",
-    gamma: Annotated[str, typer.Option(help="comma-separated values")] = "0.5,1.0,2.0",
-    tau_base: Annotated[str, typer.Option("--tau-base", help="comma-separated values")] = "0.05,0.1,0.2",
-    tau_up: Annotated[str | None, typer.Option("--tau-up", help="--base rstitch: comma-separated tau_up values",
-                                               show_default=",".join(map(str, RSTITCH_TAU_GRID)))] = None,
-    tau_down: Annotated[str, typer.Option("--tau-down", help="--base rstitch: comma-separated tau_down values "
-                                                             "('': tau_down = tau_up)")] = "",
-    threshold: Annotated[str | None, typer.Option(
-        help="--base specbound: comma-separated exit thresholds",
-        show_default=",".join(map(str, SPECBOUND_SWEEP["threshold"])))] = None,
-    d_max: Annotated[str | None, typer.Option("--d-max", help="--base specbound: comma-separated d_max values",
-                                              show_default=",".join(map(str, SPECBOUND_SWEEP["d_max"])))] = None,
+    alpha: Axis("alpha") = None,
+    gamma: Axis("gamma") = None,
+    tau_base: Axis("tau_base") = None,
+    tau_up: Axis("tau_up") = None,
+    tau_down: Axis("tau_down") = None,  # '' (the default): tau_down = tau_up
+    threshold: Axis("threshold") = None,
+    d_max: Axis("d_max") = None,
     data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
     categories: Annotated[str | None, typer.Option(help="comma-separated categories")] = "translation,summarization",
     limit: Annotated[int | None, typer.Option(help="at most N questions per category")] = None,
@@ -279,9 +301,9 @@ def sweep(
                                                          "implies --ray")] = None,
     ray_cpus: Annotated[int, typer.Option(help="cores each Ray task reserves (and times with)")] = 1,
 ) -> None:
-    """Sweep CM-ASD hyperparameters (with --base rstitch R-Stitch's thresholds, with --base specbound SpecBound's
-    threshold and d_max) over a grid against `ar` (measured once): sweep.jsonl (resumable), the Pareto fronts of
-    speedup vs alignment and vs task quality (pareto.json) and plots/pareto.png; for rstitch also
+    """Sweep a method's options over a grid (by default the options the registry sweeps for --base: CM-ASD's,
+    R-Stitch's thresholds, SpecBound's threshold and d_max) against `ar` (measured once): sweep.jsonl (resumable),
+    the Pareto fronts of speedup vs alignment and vs task quality (pareto.json) and plots/pareto.png; for rstitch also
     rstitch_report.md and plots/rstitch_curve.png."""
     ray_opts = None
     if ray or ray_address:
@@ -296,20 +318,11 @@ def sweep(
     from adaspec.bench.sweep import SweepOptions, run_sweep
     from adaspec.methods import parse_method
 
-    stitching = parse_method(base).name == "rstitch"  # R-Stitch: a threshold grid, and its curve (routing_sweep.py)
-    if stitching:
-        from adaspec.bench.routing_sweep import RSTITCH_GRID, write_threshold_report
-
-        grid = {"tau_up": RSTITCH_GRID["tau_up"] if tau_up is None else _floats(tau_up, "--tau-up"),
-                "tau_down": _floats(tau_down, "--tau-down")}
-    elif parse_method(base).name == "specbound":  # SpecBound: exit threshold x speculation bound
-        from adaspec.bench.sweep import SPECBOUND_GRID
-
-        grid = {"threshold": SPECBOUND_GRID["threshold"] if threshold is None else _floats(threshold, "--threshold"),
-                "d_max": SPECBOUND_GRID["d_max"] if d_max is None else _floats(d_max, "--d-max")}
-    else:
-        grid = {"alpha": _floats(alpha, "--alpha"), "gamma": _floats(gamma, "--gamma"),
-                "tau_base": _floats(tau_base, "--tau-base")}
+    method = parse_method(base).method
+    grid = dict(method.grid)  # the base method's swept options, at the registry's values
+    axes = {"alpha": alpha, "gamma": gamma, "tau_base": tau_base, "tau_up": tau_up, "tau_down": tau_down,
+            "threshold": threshold, "d_max": d_max}
+    grid.update({name: _floats(text, "--" + name.replace("_", "-")) for name, text in axes.items() if text is not None})
     opts = SweepOptions(
         data=data or DEFAULT_DATA, out=out, base=base, grid=grid,
         categories=categories.split(",") if categories else None, limit=limit, target=target, drafter=drafter,
@@ -326,7 +339,9 @@ def sweep(
             table.add_row(p["spec"], *("–" if p.get(c) is None else f"{p[c]:.3g}"
                                        for c in ("speedup_vs_ar", "alignment", "quality", "mean_accepted")))
         Console().print(table)
-    if stitching:
+    if method.name == "rstitch":  # its threshold curve too
+        from adaspec.bench.routing_sweep import write_threshold_report
+
         Console().print(f"speed / quality / large-model share per threshold: {write_threshold_report(out)}")
 
 
@@ -562,7 +577,7 @@ def train_exits_cmd(
 def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: int = 8000,
-    method: Annotated[str, typer.Option(help="default method spec; a request's `speculative` overrides it")] = "sd",
+    method: Annotated[str, typer.Option(help=f"the default {METHOD}; a request's `speculative` overrides it")] = "sd",
     target: Target = None,
     drafter: Drafter = None,
     dtype: Dtype = "auto",
@@ -587,8 +602,7 @@ def serve(
         help="methods a request's `speculative` may choose, comma-separated (none: only --method)",
         show_default="all")] = None,
     artifact: Annotated[list[str] | None, typer.Option(
-        help="NAME=PATH a request may name as drafter=, router= or adapters= (repeatable); requests never name "
-             "paths")] = None,
+        help=f"NAME=PATH a request may name as {PATH_OPTIONS} (repeatable); requests never name paths")] = None,
     allow_format: Annotated[list[str] | None, typer.Option(
         help="llama.cpp weight format a request's format= may name, converted once into the cache (repeatable)")]
     = None,

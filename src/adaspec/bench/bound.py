@@ -87,11 +87,11 @@ def backend_label(method: str, costs: dict) -> str | None:
 
 
 def method_costs(method: str, costs: dict) -> Costs | None:
-    """The costs that apply to `method` (`ar`, `sd` and the CM-ASD family: the methods that draft with a Drafter):
+    """The costs that apply to `method` (the methods the registry marks `costs`: ar, sd and the CM-ASD family):
     its drafter= option's entry in costs["drafters"], else the run's drafter. None for the other methods (the peers;
     SpecBound's early exits and R-Stitch's routing, whose costs costs.json does not hold), for a label that does
     not parse, and when the drafter's cost was not measured."""
-    from adaspec.methods import CMASD_METHODS, OPTIONS, parse_method
+    from adaspec.methods import DrafterOption, parse_method
 
     costs = costs.get("backends", {}).get(backend_label(method, costs) or "", costs)  # the method's own backend
     if "verify_ms" not in costs:
@@ -100,12 +100,12 @@ def method_costs(method: str, costs: dict) -> Costs | None:
         spec = parse_method(method)
     except AdaspecError:
         return None
-    if spec.name not in ("ar", "sd", *CMASD_METHODS):
+    if not spec.method.costs:
         return None
     if spec.name == "ar":
         return Costs(costs["verify_ms"])
-    option = spec.options.get("drafter") if "drafter" in OPTIONS[spec.name] else None
-    drafter = costs.get("drafters", {}).get(str(option)) if option else costs
+    option = spec.options.drafter if isinstance(spec.options, DrafterOption) else None
+    drafter = costs.get("drafters", {}).get(option) if option else costs
     if not drafter or "drafter_step_ms" not in drafter:
         return None
     return Costs.of(costs["verify_ms"], drafter)

@@ -21,7 +21,7 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
     benchmarks/README.md's tables come from it."""
     from adaspec.core.config import DEFAULT_LLAMACPP_FORMAT, BackendChoice
     from adaspec.core.models import load_model
-    from adaspec.methods import MethodSpec, load_drafter, make_drafter, target_backend
+    from adaspec.methods import load_drafter, make_drafter, parse_method, target_backend
 
     rows = []
     models: dict[str, object] = {}
@@ -40,8 +40,8 @@ def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_to
         prefill = 1000 * (time.perf_counter() - t0)
         row = {"backend": label, **verify_costs(backend, context, repeats=repeats), "prefill_ms": round(prefill, 1)}
         for name in drafters:
-            drafter = make_drafter(MethodSpec("sd", {"drafter": name}), load_drafter(name, target, dtype), backend,
-                                   target)
+            drafter = make_drafter(parse_method("sd", options={"drafter": name}), load_drafter(name, target, dtype),
+                                   backend, target)
             row[f"drafter_{name}"] = drafter_cost(drafter, backend, row["verify_ms"]["1"], context)
         log(f"{label}: " + ", ".join(f"{n}: {v} ms" for n, v in row["verify_ms"].items()))
         rows.append(row)

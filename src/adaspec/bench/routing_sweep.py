@@ -9,10 +9,7 @@ from pathlib import Path
 
 from adaspec.bench.summary import load_records, method_fields
 from adaspec.bench.sweep import quality, read_points
-from adaspec.core.config import RSTITCH_TAU_GRID
 
-# the default tau_up grid (normalised entropy); an empty tau_down axis keeps tau_down = tau_up (one threshold)
-RSTITCH_GRID: dict[str, tuple[float, ...]] = {"tau_up": RSTITCH_TAU_GRID, "tau_down": ()}
 CURVE = Path("plots") / "rstitch_curve.png"
 REPORT = "rstitch_report.md"
 COLUMNS = (("tau_up", "tau_up"), ("tau_down", "tau_down"), ("speedup vs ar", "speedup_vs_ar"),

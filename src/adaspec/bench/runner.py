@@ -23,16 +23,17 @@ from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
 from adaspec.bench.summary import load_records
 from adaspec.core.batch import BatchEngine, Request
-from adaspec.core.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, PEERS, BackendChoice, GenerationConfig
+from adaspec.core.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, BackendChoice, GenerationConfig
 from adaspec.core.costmodel import drafter_cost, verify_costs
 from adaspec.core.decode import GenerationResult, Step
 from adaspec.core.errors import AdaspecError
 from adaspec.core.machine import cpu_model
 from adaspec.core.models import BUNDLED, LoadedModel, encode_prompt, is_gguf_target, load_model
 from adaspec.methods import (
-    OPTIONS,
     DrafterChoice,
+    DrafterOption,
     MethodSpec,
+    Placement,
     Runner,
     backend_choice,
     build_runner,
@@ -385,7 +386,7 @@ def measure_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int]
     default = backend or BackendChoice()
     choices = {default.label: default}
     for s in specs:
-        if s.name not in PEERS and "backend" in OPTIONS[s.name]:
+        if isinstance(s.options, Placement):  # a method of ours that may name its backend
             choice = backend_choice(s, default)
             choices.setdefault(choice.label, choice)
     per = {label: backend_costs(target, drafter, prompt, specs, c) for label, c in choices.items()}
@@ -401,10 +402,11 @@ def backend_costs(target: LoadedModel, drafter: DrafterChoice, prompt: list[int]
         costs["weights"] = backend.llm.weights
     d = make_drafter(parse_method("sd"), drafter, backend, target)
     costs.update(drafter_cost(d, backend, costs["verify_ms"]["1"], prompt))
-    named = sorted({str(s.options["drafter"]) for s in specs if s.name not in PEERS and s.options.get("drafter")})
+    named = sorted({s.options.drafter for s in specs
+                    if not s.method.peer and isinstance(s.options, DrafterOption) and s.options.drafter})
     if named:
         costs["drafters"] = {
-            name: drafter_cost(make_drafter(MethodSpec("sd", {"drafter": name}), drafter, backend, target), backend,
-                               costs["verify_ms"]["1"], prompt)
+            name: drafter_cost(make_drafter(parse_method("sd", options={"drafter": name}), drafter, backend, target),
+                               backend, costs["verify_ms"]["1"], prompt)
             for name in named}
     return costs

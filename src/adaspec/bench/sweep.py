@@ -33,13 +33,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.summary import load_records, method_fields
-from adaspec.core.config import SPECBOUND_SWEEP, GenerationConfig
+from adaspec.core.config import GenerationConfig
 from adaspec.core.errors import AdaspecError
 from adaspec.core.models import BUNDLED, LoadedModel, encode_prompt, load_model
-from adaspec.methods import OPTIONS, DrafterChoice, build_runner, default_drafter, load_drafter, parse_method
+from adaspec.methods import DrafterChoice, Placement, build_runner, default_drafter, get, load_drafter, parse_method
+from adaspec.methods.options import render
 
-GRID: dict[str, tuple[float, ...]] = {"alpha": (0.5, 0.75, 1.0), "gamma": (0.5, 1.0, 2.0), "tau_base": (0.05, 0.1, 0.2)}
-SPECBOUND_GRID: dict[str, tuple[float, ...]] = dict(SPECBOUND_SWEEP)
 QUALITY = ("bleu", "rougeL", "gsm8k_acc")  # task quality: the mean of those that apply (gsm8k_acc x 100)
 PLOT = Path("plots") / "pareto.png"
 INSTALL = "pip install 'adaspec\\[ray]'"  # the backslash keeps rich from reading [ray] as markup
@@ -50,7 +49,7 @@ class SweepOptions:
     data: Path
     out: Path
     base: str = "cmasd"  # the method spec the grid's options are added to, e.g. cmasd:early_stop=0,beta=3
-    grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(GRID))
+    grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: get("cmasd").grid)  # the registry's
     categories: list[str] | None = None
     limit: int | None = None
     target: str | None = None
@@ -86,14 +85,15 @@ def point_specs(base: str, grid: dict[str, tuple[float, ...]]) -> list[tuple[str
     """(spec, grid values) for every grid point, specs in one canonical spelling (they key sweep.jsonl)."""
     spec = parse_method(base)
     axes = {k: v for k, v in grid.items() if v}  # an empty axis is left out, so it neither clashes nor must exist
-    clash = sorted(set(axes) & set(spec.options))
+    clash = sorted(set(axes) & set(spec.given))
     if clash:
         raise AdaspecError(f"--base {base} sets {', '.join(clash)}, which the grid sweeps; drop it from one of them")
-    unknown = [k for k in axes if k not in OPTIONS[spec.name]]
+    options = spec.method.fields
+    unknown = [k for k in axes if k not in options]
     if unknown:
         raise AdaspecError(f"method '{spec.name}' has no option {', '.join(unknown)} to sweep; "
-                           f"options: {', '.join(OPTIONS[spec.name])} (pass '' to leave an axis out)")
-    fixed = [f"{k}={v}" for k, v in spec.options.items()]
+                           f"options: {', '.join(options)} (pass '' to leave an axis out)")
+    fixed = [f"{k}={render(getattr(spec.options, k))}" for k in spec.given]
     points = []
     for values in itertools.product(*axes.values()):
         point = dict(zip(axes, values, strict=True))
@@ -106,11 +106,11 @@ def point_specs(base: str, grid: dict[str, tuple[float, ...]]) -> list[tuple[str
 def baseline_spec(base: str) -> str:
     """The `ar` a sweep's points are measured against: on the backend the base method runs on (its backend= and
     format= options over the default; a method without them, SpecBound, runs on torch)."""
-    spec = parse_method(base)
-    if "backend" not in OPTIONS[spec.name]:
+    options = parse_method(base).options
+    if not isinstance(options, Placement):
         return "ar:backend=torch"
-    options = [f"{k}={spec.options[k]}" for k in ("backend", "format") if k in spec.options]
-    return "ar:" + ",".join(options) if options else "ar"
+    given = [f"{k}={v}" for k, v in (("backend", options.backend), ("format", options.format)) if v is not None]
+    return "ar:" + ",".join(given) if given else "ar"
 
 
 def questions_of(opts: SweepOptions) -> list[Question]:
@@ -157,7 +157,8 @@ def sweep_point(spec: str, opts: SweepOptions, baseline: list[dict], models: Mod
     questions = [q for q in questions_of(opts) if q.question_id in answered]
     records = list(run_method(spec, opts, models, questions, progress))
     fields = method_fields(records, {r["question_id"]: r for r in baseline}).to_json()
-    point = {k: v for k, v in parse_method(spec).options.items() if isinstance(v, int | float)}
+    parsed = parse_method(spec)
+    point = {k: v for k in parsed.given if isinstance(v := getattr(parsed.options, k), int | float)}
     q = quality(fields)
     return {"key": spec, "spec": spec, **point, **fields, "quality": None if q is None else round(q, 4)}
 
@@ -209,7 +210,8 @@ def pareto_plot(points: list[dict], fronts: dict[str, list[dict]], ar: dict, pat
         ax.scatter([p["speedup_vs_ar"] for p in scored], [p[y] for p in scored], s=14, color="0.6", label="grid point")
         ax.plot([p["speedup_vs_ar"] for p in front], [p[y] for p in front], "o-", color="C3", label="Pareto front")
         for p in front:
-            short = ",".join(f"{k[0]}={_number(p[k])}" for k in (*GRID, *SPECBOUND_GRID) if p.get(k) is not None)
+            axes = get(p["spec"].partition(":")[0]).grid
+            short = ",".join(f"{k[0]}={_number(p[k])}" for k in axes if p.get(k) is not None)
             ax.annotate(short, (p["speedup_vs_ar"], p[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if ar.get(y) is not None:
             ax.scatter([1.0], [ar[y]], marker="*", s=90, color="k", label="ar")

@@ -2,22 +2,21 @@
 
 1. Its body is read on the event loop, at most `max_body_bytes` (413) within `body_timeout_s` (408).
 2. It is admitted while fewer than queue_size + 1 requests are in flight (429).
-3. It is parsed, validated and tokenised on a parse thread (400, 404): serve/requests.py, serve/policy.py.
+3. It is parsed, validated and tokenised on a parse thread (400, 404): serve/intake.py (with requests.py and
+   policy.py).
 4. Its runner comes from the runner cache, built on the builder thread the first time: serve/runners.py.
 5. The generation worker runs it, one at a time, under the request's deadline (408); text deltas come back as the
    steps arrive, and a client that leaves cancels it at the next target forward: serve/worker.py.
-The event loop only moves bytes and events, so /health answers while all of this happens.
+The event loop only moves bytes and events, so /health answers while all of this happens. The answer's bodies, whole
+or streamed, are OpenAI's: serve/responses.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -29,36 +28,30 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from adaspec.api import batch_engine
 from adaspec.core.batch import BatchEngine
 from adaspec.core.config import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_SEED,
     BackendChoice,
     GenerationConfig,
-    SamplingConfig,
 )
-from adaspec.core.decode import GenerationResult
 from adaspec.core.errors import AdaspecError
-from adaspec.core.models import LoadedModel, encode_prompt
-from adaspec.methods import MethodSpec, Runner, build_runner, parse_method
+from adaspec.core.models import LoadedModel
+from adaspec.methods import MethodSpec, Runner, build_runner
 from adaspec.serve.errors import Aborted, ApiError, api_error
+from adaspec.serve.intake import Intake, Prepared, read_body
 from adaspec.serve.metrics import CountRequests, Metrics
 from adaspec.serve.policy import RequestPolicy, runner_key, server_paths
-from adaspec.serve.requests import Body, ChatBody, CompletionBody, parse_body
+from adaspec.serve.responses import SSE_DONE, Chunks, completion, json_response, sse
 from adaspec.serve.runners import RunnerCache, resident_bytes
 from adaspec.serve.scheduler import BatchWorker
-from adaspec.serve.text import MAX_STOP_CHARS, MAX_STOPS
 from adaspec.serve.worker import DONE, Finished, Job, Worker
 
 log = logging.getLogger("adaspec.serve")
 POLL_S = 0.2  # how often a waiting non-streaming request checks whether its client is still there
 PARSE_THREADS = 2
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-SEED_MODULUS = 1 << 32  # a request's 64-bit seed, as every backend takes it
 
 
 @dataclass(frozen=True)
@@ -86,18 +79,6 @@ class ServerOptions:
                                "cache >= 1 (memory >= 0), max body bytes >= 1, body timeout > 0")
 
 
-@dataclass
-class Prepared:
-    """A validated request, ready to queue."""
-
-    prompt_ids: list[int]
-    config: GenerationConfig
-    spec: MethodSpec
-    chat: bool
-    stream: bool
-    include_usage: bool
-
-
 class Slot:
     """A request's place among those in flight, given back once."""
 
@@ -120,12 +101,10 @@ class Service:
             raise AdaspecError("the server needs a target with a tokenizer")
         self.target, self.tokenizer, self.drafter = target, target.tokenizer, drafter
         self.options, self.build = options, build
-        self.default = parse_method(method)  # the operator's: it may name paths
-        self.context = int(getattr(target.model.config, "max_position_embeddings", 1 << 30))
-        self.vocab = int(target.model.config.vocab_size)
         self.created = int(time.time())
         self.metrics = Metrics()
         self.redact = server_paths(target.path, options.policy.artifacts)
+        self.intake = Intake(target, method, options.policy, options.max_tokens, self.redact)
         self.runners = RunnerCache(options.runner_cache, int(options.runner_cache_mib * 2**20), redact=self.redact)
         self.engine: BatchEngine | None = None  # made at start-up where max_batch > 1 (make_engine)
         self.worker: Worker | BatchWorker = BatchWorker(self.engine_for) if options.max_batch > 1 else Worker()
@@ -178,78 +157,11 @@ class Service:
             return None
         return engine
 
-    # -- validation (parse thread)
-
-    def check_model(self, name: str) -> None:
-        if name != self.target.name:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.target.name}'",
-                           param="model", code="model_not_found")
-
-    def prompt_ids(self, body: Body) -> list[int]:
-        try:
-            if isinstance(body, ChatBody):
-                messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                            for m in body.messages]
-                return encode_prompt(self.tokenizer, messages, chat=True)
-            assert isinstance(body, CompletionBody)
-            prompt = body.prompt
-            if isinstance(prompt, list) and len(prompt) != 1 and not all(isinstance(t, int) for t in prompt):
-                raise ApiError(400, "one prompt per request: batches of prompts are not supported", param="prompt")
-            if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                return encode_prompt(self.tokenizer, prompt, chat=False)
-            bad = [t for t in prompt if not 0 <= t < self.vocab]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})",
-                               param="prompt")
-            return list(prompt)
-        except ApiError:
-            raise
-        except Exception as e:  # the tokenizer or a chat template refused the input
-            param = "messages" if isinstance(body, ChatBody) else "prompt"
-            raise ApiError(400, self.redact(f"could not build the prompt: {e}"[:1000]), param=param) from None
+    # -- a request
 
     def prepare(self, raw: bytes, chat: bool, content_type: str | None = None) -> Prepared:
-        """The request validated and tokenised, or an ApiError whose message names no server path."""
-        try:
-            return self._prepare(raw, chat, content_type)
-        except ApiError as e:
-            e.message = self.redact(e.message)
-            raise
-
-    def _prepare(self, raw: bytes, chat: bool, content_type: str | None) -> Prepared:
-        body = parse_body(raw, ChatBody if chat else CompletionBody, content_type)
-        self.check_model(body.model)
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-        spec = self.options.policy.spec(body.speculative, self.default)
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if len(stop) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stop):
-            raise ApiError(400, f"stop takes at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
-                                "characters", param="stop")
-        ids = self.prompt_ids(body)
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        room = self.context - len(ids)
-        if room < 1 or (asked is not None and asked > room):
-            raise ApiError(400, f"the prompt has {len(ids)} tokens and {asked or 1} more were asked for, beyond the "
-                                f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        temperature = 1.0 if body.temperature is None else float(body.temperature)
-        seed = (body.seed % SEED_MODULUS if body.seed is not None else DEFAULT_SEED if temperature == 0
-                else secrets.randbits(31))
-        try:
-            sampling = SamplingConfig(temperature, 0, 1.0 if body.top_p is None else float(body.top_p))
-            config = GenerationConfig(asked or min(self.options.max_tokens, room), sampling, stop,
-                                      stop_on_eos=not body.ignore_eos, seed=seed)
-        except AdaspecError as e:
-            raise ApiError(400, str(e)) from None
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Prepared(ids, config, spec, chat, bool(body.stream), include_usage)
-
-    # -- a request (event loop)
+        """Parse thread: the request validated and tokenised (intake.py)."""
+        return self.intake.prepare(raw, chat, content_type, self.draining)
 
     async def handle(self, request: Request, chat: bool) -> Response:
         raw = await read_body(request, self.options.max_body_bytes, self.options.body_timeout_s)
@@ -312,16 +224,8 @@ class Service:
             raise self.fail(e) from None
         except Exception as e:
             raise self.fail(e) from None
-        result = finished.result
-        self.metrics.generation(p.spec.name, result, time.monotonic() - t0)
-        choice: dict = {"index": 0, "logprobs": None, "finish_reason": FINISH.get(result.stop_reason, "stop")}
-        if p.chat:
-            choice["message"] = {"role": "assistant", "content": finished.text}
-        else:
-            choice["text"] = finished.text
-        return json_response({**self.head(p, "chat.completion" if p.chat else "text_completion"),
-                              "choices": [choice], "usage": usage(result),
-                              "speculative": speculative_stats(p.spec, result)})
+        self.metrics.generation(p.spec.name, finished.result, time.monotonic() - t0)
+        return json_response(completion(p, self.target.name, finished.text, finished.result))
 
     async def stream(self, p: Prepared, job: Job, fut: asyncio.Future, request: Request) -> StreamingResponse:
         await self.started(job, fut, request)
@@ -331,29 +235,17 @@ class Service:
     async def events(self, p: Prepared, job: Job, fut: asyncio.Future) -> AsyncIterator[str]:
         """SSE chunks as text arrives, then `data: [DONE]`. Closing the stream early aborts the job."""
         t0 = time.monotonic()
-        head = self.head(p, "chat.completion.chunk" if p.chat else "text_completion")
-
-        def chunk(delta: str | None, finish: str | None = None, **extra: object) -> str:
-            choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish}
-            if p.chat:
-                choice["delta"] = {} if delta is None else {"content": delta}
-            else:
-                choice["text"] = delta or ""
-            return sse({**head, "choices": [choice], **extra})
-
+        chunks = Chunks(p, self.target.name)
         try:
-            if p.chat:
-                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
+            for event in chunks.start():
+                yield event
             while (event := await self.next_event(job, None)) is not DONE:
                 if isinstance(event, str):
-                    yield chunk(event)
+                    yield chunks.delta(event)
             finished: Finished = await fut
-            result = finished.result
-            self.metrics.generation(p.spec.name, result, time.monotonic() - t0)
-            yield chunk(None, FINISH.get(result.stop_reason, "stop"), speculative=speculative_stats(p.spec, result))
-            if p.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(result)})
+            self.metrics.generation(p.spec.name, finished.result, time.monotonic() - t0)
+            for event in chunks.end(finished.result):
+                yield event
         except Exception as e:  # headers are out: the error goes in the stream, as OpenAI does
             if isinstance(e, Aborted):
                 self.metrics.abort(e.reason)
@@ -364,15 +256,10 @@ class Service:
             if not fut.done() and job.abort_reason is None:
                 job.abort("disconnect")  # the client went away mid-stream (or the server cancelled us)
                 self.metrics.abort("disconnect")
-        yield "data: [DONE]\n\n"
+        yield SSE_DONE
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def head(self, p: Prepared, obj: str) -> dict:
-        prefix = "chatcmpl" if p.chat else "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()),
-                "model": self.target.name}
 
     def gauges(self) -> dict[str, tuple[str, float]]:
         builds = self.runners.builds
@@ -396,64 +283,6 @@ class Service:
         self.parser.shutdown(wait=False, cancel_futures=True)
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The request body: 413 past `limit` bytes (at once when Content-Length says so), 408 when it has not arrived
-    within `timeout_s`, 499 when the client leaves first."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large(int(declared), limit)
-    chunks: list[bytes] = []
-
-    async def read() -> None:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(size, limit)
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), timeout_s)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", "timeout_error",
-                       code="body_timeout") from None
-    except ClientDisconnect:
-        raise api_error(Aborted("disconnect")) from None
-    return b"".join(chunks)
-
-
-def too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"the request body has {size} bytes or more, beyond this server's limit of {limit}",
-                    code="body_too_large")
-
-
-def usage(result: GenerationResult) -> dict:
-    n, m = len(result.prompt_ids), result.new_tokens
-    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
-
-
-def speculative_stats(spec: MethodSpec, result: GenerationResult) -> dict:
-    """Per-request decoding statistics; a peer (transformers generate) reports no steps, so they are null.
-    `batch`: the mean number of sequences decoded together in its steps (1: it ran alone)."""
-    if not result.steps:
-        return {"method": spec.label, "steps": None, "drafted": None, "accepted": None, "mean_accepted": None,
-                "acceptance_rate": None, "batch": None}
-    drafted = sum(s.drafted for s in result.steps)
-    accepted = sum(s.accepted for s in result.steps)
-    return {"method": spec.label, "steps": len(result.steps), "drafted": drafted, "accepted": accepted,
-            "mean_accepted": round(result.mean_accepted, 4),
-            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
-            "batch": round(sum(s.batch or 1 for s in result.steps) / len(result.steps), 4)}
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def json_response(payload: dict, status: int = 200) -> Response:
-    return Response(json.dumps(payload, ensure_ascii=False).encode(), status, media_type="application/json")
-
-
 class App(FastAPI):
     """FastAPI whose whole middleware stack, its error handling included, is inside CountRequests."""
 
@@ -469,7 +298,8 @@ def create_app(target: LoadedModel, method: str = "sd", drafter: Any = None,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await service.runners.get(runner_key(service.default, True), service.maker(service.default, True))
+        default = service.intake.default
+        await service.runners.get(runner_key(default, True), service.maker(default, True))
         if service.options.max_batch > 1:
             await asyncio.get_running_loop().run_in_executor(None, service.make_engine)
         yield
@@ -517,13 +347,13 @@ def create_app(target: LoadedModel, method: str = "sd", drafter: Any = None,
 
     @app.get("/v1/models/{name}")
     async def model(name: str) -> dict:
-        service.check_model(name)
+        service.intake.check_model(name)
         return model_card()
 
     @app.get("/health")
     async def health() -> Response:
         body = {"status": "draining" if service.draining else "ok", "model": target.name,
-                "method": service.default.label, "queue": service.inflight, "capacity": service.capacity,
+                "method": service.intake.default.label, "queue": service.inflight, "capacity": service.capacity,
                 "runners": len(service.runners)}
         return json_response(body, 503 if service.draining else 200)
 

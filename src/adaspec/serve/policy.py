@@ -1,5 +1,6 @@
-"""What a request may ask of the server: which methods, and which server-side option values (methods.ServerSide:
-paths, weight formats that convert) -- only the names its operator allowed at start-up, never a path."""
+"""What a request may ask of the server: which methods, and which values of the options the registry marks
+server-side (methods.ServerSide: paths, weight formats that convert) -- only the names its operator allowed at
+start-up, never a path."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaspec.core.errors import AdaspecError
-from adaspec.methods import OPTIONS, MethodSpec, ServerSide, parse_method
+from adaspec.methods import MethodSpec, ServerSide, methods, names, parse_method
+from adaspec.methods.options import non_default
 from adaspec.serve.errors import ApiError
 from adaspec.serve.requests import Speculative
 
@@ -29,11 +31,10 @@ class RequestPolicy:
     formats: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods or () if m not in OPTIONS]
+        unknown = [m for m in self.methods or () if m not in names()]
         if unknown:
-            raise AdaspecError(f"unknown request method {unknown[0]!r}; choose from {', '.join(OPTIONS)}")
-        reserved = {v for opts in OPTIONS.values() for kind, _ in opts.values() if isinstance(kind, ServerSide)
-                    for v in kind.free}
+            raise AdaspecError(f"unknown request method {unknown[0]!r}; choose from {', '.join(names())}")
+        reserved = {v for m in methods() for f in m.fields.values() if f.server_side for v in f.server_side.free}
         for name, path in self.artifacts.items():
             if not ARTIFACT_NAME.match(name) or name in reserved:
                 raise AdaspecError(f"artifact name {name!r}: use letters, digits, '_', '.', '-' (not "
@@ -58,7 +59,8 @@ class RequestPolicy:
                            "adaspec serve --artifact NAME=PATH)")
 
     def spec(self, speculative: Speculative | None, default: MethodSpec) -> MethodSpec:
-        """The method a request asks for: its `speculative` object checked against the registry and this policy."""
+        """The method a request asks for: its `speculative` object checked against the registry and this policy (its
+        options object read by the options' types, not rendered into the spec)."""
         if speculative is None or (speculative.method is None and not speculative.options):
             return default
         text = speculative.method if speculative.method is not None else default.name
@@ -69,18 +71,17 @@ class RequestPolicy:
                            param="speculative.method", code="invalid_method")
         given = {item.partition("=")[0].strip() for item in rest.split(",") if "=" in item}
         for key, value in speculative.options.items():
-            if any(c in f"{key}{value}" for c in ",=:"):
+            if any(c in f"{key}{value}" for c in ",=:"):  # the label (method:key=value,...) must read back
                 raise ApiError(400, f"speculative option {key}={value!r} may not contain ',', '=' or ':'",
                                param="speculative.options")
             if key in given:
                 raise ApiError(400, f"speculative option {key} is given twice (in the method and in options)",
                                param="speculative.options")
-            text += ("," if ":" in text else ":") + f"{key}={value}"
         try:
-            spec = parse_method(text, self.server_side)
+            spec = parse_method(text, self.server_side, speculative.options)
         except AdaspecError as e:
             raise ApiError(400, str(e), param="speculative", code="invalid_method") from None
-        bad = [k for k, v in spec.options.items() if isinstance(v, float) and not math.isfinite(v)]
+        bad = [k for k in spec.given if isinstance(v := getattr(spec.options, k), float) and not math.isfinite(v)]
         if bad:
             raise ApiError(400, f"speculative option {bad[0]} must be a finite number", param="speculative",
                            code="invalid_method")
@@ -89,9 +90,7 @@ class RequestPolicy:
 
 def runner_key(spec: MethodSpec, stop_on_eos: bool) -> tuple:
     """One runner per distinct configuration: options at their default value are left out."""
-    table = OPTIONS[spec.name]
-    options = tuple(sorted((k, v) for k, v in spec.options.items() if v != table[k][1]))
-    return spec.name, options, stop_on_eos
+    return spec.name, tuple(sorted(non_default(spec.options).items())), stop_on_eos
 
 
 class Redactor:
