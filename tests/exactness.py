@@ -22,9 +22,9 @@ from conftest import damped_llama, full_logits, jittered, naive_greedy
 from scipy.stats import chisquare
 
 from adaspec.core.config import BackendChoice, GenerationConfig, SamplingConfig
+from adaspec.core.costmodel import CostAware
 from adaspec.core.decode import GenerationResult
 from adaspec.core.models import LoadedModel
-from adaspec.core.policies import CostAware
 from adaspec.core.sampling import probs_from_logits
 from adaspec.methods import Runner, build_runner, methods, parse_method
 
