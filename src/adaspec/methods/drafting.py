@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from adaspec.core.backends import Backend, TorchBackend
 from adaspec.core.drafters import Drafter, ModelDrafter, PromptLookupDrafter
@@ -13,16 +12,13 @@ from adaspec.core.drafters.eagle import EagleArtifact, EagleDrafter, is_eagle_di
 from adaspec.core.drafters.shipped import is_standalone_dir, load_standalone, shipped
 from adaspec.core.errors import AdaspecError
 from adaspec.core.models import LoadedModel, check_same_tokenizer
-from adaspec.methods.options import Options, ServerSide, option
-
-if TYPE_CHECKING:
-    from adaspec.methods.registry import MethodSpec
+from adaspec.methods.options import Options, ServerSide, Spec, option
+from adaspec.methods.registry import DrafterChoice
 
 LOOKUP = "lookup"  # the --drafter value for prompt lookup (n-gram) drafting
 EAGLE, SMALL = "eagle", "small"  # the drafters shipped for a target (drafters/shipped/)
 DRAFTER_NAMES = (EAGLE, SMALL, LOOKUP)
 LOOKUP_NGRAM = 3  # the longest n-gram prompt lookup matches, unless a method's ngram= says
-DrafterChoice = LoadedModel | EagleArtifact | str  # a loaded model, an EAGLE head, or 'lookup'
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ def drafter_backend(drafter: LoadedModel, target: Backend, target_model: LoadedM
     return TorchBackend(drafter.model, drafter.draft_vocab)
 
 
-def make_drafter(spec: MethodSpec, drafter: DrafterChoice | None, target: Backend,
+def make_drafter(spec: Spec, drafter: DrafterChoice | None, target: Backend,
                  target_model: LoadedModel | None = None) -> Drafter:
     """The drafter a method drafts with: its own `drafter=` option (loaded here, which needs
     `target_model`), else `drafter` (what --drafter loaded), else prompt lookup. `target` is the method's

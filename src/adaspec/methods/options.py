@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,11 @@ def non_default(options: Options) -> dict[str, object]:
 def sweep_grid(cls: type[Options]) -> dict[str, tuple]:
     """The default grid of `adaspec sweep` over a method: each swept option's values (an empty axis is left out)."""
     return {name: f.grid for name, f in fields_of(cls).items() if f.grid is not None}
+
+
+class Spec(Protocol):
+    """What the modules below the registry read of a method spec (registry.MethodSpec is one)."""
+
+    name: str
+    label: str
+    options: Options

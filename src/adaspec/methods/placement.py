@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from adaspec.core.backends import Backend, TorchBackend
 from adaspec.core.config import DEFAULT_BACKEND, DEFAULT_LLAMACPP_FORMAT, BackendChoice
 from adaspec.core.errors import AdaspecError
 from adaspec.core.models import LoadedModel
-from adaspec.methods.options import Options, ServerSide, option
-
-if TYPE_CHECKING:
-    from adaspec.methods.registry import MethodSpec
+from adaspec.methods.options import Options, ServerSide, Spec, option
 
 
 @dataclass(frozen=True)
@@ -37,7 +33,7 @@ class Placement(WeightFormat):
         BackendChoice(DEFAULT_BACKEND if self.backend is None else self.backend)
 
 
-def backend_choice(spec: MethodSpec, default: BackendChoice | None = None) -> BackendChoice:
+def backend_choice(spec: Spec, default: BackendChoice | None = None) -> BackendChoice:
     """Where `spec` runs: its backend= and format= options over `default` (the CLI's --backend / --format)."""
     default = default or BackendChoice()
     options = spec.options

@@ -16,12 +16,14 @@ from typing import Generic, TypeVar
 from adaspec.core.backends import Backend
 from adaspec.core.config import BackendChoice, GenerationConfig
 from adaspec.core.decode import StopCriteria
+from adaspec.core.drafters.eagle import EagleArtifact
 from adaspec.core.errors import AdaspecError
 from adaspec.core.models import LoadedModel
-from adaspec.methods.drafting import DrafterChoice
 from adaspec.methods.options import Field, Options, ServerSide, fields_of, sweep_grid
 from adaspec.methods.placement import backend_choice, target_backend
 from adaspec.methods.runners import Runner, stop_criteria
+
+DrafterChoice = LoadedModel | EagleArtifact | str  # what --drafter loaded: a model, an EAGLE head, or 'lookup'
 
 Opts = TypeVar("Opts", bound=Options)
 ServerCheck = Callable[[str, str, ServerSide], str]  # (key, value, its ServerSide) -> the value to use, or raise
