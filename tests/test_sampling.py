@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adaspec.core.config import SamplingConfig
+from adaspec.core.errors import AdaspecError
 from adaspec.core.sampling import probs_from_logits, sample
 
 PROBS = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
@@ -22,6 +23,26 @@ def test_greedy_is_one_hot_on_the_argmax():
     p = probs_from_logits(logits, SamplingConfig())
     assert torch.equal(p.argmax(-1), logits.argmax(-1)) and torch.equal(p.sum(-1), torch.ones(3, 7))
     assert set(p.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("t", [5e-324, 1e-300, 1e-45, 1e-6])
+def test_a_vanishing_temperature_is_greedy(t):
+    """Below GREEDY_BELOW the limit (the argmax) is taken: float32 logits / 1e-300 would be inf, the softmax NaN."""
+    assert SamplingConfig(temperature=t).greedy
+    assert probs_from_logits(LOGITS, SamplingConfig(temperature=t)).tolist() == [0, 1, 0, 0, 0]
+
+
+def test_a_small_temperature_gives_a_distribution_even_over_wide_logits():
+    logits = torch.tensor([0.0, 30.0, -30.0, float("-inf"), 30.0 - 1e-4])
+    p = probs_from_logits(logits, SamplingConfig(temperature=2e-5))
+    assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-6 and kept(p) == [1, 4]
+    assert sample(p, torch.Generator().manual_seed(0)) in (1, 4)
+
+
+@pytest.mark.parametrize("t", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_must_be_finite_and_not_negative(t):
+    with pytest.raises(AdaspecError, match="temperature"):
+        SamplingConfig(temperature=t)
 
 
 def test_temperature_one_is_the_softmax():

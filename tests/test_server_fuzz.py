@@ -185,6 +185,16 @@ def test_the_server_answers_fuzzed_requests_without_5xx_or_hangs(served, request
         assert http.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("method", ["ar", "sd", "cmasd", "hf"])
+def test_a_vanishing_temperature_samples_greedily_instead_of_failing(served, method):
+    """Found by the fuzzer: float32 logits / 1e-300 were inf and the sampler drew from NaN (a 500)."""
+    with httpx.Client(base_url=served.base, timeout=30) as http:
+        bodies = [{"model": "tiny", "prompt": "hello", "max_tokens": 6, "temperature": t,
+                   "speculative": {"method": method}} for t in (0, 1e-300, 5e-324)]
+        texts = {http.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies}
+    assert len(texts) == 1
+
+
 def reference_cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The text before the first stop string to complete (of those ending together, the one that began first)."""
     ends = [text.find(s) + len(s) for s in stops if s in text]

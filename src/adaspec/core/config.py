@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from adaspec.core.errors import AdaspecError
@@ -80,17 +81,22 @@ LLAMACPP_FORMATS = ("shipped", "q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
 DEFAULT_LLAMACPP_FORMAT = "shipped"
 
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing float32 logits by 1e-300 gives inf and a NaN
+# distribution, and the limit as the temperature goes to 0 is the argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How a next token is chosen from logits. temperature == 0 means greedy."""
+    """How a next token is chosen from logits. A temperature below GREEDY_BELOW (0 included) means greedy."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise AdaspecError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise AdaspecError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise AdaspecError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -98,7 +104,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

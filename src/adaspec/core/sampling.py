@@ -14,7 +14,8 @@ def probs_from_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.T
     """
     if sampling.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    logits = logits / sampling.temperature
+    # from the top logit down: (z - max) / T is never +inf, so the softmax stays a distribution at any T > 0
+    logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]  # [..., 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -108,10 +108,10 @@ class Intake:
                                 f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         temperature = 1.0 if body.temperature is None else float(body.temperature)
-        seed = (body.seed % SEED_MODULUS if body.seed is not None else DEFAULT_SEED if temperature == 0
-                else secrets.randbits(31))
         try:
             sampling = SamplingConfig(temperature, 0, 1.0 if body.top_p is None else float(body.top_p))
+            seed = (body.seed % SEED_MODULUS if body.seed is not None else DEFAULT_SEED if sampling.greedy
+                    else secrets.randbits(31))
             config = GenerationConfig(asked or min(self.max_tokens, room), sampling, stop,
                                       stop_on_eos=not body.ignore_eos, seed=seed)
         except AdaspecError as e:
