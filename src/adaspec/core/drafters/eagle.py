@@ -224,7 +224,7 @@ class EagleDrafter:
     def observe(self, accepted: int, ids: list[int]) -> None:
         start, hidden = self.target.hidden_start, self.target.hidden  # features of the last forward's positions
         hidden = hidden.to(self.device, torch.float32)
-        self.features = torch.cat([self.features[:start], hidden])[: len(self.target.tokens)]
+        self.features = torch.cat([self.features[:start], hidden])[: len(ids) - 1]
 
     def _embed(self, tokens: list[int]) -> torch.Tensor:
         return self.embed[torch.tensor(tokens, dtype=torch.long, device=self.device)].to(self.dtype)[None]  # [1, T, H]
