@@ -24,7 +24,7 @@ from adaspec.core.costmodel import CostAware
 from adaspec.core.drafters import DraftContext, PromptLookupDrafter
 from adaspec.core.drafters.lookup import AGREEMENT_BINS, MATCH_BINS, acceptance_bin
 from adaspec.core.models import encode_prompt, load_model
-from adaspec.core.policies import FixedLength
+from adaspec.core.policies import Outcome
 
 
 def turns(run: Path, data: Path) -> list[tuple[list[int], list[int]]]:
@@ -59,7 +59,7 @@ def table(data: list[tuple[list[int], list[int]]], k: int) -> dict[tuple[int, in
         drafter = PromptLookupDrafter()
         for t in range(len(gen)):
             ids = prompt + gen[:t]
-            draft = drafter.propose(DraftContext(ids, k, SamplingConfig()), FixedLength(k)).tokens[: len(gen) - t]
+            draft = drafter.propose(DraftContext(ids, k, SamplingConfig())).tokens[: len(gen) - t]
             if not draft:
                 continue
             for i, (b, token) in enumerate(zip(bins(drafter, ids, draft), draft, strict=True)):
@@ -77,14 +77,14 @@ def replay(data: list[tuple[list[int], list[int]]], ratios: dict[int, float], or
         policy, drafter = CostAware(ratios, 0.0, k_max=8), PromptLookupDrafter()
         ids, t = list(prompt), 0
         while t < len(gen):
-            draft = drafter.propose(DraftContext(ids, min(policy.draft_length(), len(gen) - t), SamplingConfig()),
-                                    policy)
+            draft = drafter.propose(DraftContext(ids, min(policy.draft_length(), len(gen) - t), SamplingConfig(),
+                                                 keep_drafting=policy.keep_drafting))
             k = policy.verify_length(draft.confidence)
             kept = next((i for i, d in enumerate(draft.tokens) if d != gen[t + i]), len(draft))
             if oracle:
                 k = max(range(kept + 1), key=lambda j: (j + 1) / policy.cost[j])
             emitted = gen[t: t + min(kept, k) + 1]
-            policy.observe(k, min(kept, k), draft.tokens, emitted)
+            policy.observe(Outcome(k, min(kept, k), draft.tokens, draft.confidence, emitted))
             ids += emitted
             t += len(emitted)
             tokens, cost, forwards = tokens + len(emitted), cost + policy.cost[k], forwards + 1

@@ -109,6 +109,7 @@ class ScriptedDrafter:
     """Drafts the token `token` at every position with confidence `confidence`, asking the policy after each."""
 
     name = "scripted"
+    wants_hidden = False
 
     def __init__(self, confidence: float, token: int = 0) -> None:
         self.confidence, self.token = confidence, token
@@ -116,14 +117,14 @@ class ScriptedDrafter:
     def reset(self) -> None:
         pass
 
-    def propose(self, ctx: DraftContext, policy) -> Draft:
+    def propose(self, ctx: DraftContext) -> Draft:
         conf: list[float] = []
         while True:
             conf.append(self.confidence)
-            if len(conf) >= ctx.k_max or not policy.keep_drafting(conf):
+            if len(conf) >= ctx.k_max or not ctx.keep_drafting(conf):
                 return Draft([self.token] * len(conf), None, conf)
 
-    def observe(self, accepted: int, ids: list[int]) -> None:
+    def observe(self, accepted: int, ids: list[int], hidden=None) -> None:
         pass
 
 

@@ -3,6 +3,8 @@ acceptance estimate moves, and that greedy decoding with it stays exact."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from conftest import perturbed_llama, random_prompt, tiny_backend
 
@@ -12,7 +14,7 @@ from adaspec.core.costmodel import CostAware, shadow_acceptance
 from adaspec.core.decode import generate
 from adaspec.core.drafters import ModelDrafter, PromptLookupDrafter
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import FixedLength
+from adaspec.core.policies import FixedLength, Outcome
 from adaspec.methods import build_runner, parse_method
 
 STEEP = {1: 1.0, 2: 1.85, 3: 2.6, 4: 3.4, 9: 7.5}  # llama.cpp on Q4_1 weights: n positions cost about n steps
@@ -30,10 +32,10 @@ def test_steep_costs_verify_nothing_until_acceptance_is_high():
     policy = CostAware(STEEP)
     assert policy.alpha == 0.5 and policy.best() == 0
     for _ in range(30):
-        policy.observe(0, 0, [1, 2, 3, 4], [1, 2, 3, 4])  # a copy run: every drafted token was right
+        policy.observe(Outcome(0, 0, [1, 2, 3, 4], [], [1, 2, 3, 4]))  # a copy run: every drafted token was right
     assert policy.alpha > 0.9 and policy.best() >= 2
     for _ in range(30):
-        policy.observe(0, 0, [1, 2], [7])  # ordinary text: the draft misses
+        policy.observe(Outcome(0, 0, [1, 2], [], [7]))  # ordinary text: the draft misses
     assert policy.best() == 0
 
 
@@ -41,7 +43,7 @@ def test_flat_costs_verify_the_longest_draft():
     policy = CostAware(FLAT, k_max=8)
     assert policy.k_max == 8 and policy.best() >= 4  # at alpha 0.5, E(k) is near 2 from k = 4 on
     for _ in range(30):
-        policy.observe(0, 0, [1, 2, 3, 4], [1, 2, 3, 4])
+        policy.observe(Outcome(0, 0, [1, 2, 3, 4], [], [1, 2, 3, 4]))
     assert policy.best() == 8
 
 
@@ -57,13 +59,22 @@ def test_each_confidence_bin_learns_what_its_tokens_are_worth_also_from_tokens_n
     policy = CostAware(STEEP, draft_ratio=0.0, k_max=6)
     for _ in range(20):
         assert policy.verify_length([0.95, 0.95]) in (0, 2)
-        policy.observe(0, 0, [5, 6], [7])  # the target's token differs: a 0.95 token that was wrong
+        policy.observe(Outcome(0, 0, [5, 6], [0.95, 0.95], [7]))  # the target differs: a 0.95 token was wrong
     assert policy.rate(0.95) < 0.2 and policy.verify_length([0.95] * 6) == 0
     assert policy.rate(0.55) == pytest.approx(0.55) and policy.verify_length([0.55] * 3) == 0  # untouched: its prior
     for _ in range(40):
-        policy.verify_length([0.55] * 3)
-        policy.observe(0, 0, [5, 6, 7], [5, 6, 7, 8])  # the next tokens the target emits: all three were right
+        # the next tokens the target emits: all three were right
+        policy.observe(Outcome(0, 0, [5, 6, 7], [0.55] * 3, [5, 6, 7, 8]))
     assert policy.rate(0.55) > 0.9 and policy.verify_length([0.55] * 3) >= 2
+
+
+def test_verify_length_is_pure_what_the_policy_learns_comes_through_observe():
+    policy = CostAware(STEEP, draft_ratio=0.0, k_max=6)
+    before = copy.deepcopy(vars(policy))
+    lengths = [policy.verify_length(c) for c in ([0.99] * 6, [0.3] * 6, [0.99] * 6)]
+    assert lengths[0] == lengths[2] >= 4 and lengths[1] == 0 and vars(policy) == before
+    policy.observe(Outcome(0, 0, [5, 6], [0.95, 0.95], [5, 6, 7]))  # learns from the Outcome's confidences alone
+    assert policy.rate(0.95) > 0.95
 
 
 def test_a_paid_drafter_drafts_only_what_pays_and_probes_after_plain_steps():
@@ -72,7 +83,7 @@ def test_a_paid_drafter_drafts_only_what_pays_and_probes_after_plain_steps():
     for _ in range(4):
         k = policy.draft_length()
         lengths.append(k)
-        policy.observe(k, 0, [9] * k, [1])
+        policy.observe(Outcome(k, 0, [9] * k, [0.5] * k, [1]))
     assert lengths == [0, 0, 0, 1]  # three plain steps, then one token to learn from
 
 
@@ -154,8 +165,8 @@ def test_cmasd_cost_caps_the_confidence_length_by_the_cost_aware_one(tmp_path):
     capped = CostCapped(ConfidenceLength(alpha=1.0, k_min=1, k_max=6), CostAware(STEEP, draft_ratio=0.0, k_max=6))
     assert capped.draft_length() == 6 and capped.verify_length([0.45] * 6) == 0  # steep costs, unsure: plain
     for _ in range(30):
-        capped.verify_length([0.45] * 4)
-        capped.observe(0, 0, [1, 2, 3, 4], [1, 2, 3, 4])  # copies that keep coming true lift the estimate
+        # copies that keep coming true lift the estimate
+        capped.observe(Outcome(0, 0, [1, 2, 3, 4], [0.45] * 4, [1, 2, 3, 4]))
     assert 2 <= capped.verify_length([0.45] * 6) <= capped.policy.verify_length([0.45] * 6)
     with pytest.raises(AdaspecError, match="cost must be 0"):
         parse_method("cmasd:cost=2")

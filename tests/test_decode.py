@@ -179,7 +179,7 @@ def test_sampling_is_reproducible_from_the_seed_and_drafter_state_does_not_leak(
 
     def run(seed, drafter, prompt=PROMPTS[7]):
         config = GenerationConfig(max_new_tokens=MAX_NEW, sampling=sampling, seed=seed)
-        return generate(target, prompt, config, drafter, FixedLength(3)).token_ids
+        return generate(target, prompt, config, drafter).token_ids
 
     drafter = ModelDrafter(TorchBackend(perturbed_llama(0, 0.3, scale=8.0)))
     first = run(0, drafter)
@@ -204,7 +204,7 @@ def test_bad_requests_are_refused():
     with pytest.raises(AdaspecError, match="context of 64"):
         generate(backend, random_prompt(0, length=35), CONFIG)  # 35 + 30 > 64
     with pytest.raises(AdaspecError, match="context of 64"):
-        generate(backend, random_prompt(0, length=35), CONFIG, PromptLookupDrafter(), FixedLength(3))
+        generate(backend, random_prompt(0, length=35), CONFIG, PromptLookupDrafter())
     with pytest.raises(AdaspecError, match="max_new_tokens"):
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(AdaspecError, match="temperature"):
@@ -223,10 +223,10 @@ def test_bad_requests_are_refused():
 
 def test_lookup_copies_what_followed_the_latest_match():
     ids = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
-    draft = PromptLookupDrafter().propose(DraftContext(ids, 3, SamplingConfig()), FixedLength(3))
+    draft = PromptLookupDrafter().propose(DraftContext(ids, 3, SamplingConfig()))
     assert draft.tokens == [7, 8, 5] and draft.probs is None
-    assert PromptLookupDrafter().propose(DraftContext([4, 5, 6], 3, SamplingConfig()), FixedLength(3)).tokens == []
-    assert PromptLookupDrafter().propose(DraftContext([4], 3, SamplingConfig()), FixedLength(3)).tokens == []
+    assert PromptLookupDrafter().propose(DraftContext([4, 5, 6], 3, SamplingConfig())).tokens == []
+    assert PromptLookupDrafter().propose(DraftContext([4], 3, SamplingConfig())).tokens == []
 
 
 def test_time_to_first_token_is_the_first_steps_and_within_the_wall(target):
@@ -244,7 +244,7 @@ def test_a_backend_that_prefills_apart_gives_the_same_tokens(ar_outputs, drafter
     split.split_prefill = True
     for i, prompt in enumerate(PROMPTS):
         assert generate(split, prompt, CONFIG).token_ids == ar_outputs[i]
-        sd = generate(split, prompt, CONFIG, drafters[name], FixedLength(3))
+        sd = generate(split, prompt, CONFIG, drafters[name])
         assert sd.token_ids == ar_outputs[i]
         assert_step_accounting(sd, 3, MAX_NEW)
 

@@ -9,6 +9,7 @@ from conftest import naive_greedy, random_prompt, tiny_llama
 from adaspec.core.backends import TorchBackend
 from adaspec.core.config import GenerationConfig, SamplingConfig
 from adaspec.core.decode import generate
+from adaspec.core.drafters.base import Hidden
 from adaspec.core.drafters.eagle import EagleArtifact, EagleConfig, EagleDrafter, EagleHead
 from adaspec.core.policies import FixedLength
 from adaspec.train.eagle import (
@@ -76,10 +77,10 @@ def test_cached_drafting_equals_the_training_unroll():
 
 def eagle_pair(seed: int = 3):
     target = tiny_llama(seed, scale=4.0)
-    backend = TorchBackend(target, keep_hidden=True)
+    backend = TorchBackend(target)
     artifact = EagleArtifact(make_head(target), list(range(0, 64, 2)) + [63])  # a reduced vocab (sorted)
     artifact.vocab = sorted(set(artifact.vocab))
-    return target, backend, EagleDrafter(artifact, backend)
+    return target, backend, EagleDrafter(artifact, target, backend.max_context)
 
 
 def test_eagle_speculative_decoding_equals_greedy():
@@ -100,11 +101,12 @@ def test_a_repeated_proposal_on_the_same_ids_drafts_the_same_tokens():
 
     _, backend, drafter = eagle_pair()
     prompt = random_prompt(2)
+    backend.keep_hidden = True
     backend.sync(prompt[:-1])  # as after a step: features for every position but the last token
-    drafter.observe(0, prompt)
+    drafter.observe(0, prompt, Hidden(backend.hidden_start, backend.hidden))
     ctx = DraftContext(prompt, 4, GenerationConfig().sampling)
-    first = drafter.propose(ctx, FixedLength(4))
-    again = drafter.propose(ctx, FixedLength(4))
+    first = drafter.propose(ctx)
+    again = drafter.propose(ctx)
     assert len(first) == 4 and again.tokens == first.tokens
 
 

@@ -8,7 +8,6 @@ from adaspec.core.config import SamplingConfig
 from adaspec.core.drafters import DraftContext, PromptLookupDrafter
 from adaspec.core.drafters.lookup import acceptance
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import FixedLength
 
 
 def scan(ids: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1, candidates: int = 8,
@@ -39,14 +38,14 @@ def test_tables_match_a_full_scan_as_the_sequence_grows_and_changes():
             drafter.reset()  # the decoding loop resets per sequence; a sequence that does not continue rebuilds
         for _ in range(40):
             k = rng.randrange(1, 6)
-            got = drafter.propose(DraftContext(ids, k, sampling), FixedLength(k)).tokens
+            got = drafter.propose(DraftContext(ids, k, sampling)).tokens
             assert got == scan(ids, k), ids
             ids = ids + [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
 
 
 def test_a_repeated_phrase_is_copied_with_the_chance_each_token_is_kept():
     ids = [5, 6, 7, 8, 9, 1, 2, 5, 6]
-    draft = PromptLookupDrafter().propose(DraftContext(ids, 3, SamplingConfig()), FixedLength(3))
+    draft = PromptLookupDrafter().propose(DraftContext(ids, 3, SamplingConfig()))
     assert draft.tokens == [7, 8, 9] and draft.probs is None
     # (5, 6) matched 2 tokens back, then 3 and 4 with each copied token; every n-gram seen once: agreement 1/2
     assert draft.confidence == [acceptance(2, 0.5), acceptance(3, 0.5), acceptance(4, 0.5)] == [0.605, 0.69, 0.746]
@@ -54,7 +53,7 @@ def test_a_repeated_phrase_is_copied_with_the_chance_each_token_is_kept():
 
 def test_of_several_occurrences_the_one_matching_furthest_back_is_copied():
     ids = [5, 6, 7, 8, 1, 2, 3, 40, 0, 0, 1, 2, 3, 50, 5, 6, 7, 8, 1, 2, 3]
-    draft = PromptLookupDrafter().propose(DraftContext(ids, 2, SamplingConfig()), FixedLength(2))
+    draft = PromptLookupDrafter().propose(DraftContext(ids, 2, SamplingConfig()))
     assert draft.tokens == [40, 0]  # not 50 after the latest (1, 2, 3), preceded by 0 where the context has 8
     assert draft.confidence[0] == acceptance(7, 1 / 3)  # 7 tokens match; (1, 2, 3) went on to 40 once of twice
 

@@ -27,7 +27,7 @@ from adaspec.cli import app
 from adaspec.core.config import PEERS
 from adaspec.core.drafters import Draft, DraftContext
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import FixedLength, LengthPolicy
+from adaspec.core.policies import FixedLength
 from adaspec.methods import (
     BuildContext,
     EngineRunner,
@@ -50,14 +50,15 @@ class RepeatDrafter:
     """Proposes the last token k times (deterministic: one-hot draft distributions)."""
 
     name = "repeat"
+    wants_hidden = False
 
     def reset(self) -> None:
         pass
 
-    def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
+    def propose(self, ctx: DraftContext) -> Draft:
         return Draft([ctx.ids[-1]] * ctx.k_max, None, [0.5] * ctx.k_max)
 
-    def observe(self, accepted: int, ids: list[int]) -> None:
+    def observe(self, accepted: int, ids: list[int], hidden=None) -> None:
         pass
 
 

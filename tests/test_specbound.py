@@ -143,7 +143,7 @@ def test_verification_runs_only_the_layers_above_the_drafted_depths():
     backend, drafter, bound = specbound(model, exits=(2, 4), threshold=1.0)  # nothing exits: drafts stop at 4
     prompt = random_prompt(5, 8)
     backend.extend(prompt[:-1])
-    draft = drafter.propose(_context(prompt), bound)
+    draft = drafter.propose(_context(prompt))
     assert draft.tokens == [] and draft.stop == "bound" and backend.pending.depth == [4]
     runs = backend.layer_runs
     logits = backend.sync(prompt, keep=1)

@@ -43,7 +43,7 @@ from adaspec.core.drafters.base import DraftContext, Drafter
 from adaspec.core.errors import AdaspecError
 from adaspec.core.machine import cpu_model
 from adaspec.core.models import cache_root
-from adaspec.core.policies import FixedLength, LengthPolicy
+from adaspec.core.policies import FixedLength, LengthPolicy, Outcome
 
 
 def expected_tokens(alpha: float, k: float) -> float:
@@ -153,7 +153,7 @@ def propose_ms(drafter: Drafter, context: list[int], k: int, repeats: int = 7) -
     for _ in range(repeats):
         ctx = DraftContext(context, k, SamplingConfig())
         t0 = time.perf_counter()
-        drafter.propose(ctx, FixedLength(k))
+        drafter.propose(ctx)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
@@ -232,7 +232,6 @@ class CostAware:
         self.plain = 0  # plain steps in a row
         self.bin_accepted = [0.0] * self.bins  # the same, per confidence bin (a free drafter's tokens)
         self.bin_examined = [0.0] * self.bins
-        self.pending: list[float] = []  # the confidences of the proposal being verified
 
     def _bin(self, confidence: float) -> int:
         return min(self.bins - 1, max(0, int(confidence * self.bins)))
@@ -276,25 +275,22 @@ class CostAware:
 
     def verify_length(self, confidences: list[float]) -> int:
         if not confidences:  # nothing proposed (lookup found no match)
-            self.pending = []
             return 0
-        if not self.free:
-            return len(confidences)
-        self.pending = list(confidences)
-        return self.best_for(confidences)
+        return self.best_for(confidences) if self.free else len(confidences)
 
-    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
-        acc, seen = shadow_acceptance(proposed, emitted) if self.free else (accepted, accepted + (accepted < drafted))
-        self.plain = 0 if drafted else self.plain + 1
+    def observe(self, outcome: Outcome) -> None:
+        o = outcome
+        acc, seen = shadow_acceptance(o.proposed, o.emitted) if self.free else (o.accepted,
+                                                                                o.accepted + (o.accepted < o.verified))
+        self.plain = 0 if o.verified else self.plain + 1
         for i in range(seen):  # one decay per observed token
             self.accepted = self.decay * self.accepted + (i < acc)
             self.examined = self.decay * self.examined + 1
         if self.free:
-            for i, c in enumerate(self.pending[:seen]):
+            for i, c in enumerate(o.confidence[:seen]):
                 b = self._bin(c)
                 self.bin_accepted[b] = self.decay * self.bin_accepted[b] + (i < acc)
                 self.bin_examined[b] = self.decay * self.bin_examined[b] + 1
-            self.pending = []
 
 
 @dataclass
@@ -321,9 +317,9 @@ class CostCapped:
     def verify_length(self, confidences: list[float]) -> int:
         return min(self.policy.verify_length(confidences), self.costs.verify_length(confidences))
 
-    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
-        self.policy.observe(drafted, accepted, proposed, emitted)
-        self.costs.observe(drafted, accepted, proposed, emitted)
+    def observe(self, outcome: Outcome) -> None:
+        self.policy.observe(outcome)
+        self.costs.observe(outcome)
 
 
 FREE_DRAFTER = 0.01  # a drafter whose token costs less than this share of a target step drafts for free (lookup)

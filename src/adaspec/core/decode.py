@@ -16,9 +16,9 @@ import torch
 from adaspec.core.backends.base import Backend
 from adaspec.core.confidence import METRICS, ConfidenceEnsemble
 from adaspec.core.config import GenerationConfig
-from adaspec.core.drafters.base import Draft, DraftContext, Drafter
+from adaspec.core.drafters.base import Draft, DraftContext, Drafter, Hidden
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import FixedLength, LengthPolicy
+from adaspec.core.policies import FixedLength, LengthPolicy, Outcome
 from adaspec.core.verify import AcceptanceRule, rule_for
 
 
@@ -124,8 +124,8 @@ class Decoding:
         self.ids = list(prompt_ids)
         self.generated: list[int] = []
         self.done = False
-        self.draft = Draft()
-        self.proposed: list[int] = []  # the whole draft before any cut
+        self.draft = Draft()  # what the target verifies this step
+        self.proposal = Draft()  # the whole draft before any cut
         self.policy.reset()
         if drafter is not None:
             drafter.reset()
@@ -135,11 +135,11 @@ class Decoding:
         """Positions the target's cache holds between steps: every token but the last one emitted."""
         return len(self.ids) - 1
 
-    def prefilled(self) -> None:
+    def prefilled(self, hidden: Hidden | None = None) -> None:
         """The target cached all but the prompt's last token apart from the first step (a drafter reading target
         features sees the prompt's)."""
         if self.drafter is not None:
-            self.drafter.observe(0, self.ids[:-1])
+            self.drafter.observe(0, self.ids, hidden)
 
     def budget(self) -> int:
         """The most tokens a draft may hold this step: the policy's length, never more than the budget can use
@@ -151,9 +151,10 @@ class Decoding:
         k_max = self.budget() if limit is None else min(limit, self.budget())
         draft = Draft()
         if self.drafter is not None and k_max > 0:
-            ctx = DraftContext(self.ids, k_max, self.config.sampling, self.generator, self.score)
-            draft = self.drafter.propose(ctx, self.policy)
-        self.drafted, self.proposed = len(draft), draft.tokens
+            ctx = DraftContext(self.ids, k_max, self.config.sampling, self.generator, self.score,
+                               self.policy.keep_drafting)
+            draft = self.drafter.propose(ctx)
+        self.proposal = draft
         self.draft = draft.prefix(self.policy.verify_length(draft.confidence))  # CM-ASD's paper variant cuts to k_j
         return self.draft
 
@@ -161,16 +162,17 @@ class Decoding:
         """Verify only the first n drafted tokens (a batch's cost rule)."""
         self.draft = self.draft.prefix(n)
 
-    def accept(self, logits: torch.Tensor) -> Step:
+    def accept(self, logits: torch.Tensor, hidden: Hidden | None = None) -> Step:
         """3 accept by the rule from the target's logits [k+1, V] over [last, d_1..d_k]; 5 append the accepted tokens
-        and the correction/bonus token, cut at a stop or the budget; 6 record the step."""
-        draft = self.draft
+        and the correction/bonus token, cut at a stop or the budget; 6 record the step. `hidden`: the target's
+        hidden states of the forward, for a drafter that `wants_hidden`."""
+        draft, proposal = self.draft, self.proposal
         n, x = self.rule(logits, draft.tokens, draft.probs, self.config.sampling, self.generator,
                          confidence=draft.confidence)
         emitted = draft.tokens[:n] + [x]
-        self.policy.observe(len(draft), n, self.proposed, emitted)
+        self.policy.observe(Outcome(len(draft), n, proposal.tokens, proposal.confidence, emitted))
         if self.drafter is not None:
-            self.drafter.observe(n, self.ids + emitted)
+            self.drafter.observe(n, self.ids + emitted, hidden)
         generated = self.generated
         generated += emitted
         keep, reason = self.stop.cut(generated, len(emitted))
@@ -179,7 +181,7 @@ class Decoding:
         del generated[keep:]
         self.ids += emitted
         self.done = reason is not None or len(generated) >= self.config.max_new_tokens
-        return Step(len(draft), n, emitted, draft.confidence, reason, self.drafted - len(draft),
+        return Step(len(draft), n, emitted, draft.confidence, reason, len(proposal) - len(draft),
                     **calibration_fields(self.confidence, draft, logits), exit_layers=draft.exit_layers,
                     draft_stop=draft.stop)
 
@@ -211,12 +213,19 @@ def speculative_steps(
     drafter's logits; the policy and the rule then see it as the draft's confidence, and steps record it.
     """
     seq = Decoding(prompt_ids, config, target.max_context, drafter, policy, rule, stop, generator, confidence)
+    wants_hidden = drafter is not None and drafter.wants_hidden
+    if wants_hidden:
+        target.keep_hidden = True  # the drafter reads the target's final hidden states (EAGLE)
+
+    def hidden() -> Hidden | None:
+        return Hidden(target.hidden_start, target.hidden) if wants_hidden else None
+
     if target.start(seq.ids):  # prefilled apart (Backend.split_prefill): every later forward scores a few positions
-        seq.prefilled()
+        seq.prefilled(hidden())
     while not seq.done:
         draft = seq.propose()  # 1 draft
         logits = target.sync(seq.ids + draft.tokens, keep=len(draft) + 1)  # 2 verify [last, d_1..d_k] -> [k+1, V]
-        step = seq.accept(logits)  # 3 accept, 5 append, 6 record
+        step = seq.accept(logits, hidden())  # 3 accept, 5 append, 6 record
         target.rollback(seq.cached)  # 4 the cache keeps ids[-1]'s predecessors: the accepted drafts stay
         yield step
 

@@ -4,7 +4,7 @@ CostCapped) are part of the cost model (costmodel.py)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -22,6 +22,17 @@ from adaspec.core.config import (
 from adaspec.core.errors import AdaspecError
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What one step did with a proposal: what a length policy learns from."""
+
+    verified: int  # drafted tokens the target verified (the proposal's first ones)
+    accepted: int  # of those, the ones it kept
+    proposed: list[int] = field(default_factory=list)  # the whole proposal, before any cut
+    confidence: list[float] = field(default_factory=list)  # the proposal's per-token confidence
+    emitted: list[int] = field(default_factory=list)  # what the step emitted: the accepted tokens, then one more
+
+
 class LengthPolicy(Protocol):
     def reset(self) -> None:
         """A new generation starts."""
@@ -33,11 +44,11 @@ class LengthPolicy(Protocol):
         """Asked by the drafter after each drafted token: draft another one?"""
 
     def verify_length(self, confidences: list[float]) -> int:
-        """How many of the drafted tokens the target verifies (the rest are cut unverified)."""
+        """How many of the drafted tokens the target verifies (the rest are cut unverified). A pure function of the
+        policy's state: what it learns comes through `observe`."""
 
-    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
-        """Told the outcome of each verification: `drafted` tokens verified, `accepted` kept; `proposed` is the whole
-        draft before any cut, `emitted` what the step emitted (the accepted tokens and the correction/bonus)."""
+    def observe(self, outcome: Outcome) -> None:
+        """Told the outcome of each step."""
 
 
 @dataclass
@@ -60,7 +71,7 @@ class FixedLength:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences)
 
-    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+    def observe(self, outcome: Outcome) -> None:
         pass
 
 
@@ -89,7 +100,7 @@ class BatchTable:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences)
 
-    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+    def observe(self, outcome: Outcome) -> None:
         pass
 
 
@@ -136,7 +147,7 @@ class ConfidenceLength:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences) if self.early_stop else min(len(confidences), self.length(confidences))
 
-    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+    def observe(self, outcome: Outcome) -> None:
         pass
 
 
@@ -198,5 +209,5 @@ class ExitBound:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences)
 
-    def observe(self, drafted: int, accepted: int, proposed: list[int], emitted: list[int]) -> None:
+    def observe(self, outcome: Outcome) -> None:
         pass

@@ -58,7 +58,7 @@ def make_drafter(spec: Spec, drafter: DrafterChoice | None, target: Backend,
                  target_model: LoadedModel | None = None) -> Drafter:
     """The drafter a method drafts with: its own `drafter=` option (loaded here, which needs
     `target_model`), else `drafter` (what --drafter loaded), else prompt lookup. `target` is the method's
-    target backend: an EAGLE head reads its hidden states."""
+    target backend: a model drafter runs where it runs, an EAGLE head sizes its cache to its context."""
     options = spec.options
     option = options.drafter if isinstance(options, DrafterOption) else None
     if option:
@@ -68,8 +68,11 @@ def make_drafter(spec: Spec, drafter: DrafterChoice | None, target: Backend,
     chosen = drafter or LOOKUP
     if chosen == LOOKUP:
         return PromptLookupDrafter(max_ngram=options.ngram if isinstance(options, Drafting) else LOOKUP_NGRAM)
-    if isinstance(chosen, EagleArtifact):
-        return EagleDrafter(chosen, target, None if target_model is None else target_model.model)
+    if isinstance(chosen, EagleArtifact):  # the head needs the target's weights (embeddings, LM head)
+        model = target_model.model if target_model is not None else getattr(target, "model", None)
+        if model is None:
+            raise AdaspecError(f"{spec.label}: an EAGLE head needs the target model's weights")
+        return EagleDrafter(chosen, model, target.max_context)
     if isinstance(chosen, LoadedModel):
         return ModelDrafter(drafter_backend(chosen, target, target_model), chosen.name)
     raise AdaspecError(f"{spec.name}: drafter {chosen!r} is unknown; choose {', '.join(DRAFTER_NAMES)} or a directory")

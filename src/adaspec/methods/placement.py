@@ -52,7 +52,7 @@ def resolve_backend(has_gguf: bool, choice: BackendChoice) -> BackendChoice:
 
 
 def target_backend(target: LoadedModel, choice: BackendChoice) -> Backend:
-    """The target's backend for a method that runs on `choice` (an EAGLE drafter turns its `keep_hidden` on)."""
+    """The target's backend for a method that runs on `choice`."""
     choice = resolve_backend(target.gguf is not None, choice)
     if choice.kind == "torch":
         return TorchBackend(target.model)

@@ -1,4 +1,6 @@
-"""The drafter interface: `propose` tokens, then `observe` what the target kept."""
+"""The drafter interface: `propose` tokens, then `observe` what the target kept. A drafter gets everything it needs
+from the loop: the sequence, a budget and the length policy's stop rule in `DraftContext`, and, where it
+`wants_hidden`, the target's hidden states in `observe`; it never reaches into the target's backend."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ from typing import Protocol
 import torch
 
 from adaspec.core.config import SamplingConfig
-from adaspec.core.policies import LengthPolicy
 
 Scorer = Callable[[torch.Tensor], float]  # a drafted position's logits [V] -> its confidence in [0, 1]
+
+
+def always(confidences: list[float]) -> bool:
+    return True
 
 
 @dataclass
@@ -21,6 +26,16 @@ class DraftContext:
     sampling: SamplingConfig
     generator: torch.Generator | None = None
     score: Scorer | None = None  # the method's confidence (CM-ASD ensemble); None: the drafter's own, p(token)
+    # asked after each drafted token with the confidences so far: draft another? (the length policy's keep_drafting)
+    keep_drafting: Callable[[list[float]], bool] = always
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """The target's final hidden states of its last forward: states [n, H] of positions start .. start + n - 1."""
+
+    start: int
+    states: torch.Tensor
 
 
 @dataclass
@@ -50,12 +65,14 @@ class Draft:
 
 class Drafter(Protocol):
     name: str
+    wants_hidden: bool  # whether `observe` needs the target's hidden states (the loop has the backend keep them)
 
     def reset(self) -> None:
         """Forget the previous sequence."""
 
-    def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
-        """Draft up to ctx.k_max tokens continuing ctx.ids (fewer if the policy says stop)."""
+    def propose(self, ctx: DraftContext) -> Draft:
+        """Draft up to ctx.k_max tokens continuing ctx.ids (fewer if ctx.keep_drafting says stop)."""
 
-    def observe(self, accepted: int, ids: list[int]) -> None:
-        """The target kept `accepted` drafted tokens; `ids` is the sequence after this step."""
+    def observe(self, accepted: int, ids: list[int], hidden: Hidden | None = None) -> None:
+        """The target kept `accepted` drafted tokens; `ids` is the sequence after this step (the target has computed
+        every position but the last); `hidden`, where wanted, the target's hidden states of the step's forward."""

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from adaspec.core.backends.base import Backend, common_prefix
+from adaspec.core.backends.base import common_prefix
 from adaspec.core.backends.lean import causal_mask, rms_norm, rope
 from adaspec.core.cache import StaticKV
-from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.drafters.base import Draft, DraftContext, Hidden
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import LengthPolicy
 from adaspec.core.sampling import probs_from_logits, sample
 
 CONFIG_FILE = "eagle_config.json"
@@ -186,54 +185,58 @@ def is_eagle_dir(path: Path) -> bool:
 
 
 class EagleDrafter:
-    """Drafts with an `EagleHead` from the features the target backend keeps (it turns `keep_hidden` on).
+    """Drafts with an `EagleHead` from the target's features: the final hidden states the loop hands to `observe`
+    (`wants_hidden`: the loop has the target's backend keep them).
 
     The head's KV cache holds only positions computed from true target features; positions drafted from
     predicted features are cropped after every proposal. The first step of a generation drafts nothing:
     the target's prefill is what produces the first features.
 
-    It runs where the target model's weights are (the head is moved there); features a llama.cpp target returns on
-    the host are copied there. A drafted token costs one read back to the host (its id and confidence together).
+    It runs where the target model's weights are (`model`: the head is moved there); features a llama.cpp target
+    returns on the host are copied there. A drafted token costs one read back to the host (its id and confidence
+    together).
     """
 
     name = "eagle"
+    wants_hidden = True
 
-    def __init__(self, artifact: EagleArtifact, target: Backend, model: PreTrainedModel | None = None) -> None:
-        model = model if model is not None else target.model  # the target's weights (embeddings, LM head)
+    def __init__(self, artifact: EagleArtifact, model: PreTrainedModel, max_context: int) -> None:
         if artifact.head.config != EagleConfig.from_target(model.config):
             raise AdaspecError("this EAGLE head was trained for a different target (its shape does not match)")
-        target.keep_hidden = True  # the head drafts from the target's features: have the backend keep them
         self.embed = model.get_input_embeddings().weight.detach()  # [V, H] (rows cast when used)
         self.device = self.embed.device
         self.head = artifact.head.to(self.device).eval()
         dtype = next(self.head.parameters()).dtype
-        self.target = target
         self.vocab = torch.tensor(artifact.vocab, dtype=torch.long, device=self.device)
         self.vocab_ids = list(artifact.vocab)  # the same ids on the host: a drafted id is read back once
         self.lm_rows = model.get_output_embeddings().weight[self.vocab].detach().to(dtype).contiguous()  # [v, H]
         self.dtype = dtype
         self.vocab_size = int(model.config.vocab_size)
-        self.cache = self.head.new_cache(target.max_context, self.device)  # the target's context fits
+        self.cache = self.head.new_cache(max_context, self.device)  # the target's context fits
         self.reset()
 
     def reset(self) -> None:
         self.cache.crop(0)
         self.features = torch.empty(0, self.head.config.hidden, device=self.device)  # [F, H] target features f_0..
+        self.seen: list[int] = []  # the sequence whose positions 0..F-1 the features are of
         self.consumed: list[int] = []  # tokens x_1..x_C behind the cached positions 1..C
 
-    def observe(self, accepted: int, ids: list[int]) -> None:
-        start, hidden = self.target.hidden_start, self.target.hidden  # features of the last forward's positions
-        hidden = hidden.to(self.device, torch.float32)
-        self.features = torch.cat([self.features[:start], hidden])[: len(ids) - 1]
+    def observe(self, accepted: int, ids: list[int], hidden: Hidden | None = None) -> None:
+        if hidden is None:
+            raise AdaspecError("the EAGLE drafter needs the target's hidden states: run it in a loop that passes them")
+        states = hidden.states.to(self.device, torch.float32)
+        # every position the step kept: the sequence's all but its last (a rejected draft's positions are dropped)
+        self.features = torch.cat([self.features[: hidden.start], states])[: len(ids) - 1]
+        self.seen = list(ids)
 
     def _embed(self, tokens: list[int]) -> torch.Tensor:
         return self.embed[torch.tensor(tokens, dtype=torch.long, device=self.device)].to(self.dtype)[None]  # [1, T, H]
 
     @torch.inference_mode()
-    def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
+    def propose(self, ctx: DraftContext) -> Draft:
         ids = ctx.ids
         n_feat = len(self.features)
-        if n_feat == 0 or n_feat != len(ids) - 1 or ids[: n_feat] != self.target.tokens[: n_feat]:
+        if n_feat == 0 or n_feat != len(ids) - 1 or ids[: n_feat] != self.seen[: n_feat]:
             return Draft()  # no features for this sequence yet (the first step is the target's prefill)
         # catch up: positions C+1 .. F from true features, F = n_feat
         # recompute at least the last position: its output is where drafting starts (a repeated proposal on the
@@ -268,7 +271,7 @@ class EagleDrafter:
             tokens.append(self.vocab_ids[j])
             # every confidence metric of the reduced logits equals that of the full row (-inf elsewhere)
             confidence.append(ctx.score(logits) if ctx.score else c)
-            if len(tokens) >= ctx.k_max or not policy.keep_drafting(confidence):
+            if len(tokens) >= ctx.k_max or not ctx.keep_drafting(confidence):
                 break
             out = self.head.step(out, self._embed(tokens[-1:]), n_feat + len(tokens), self.cache)  # [1, 1, H]
         self.cache.crop(len(self.consumed))  # forget positions drafted from predicted features

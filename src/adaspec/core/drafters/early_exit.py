@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from adaspec.core.backends.layered import LayeredBackend
-from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.drafters.base import Draft, DraftContext, Hidden
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import ExitBound, LengthPolicy
+from adaspec.core.policies import ExitBound
 from adaspec.core.sampling import probs_from_logits, sample
 
 CONFIG_FILE = "exits_config.json"
@@ -135,6 +135,7 @@ class EarlyExitDrafter:
     """
 
     name = "early-exit"
+    wants_hidden = False  # it runs the target's own layers (the backend it shares), not its final states
 
     def __init__(self, backend: LayeredBackend, bound: ExitBound, artifact: ExitArtifact | None = None) -> None:
         if bound.depth != backend.depth:
@@ -154,7 +155,7 @@ class EarlyExitDrafter:
     def reset(self) -> None:
         pass  # the backend is the target's: the loop resets it
 
-    def observe(self, accepted: int, ids: list[int]) -> None:
+    def observe(self, accepted: int, ids: list[int], hidden: Hidden | None = None) -> None:
         pass  # the loop's rollback crops the backend to the accepted length
 
     def exit_logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
@@ -172,7 +173,7 @@ class EarlyExitDrafter:
         full[self.vocab] = z
         return full
 
-    def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
+    def propose(self, ctx: DraftContext) -> Draft:
         b, bound = self.backend, self.bound
         ids = ctx.ids
         if b.tokens != ids[:-1]:
@@ -208,7 +209,7 @@ class EarlyExitDrafter:
             if len(tokens) >= ctx.k_max:
                 stop = "d_max" if ctx.k_max >= bound.d_max else "budget"
                 break
-            if not policy.keep_drafting(confidence):
+            if not ctx.keep_drafting(confidence):
                 stop = "policy"
                 break
         return Draft(tokens, torch.stack(probs) if probs else None, confidence, None, layers, stop)

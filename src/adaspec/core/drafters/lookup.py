@@ -25,9 +25,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 
-from adaspec.core.drafters.base import Draft, DraftContext
+from adaspec.core.drafters.base import Draft, DraftContext, Hidden
 from adaspec.core.errors import AdaspecError
-from adaspec.core.policies import LengthPolicy
 
 # P(the target keeps a copied token | it keeps the ones before it) by match-length bin and agreement bin, measured
 # on the dev split (module docstring). Match-length bins: upper bounds of m; agreement bins: < 0.5, < 0.75, >= 0.75.
@@ -58,6 +57,7 @@ def acceptance(match: int, agreement: float) -> float:
 
 class PromptLookupDrafter:
     name = "lookup"
+    wants_hidden = False
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, candidates: int = 8, max_match: int = 32) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -118,7 +118,7 @@ class PromptLookupDrafter:
                 return follows[token] / (len(self.starts[n][gram]) + 1)
         return 0.0
 
-    def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
+    def propose(self, ctx: DraftContext) -> Draft:
         ids = ctx.ids
         self.index(ids)
         found = self.source(ids)
@@ -130,9 +130,9 @@ class PromptLookupDrafter:
         for i, token in enumerate(follow):
             confidence.append(acceptance(match + i, self.agreement(ids[-self.max_ngram:] + follow[:i], token)))
             # the policy may stop early (CM-ASD's early stop), as after a model drafter's token
-            if not policy.keep_drafting(confidence):
+            if not ctx.keep_drafting(confidence):
                 break
         return Draft(follow[: len(confidence)], None, confidence)
 
-    def observe(self, accepted: int, ids: list[int]) -> None:
+    def observe(self, accepted: int, ids: list[int], hidden: Hidden | None = None) -> None:
         pass

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from adaspec.core.backends.base import Backend
-from adaspec.core.drafters.base import Draft, DraftContext
-from adaspec.core.policies import LengthPolicy
+from adaspec.core.drafters.base import Draft, DraftContext, Hidden
 from adaspec.core.sampling import probs_from_logits, sample
 
 
 class ModelDrafter:
+    wants_hidden = False
+
     def __init__(self, backend: Backend, name: str = "model") -> None:
         self.backend = backend
         self.name = name
@@ -19,7 +20,7 @@ class ModelDrafter:
     def reset(self) -> None:
         self.backend.reset()
 
-    def propose(self, ctx: DraftContext, policy: LengthPolicy) -> Draft:
+    def propose(self, ctx: DraftContext) -> Draft:
         # Lazy catch-up: the cache may lack the tokens the target emitted last step; sync feeds them.
         logits = self.backend.sync(ctx.ids)[-1]  # [V]
         tokens: list[int] = []
@@ -40,11 +41,11 @@ class ModelDrafter:
             probs.append(q)
             rows.append(logits)
             confidence.append(ctx.score(logits) if ctx.score else c)
-            if len(tokens) >= ctx.k_max or not policy.keep_drafting(confidence):
+            if len(tokens) >= ctx.k_max or not ctx.keep_drafting(confidence):
                 break
             logits = self.backend.extend([x])[-1]
         draft_probs = None if ctx.sampling.greedy else torch.stack(probs)  # [k, V]
         return Draft(tokens, draft_probs, confidence, torch.stack(rows))  # logits [k, V]
 
-    def observe(self, accepted: int, ids: list[int]) -> None:
+    def observe(self, accepted: int, ids: list[int], hidden: Hidden | None = None) -> None:
         pass  # rejected positions are dropped by the next `sync`, which compares token ids
