@@ -51,19 +51,11 @@ class LengthPolicy(Protocol):
         """Told the outcome of each step."""
 
 
-@dataclass
-class FixedLength:
-    k: int
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise AdaspecError(f"draft length k must be >= 1, got {self.k}")
+class Memoryless:
+    """What a length policy that learns nothing does by default: draft while the drafter can, verify all of it."""
 
     def reset(self) -> None:
         pass
-
-    def draft_length(self) -> int:
-        return self.k
 
     def keep_drafting(self, confidences: list[float]) -> bool:
         return True
@@ -76,7 +68,19 @@ class FixedLength:
 
 
 @dataclass
-class BatchTable:
+class FixedLength(Memoryless):
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise AdaspecError(f"draft length k must be >= 1, got {self.k}")
+
+    def draft_length(self) -> int:
+        return self.k
+
+
+@dataclass
+class BatchTable(Memoryless):
     """A draft length by batch size (vLLM's num_speculative_tokens_per_batch_size, SGLang's switch-off by batch size):
     `table` maps a batch size to k, the entry of the largest size not above the batch's applying (k = 0: no drafting).
     The batched engine sets `batch` before each step; one sequence alone is a batch of 1."""
@@ -88,20 +92,8 @@ class BatchTable:
         if not self.table or min(self.table) != 1 or min(self.table.values()) < 0:
             raise AdaspecError(f"a batch-size table needs an entry for batch size 1 and lengths >= 0, got {self.table}")
 
-    def reset(self) -> None:
-        pass
-
     def draft_length(self) -> int:
         return self.table[max(b for b in self.table if b <= self.batch)]
-
-    def keep_drafting(self, confidences: list[float]) -> bool:
-        return True
-
-    def verify_length(self, confidences: list[float]) -> int:
-        return len(confidences)
-
-    def observe(self, outcome: Outcome) -> None:
-        pass
 
 
 def adaptive_length(confidence: list[float], alpha: float, k_min: int, k_max: int) -> int:
@@ -111,7 +103,7 @@ def adaptive_length(confidence: list[float], alpha: float, k_min: int, k_max: in
 
 
 @dataclass(frozen=True)
-class ConfidenceLength:
+class ConfidenceLength(Memoryless):
     """CM-ASD's adaptive draft length over the drafter's per-token confidence C (Sen et al., arXiv 2508.15371).
 
     early_stop=False (the paper): draft k_max tokens, then verify the first k_j = adaptive_length(C_1..C_kmax);
@@ -135,9 +127,6 @@ class ConfidenceLength:
     def length(self, confidences: list[float]) -> int:
         return adaptive_length(confidences, self.alpha, self.k_min, self.k_max)
 
-    def reset(self) -> None:
-        pass
-
     def draft_length(self) -> int:
         return self.k_max
 
@@ -147,12 +136,9 @@ class ConfidenceLength:
     def verify_length(self, confidences: list[float]) -> int:
         return len(confidences) if self.early_stop else min(len(confidences), self.length(confidences))
 
-    def observe(self, outcome: Outcome) -> None:
-        pass
-
 
 @dataclass(frozen=True)
-class ExitBound:
+class ExitBound(Memoryless):
     """SpecBound's exit rule and speculation bound (arXiv 2604.12247), for an early-exit drafter over a target of
     `depth` layers.
 
@@ -197,17 +183,5 @@ class ExitBound:
     def exits_at(self, confidence: float) -> bool:
         return confidence >= self.threshold
 
-    def reset(self) -> None:
-        pass
-
     def draft_length(self) -> int:
         return self.d_max
-
-    def keep_drafting(self, confidences: list[float]) -> bool:
-        return True
-
-    def verify_length(self, confidences: list[float]) -> int:
-        return len(confidences)
-
-    def observe(self, outcome: Outcome) -> None:
-        pass
