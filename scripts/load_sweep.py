@@ -217,27 +217,12 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from adaspec.bench.report import load_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     rows = [r for r in rows if r.get("latency_p99_s") is not None]  # the served points
-    for server in dict.fromkeys(r["server"] for r in rows):
-        pts = sorted((r["clients"], r["tokens_per_s"], r["latency_p99_s"]) for r in rows if r["server"] == server)
-        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=server)
-        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=server)
-    for ax, label in ((a, "aggregate tokens/s"), (b, "p99 latency (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    a.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    points = {server: [(r["clients"], r["tokens_per_s"], r["latency_p99_s"]) for r in rows if r["server"] == server]
+              for server in dict.fromkeys(r["server"] for r in rows)}
+    load_plot(points, path, "concurrent clients", "p99 latency (s)")
 
 
 def main() -> None:
