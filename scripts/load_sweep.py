@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from loopback import adaspec_serve, check_loopback, free_port, percentile, start, stop
+from loopback import adaspec_serve, check_loopback, free_port, percentile, sse_events, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("adaspec", "llama-server", "llama-server-ngram")
@@ -77,14 +77,10 @@ async def one(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int)
                 await r.aread()
             else:
                 done = False
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
+                async for event in sse_events(r):
+                    if event is None:  # data: [DONE]
                         done = True
                         break
-                    event = json.loads(data)
                     if "error" in event:
                         out["status"] = 500 if event["error"].get("type") == "server_error" else 400
                         break

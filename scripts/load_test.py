@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
-from loopback import adaspec_serve, check_loopback, free_port, percentile, start, stop
+from loopback import adaspec_serve, check_loopback, free_port, percentile, sse_events, start, stop
 
 PROMPTS = [
     "Translate German to English: Der Hund spielt im Garten mit dem Ball.",
@@ -60,14 +60,10 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> Outcome:
             if r.status_code != 200:
                 await r.aread()
                 return Outcome(r.status_code, time.perf_counter() - t0)
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
+            async for event in sse_events(r):
+                if event is None:  # data: [DONE]
                     done = True
                     break
-                event = json.loads(data)
                 if "error" in event:  # an error after the headers: counted under the status it stands for
                     return Outcome(STREAM_ERROR_STATUS.get(event["error"].get("type"), 500), time.perf_counter() - t0)
                 if ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):

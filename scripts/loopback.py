@@ -1,5 +1,6 @@
 """What the load scripts (load_test.py, soak.py, load_sweep.py) share: a server on a free loopback port, started,
-waited for until /health answers, and stopped; the loopback check on a URL; a nearest-rank percentile.
+waited for until /health answers, and stopped; the loopback check on a URL; the events of a stream; a nearest-rank
+percentile.
 
 The scripts import it as a sibling module (`python scripts/X.py` puts scripts/ first on sys.path).
 """
@@ -7,12 +8,14 @@ The scripts import it as a sibling module (`python scripts/X.py` puts scripts/ f
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -36,6 +39,19 @@ def check_loopback(url: str, script: str) -> None:
         loopback = False
     if not loopback:
         sys.exit(f"{script}: {url} is not a loopback address; this script only loads a local server")
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict | None]:
+    """The JSON events of a streamed response's `data: ` lines, in order; None for `data: [DONE]`, the last one
+    (a stream that ends without it ends without the None). json.JSONDecodeError on a line that is not JSON."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            yield None
+            return
+        yield json.loads(data)
 
 
 def free_port() -> int:
