@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from load_test import check_loopback, free_port, percentile
+from loopback import adaspec_serve, check_loopback, free_port, percentile, sse_events, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = ("adaspec", "llama-server", "llama-server-ngram")
@@ -51,38 +50,17 @@ def llama_server_binary() -> str:
     return found.stdout.strip().splitlines()[-1]
 
 
-def start(server: str, args: argparse.Namespace, gguf: str) -> tuple[subprocess.Popen, str]:
+def start_server(server: str, args: argparse.Namespace, gguf: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if server == "adaspec":
-        cmd = [sys.executable, "-c", "from adaspec.cli import main; main()", "serve", "--port", str(port),
-               "--log-level", "warning", "--method", args.method, "--max-batch", str(args.slots),
-               "--threads", str(args.threads), "--queue-size", "256", *args.adaspec_args.split()]
+        cmd = adaspec_serve(port, "--method", args.method, "--max-batch", str(args.slots), "--threads",
+                            str(args.threads), "--queue-size", "256", *args.adaspec_args.split())
     else:
         cmd = [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
                "-tb", str(args.threads), "-np", str(args.slots), "-c", str(args.slots * args.context),
                "--no-webui", "--log-disable", *(NGRAM if server == "llama-server-ngram" else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"load_sweep: {server} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit(f"load_sweep: {server} did not become ready in {args.start_timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return start(cmd, port, args.start_timeout, f"load_sweep: {server}", stdout=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE, text=True)
 
 
 async def one(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
@@ -99,14 +77,10 @@ async def one(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int)
                 await r.aread()
             else:
                 done = False
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
+                async for event in sse_events(r):
+                    if event is None:  # data: [DONE]
                         done = True
                         break
-                    event = json.loads(data)
                     if "error" in event:
                         out["status"] = 500 if event["error"].get("type") == "server_error" else 400
                         break
@@ -239,27 +213,12 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from adaspec.bench.report import load_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     rows = [r for r in rows if r.get("latency_p99_s") is not None]  # the served points
-    for server in dict.fromkeys(r["server"] for r in rows):
-        pts = sorted((r["clients"], r["tokens_per_s"], r["latency_p99_s"]) for r in rows if r["server"] == server)
-        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=server)
-        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=server)
-    for ax, label in ((a, "aggregate tokens/s"), (b, "p99 latency (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    a.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    points = {server: [(r["clients"], r["tokens_per_s"], r["latency_p99_s"]) for r in rows if r["server"] == server]
+              for server in dict.fromkeys(r["server"] for r in rows)}
+    load_plot(points, path, "concurrent clients", "p99 latency (s)")
 
 
 def main() -> None:
@@ -300,9 +259,9 @@ def main() -> None:
     for server in servers:
         alone: dict[int, str] | None = None
         for clients in levels:
-            proc, url = start(server, args, args.gguf)
+            proc, url = start_server(server, args, args.gguf)
             try:
-                check_loopback(url)
+                check_loopback(url, "load_sweep")
                 if alone is None and clients != 1:  # the reference: each prompt sent alone first
                     ref, _, _ = asyncio.run(drive(url, prompts, 1, min(args.requests, len(prompts)), args))
                     alone = {i: o["text"] for i, o in ref if o["status"] == 200}

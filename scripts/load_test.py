@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
-import math
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import httpx
+from loopback import adaspec_serve, check_loopback, free_port, percentile, sse_events, start, stop
 
 PROMPTS = [
     "Translate German to English: Der Hund spielt im Garten mit dem Ball.",
@@ -53,24 +48,6 @@ class Run:
     not_sent: int = 0  # requests skipped because the time limit had passed
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (p in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def check_loopback(url: str) -> None:
-    host = urlparse(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        sys.exit(f"load_test: {url} is not a loopback address; this script only loads a local server")
-
-
 async def one_request(http: httpx.AsyncClient, body: dict) -> Outcome:
     t0 = time.perf_counter()
     try:
@@ -83,14 +60,10 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> Outcome:
             if r.status_code != 200:
                 await r.aread()
                 return Outcome(r.status_code, time.perf_counter() - t0)
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
+            async for event in sse_events(r):
+                if event is None:  # data: [DONE]
                     done = True
                     break
-                event = json.loads(data)
                 if "error" in event:  # an error after the headers: counted under the status it stands for
                     return Outcome(STREAM_ERROR_STATUS.get(event["error"].get("type"), 500), time.perf_counter() - t0)
                 if ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):
@@ -155,32 +128,6 @@ def report(run: Run, wall_s: float, args: argparse.Namespace) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-c", "from adaspec.cli import main; main()", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", *args.serve_args.split()]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"load_test: the server exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit("load_test: the server did not become ready in time")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (loopback only)")
@@ -199,14 +146,15 @@ def main() -> None:
     proc, server_rc = None, None
     url = args.url
     if args.spawn:
-        proc, url = spawn_server(args)
-    check_loopback(url)
+        port = free_port()
+        proc, url = start(adaspec_serve(port, *args.serve_args.split()), port, args.start_timeout,
+                          "load_test: the server")
+    check_loopback(url, "load_test")
     try:
         run, wall = asyncio.run(load(url, args))
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            server_rc = proc.wait(timeout=120)
+            server_rc = stop(proc)
     summary = report(run, wall, args)
     if proc is not None:
         summary["server_exit_code"] = server_rc  # -15: uvicorn re-raises SIGTERM once its graceful shutdown is done

@@ -20,13 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
-import math
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,6 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import httpx
+from loopback import adaspec_serve, check_loopback, free_port, percentile, start, stop
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 PROMPTS = ["Write a haiku about rain.", "What is 12 times 7? Answer briefly.", "Name three colours.",
@@ -76,23 +72,6 @@ class Tally:
     hangs: int = 0
     errors: Counter = field(default_factory=Counter)  # unexpected outcomes, by description
     rss: list[tuple[float, float]] = field(default_factory=list)  # (s since start, MiB)
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def check_loopback(url: str) -> None:
-    host = urlparse(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        sys.exit(f"soak: {url} is not a loopback address; this script only loads a local server")
 
 
 def rss_mib(pid: int) -> float | None:
@@ -318,33 +297,6 @@ def report(tally: Tally, counted: Counter, wall: float, args: argparse.Namespace
     return summary
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-c", "from adaspec.cli import main; main()", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--body-timeout", str(args.body_timeout),
-           "--max-body-bytes", str(args.max_body_bytes), *args.serve_args.split()]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"soak: the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit("soak: the server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (loopback only)")
@@ -365,20 +317,19 @@ def main() -> None:
         sys.exit("soak: give --spawn or --url")
     proc = None
     if args.spawn:
-        proc, url = spawn_server(args)
+        port = free_port()
+        cmd = adaspec_serve(port, "--body-timeout", str(args.body_timeout), "--max-body-bytes",
+                            str(args.max_body_bytes), *args.serve_args.split())
+        proc, url = start(cmd, port, args.start_timeout, "soak: the server")
         pid = proc.pid
     else:
         url, pid = args.url.rstrip("/"), args.pid
-    check_loopback(url)
+    check_loopback(url, "soak")
     try:
         summary = asyncio.run(soak(url, pid, args))
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, timeout=60)
     print(json.dumps(summary))
     sys.exit(0 if summary["ok"] else 1)
 

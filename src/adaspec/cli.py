@@ -40,6 +40,9 @@ Drafter = Annotated[str | None, typer.Option(help="lookup (prompt lookup, the de
                                                   "shipped for the target) | a drafter or HF model dir")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")]
 Temperature = Annotated[float, typer.Option(help="0 = greedy; > 0 samples (lossless speculative sampling)")]
+Questions = Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")]
+Categories = Annotated[str | None, typer.Option(help="comma-separated categories")]
+Limit = Annotated[int | None, typer.Option(help="at most N questions per category")]
 Dtype = Annotated[str, typer.Option(help="auto (float32 on a CPU, bfloat16 on a GPU) | float32 (greedy sd == ar "
                                           "exactly on a CPU) | bfloat16 | float16")]
 Device = Annotated[str, typer.Option(help="where torch runs the models, drafters, heads and training: auto (a CUDA or "
@@ -168,9 +171,9 @@ def bench(
                                                      "drafter is shipped or given)")] = None,
     ablation: Annotated[bool, typer.Option(help="CM-ASD ablation: ar, sd, specdec, cmasd-k, cmasd-tau, cmasd, "
                                                 "cmasd's variants (then --methods); its table in report.md")] = False,
-    data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
-    categories: Annotated[str | None, typer.Option(help="comma-separated categories")] = None,
-    limit: Annotated[int | None, typer.Option(help="at most N questions per category")] = None,
+    data: Questions = None,
+    categories: Categories = None,
+    limit: Limit = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
     temperature: Temperature = 0.0,
     top_k: int = 0,
@@ -283,9 +286,9 @@ def sweep(
     tau_down: Axis("tau_down") = None,  # '' (the default): tau_down = tau_up
     threshold: Axis("threshold") = None,
     d_max: Axis("d_max") = None,
-    data: Annotated[Path | None, typer.Option(help="JSONL of questions with `turns`")] = None,
-    categories: Annotated[str | None, typer.Option(help="comma-separated categories")] = "translation,summarization",
-    limit: Annotated[int | None, typer.Option(help="at most N questions per category")] = None,
+    data: Questions = None,
+    categories: Categories = "translation,summarization",
+    limit: Limit = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
     temperature: Temperature = 0.0,
     top_k: int = 0,

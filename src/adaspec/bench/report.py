@@ -451,11 +451,6 @@ def load_row(fields: dict) -> dict:
 
 def throughput_plot(names: list[str], summaries: list[dict], path: Path) -> None:
     """Aggregate tokens/s and p99 latency against concurrency, a line per method over the runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points: dict[str, list[tuple[int, float, float | None]]] = {}
     for s in summaries:
         for method, fields in s["methods"].items():
@@ -463,16 +458,29 @@ def throughput_plot(names: list[str], summaries: list[dict], path: Path) -> None
             if row.get("aggregate_tokens_per_s") is not None:
                 points.setdefault(method, []).append((row["concurrency"], row["aggregate_tokens_per_s"],
                                                       row.get("latency_p99_s")))
+    load_plot(points, path, "concurrent sequences", "p99 latency per request (s)")
+
+
+def load_plot(points: dict[str, list[tuple[int, float, float | None]]], path: Path, x_label: str,
+              latency_label: str) -> None:
+    """Two panels against concurrency on a log2 axis, a line per name: aggregate tokens/s, and p99 latency (the
+    points that have one). points: name -> [(concurrency, tokens/s, p99 latency or None)]. Also the load sweep's
+    plot (scripts/load_sweep.py). ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, pts in points.items():
-        pts.sort()
-        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for name, pts in points.items():
+        pts = sorted(pts)
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         lat = [(p[0], p[2]) for p in pts if p[2] is not None]
         if lat:
-            b.plot([p[0] for p in lat], [p[1] for p in lat], marker="o", label=method)
-    for ax, label in ((a, "aggregate tokens/s"), (b, "p99 latency per request (s)")):
+            b.plot([p[0] for p in lat], [p[1] for p in lat], marker="o", label=name)
+    for ax, label in ((a, "aggregate tokens/s"), (b, latency_label)):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent sequences")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     a.legend()
