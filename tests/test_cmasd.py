@@ -19,7 +19,7 @@ from adaspec.bench.summary import summarize
 from adaspec.bench.sweep import point_specs
 from adaspec.core.backends import TorchBackend
 from adaspec.core.config import CMASD_EARLY_STOP, CMASD_K_MAX, CMASD_K_MIN, GenerationConfig, SamplingConfig
-from adaspec.core.decode import generate
+from adaspec.core.decode import VERIFY, generate
 from adaspec.core.drafters import Draft, DraftContext, ModelDrafter, PromptLookupDrafter
 from adaspec.core.errors import AdaspecError
 from adaspec.core.policies import ConfidenceLength, FixedLength, adaptive_length
@@ -395,7 +395,7 @@ def test_ablation_runs_the_table_iii_methods_then_the_extra_ones():
 # --- calibration and the report -------------------------------------------------------------------------------
 
 def cal_step(confidence: list[float], exact: list[int], metrics: dict | None = None) -> dict:
-    return {"drafted": len(confidence), "accepted": 0, "confidence": confidence, "exact": exact,
+    return {"kind": VERIFY, "drafted": len(confidence), "accepted": 0, "confidence": confidence, "exact": exact,
             "metrics": metrics or {m: confidence for m in ("entropy", "margin", "softmax")}}
 
 
@@ -430,9 +430,9 @@ def test_calibration_bins_count_tokens_and_their_exact_acceptance():
 def test_calibration_per_method_and_metric_from_records():
     good = [cal_step([0.9, 0.9, 0.1], [1, 1, 0], {"entropy": [0.1, 0.2, 0.9], "margin": [0.9, 0.8, 0.1],
                                                   "softmax": [0.5, 0.5, 0.5]})] * 20
-    records = [cal_record(1, "cmasd", good), cal_record(1, "sd", [{"drafted": 2, "accepted": 1,
+    records = [cal_record(1, "cmasd", good), cal_record(1, "sd", [{"kind": VERIFY, "drafted": 2, "accepted": 1,
                                                                   "confidence": [0.5, 0.5]}]),
-               cal_record(1, "ar", [{"drafted": 0, "accepted": 0, "confidence": []}])]
+               cal_record(1, "ar", [{"kind": VERIFY, "drafted": 0, "accepted": 0, "confidence": []}])]
     calib = calibration(records)
     assert set(calib) == {"cmasd"}  # only methods that record exactness
     assert set(calib["cmasd"]) == {"entropy", "margin", "softmax", "ensemble"}
@@ -446,7 +446,8 @@ def test_report_has_the_ablation_table_and_calibration_section(tmp_path):
     def steps(cut: int) -> list[dict]:
         return [{**cal_step([0.9, 0.2], [1, 0]), "cut": cut}] * 15 + [cal_step([0.6], [1])] * 15
 
-    records = [cal_record(q, "ar", [{"drafted": 0, "accepted": 0, "confidence": []}] * 30) for q in (1, 2)]
+    plain = {"kind": VERIFY, "drafted": 0, "accepted": 0, "confidence": []}
+    records = [cal_record(q, "ar", [plain] * 30) for q in (1, 2)]
     records += [{**cal_record(q, "cmasd", steps(0)), "wall_s": 0.5} for q in (1, 2)]
     records += [{**cal_record(q, "cmasd:early_stop=0", steps(4)), "wall_s": 0.8} for q in (1, 2)]
     config = {"methods": ["ar", "cmasd", "cmasd:early_stop=0"], "ablation": True}

@@ -19,11 +19,11 @@ from adaspec.bench.data import load_questions
 from adaspec.bench.report import _backend_drafters, _ceiling, _forward_ms
 from adaspec.bench.rundir import build_summary, compare, rebuild
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
-from adaspec.bench.summary import summarize
+from adaspec.bench.summary import RECORD_SCHEMA, summarize
 from adaspec.cli import app
 from adaspec.core.config import GenerationConfig
 from adaspec.core.costmodel import Costs, alpha_needed, best_draft_length, expected_tokens, interpolate
-from adaspec.core.decode import GenerationResult
+from adaspec.core.decode import ROUTE, VERIFY, GenerationResult
 from adaspec.core.errors import AdaspecError
 
 # ---------------------------------------------------------------- a tiny model directory with a tokenizer
@@ -172,7 +172,7 @@ def test_token_acceptance_counts_one_rejection_per_short_forward():
 
 
 def test_method_bound_splits_the_time_per_forward():
-    step = {"drafted": 4, "accepted": 3, "confidence": [1.0] * 4}
+    step = {"kind": VERIFY, "drafted": 4, "accepted": 3, "confidence": [1.0] * 4}
     records = [{"question_id": 1, "method": "sd", "new_tokens": 8, "wall_s": 0.04, "steps": [step, step]}]
     costs = Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0)
     b = method_bound(records, costs, measured_speedup=1.5)
@@ -188,8 +188,8 @@ def test_method_bound_splits_the_time_per_forward():
 def test_the_prefill_forward_is_not_counted_as_a_decoding_step():
     """Each turn's first step is the prefill (timed as its TTFT): left out of the time per forward, with every
     token it emits, drafted ones it accepted included."""
-    step = {"drafted": 4, "accepted": 3, "confidence": [1.0] * 4}
-    first = {"drafted": 0, "accepted": 0, "confidence": []}
+    step = {"kind": VERIFY, "drafted": 4, "accepted": 3, "confidence": [1.0] * 4}
+    first = {"kind": VERIFY, "drafted": 0, "accepted": 0, "confidence": []}
     records = [{"question_id": 1, "category": "qa", "method": "sd", "new_tokens": 10, "wall_s": 0.54,
                 "token_ids": [1] * 10, "text": "", "turns": None, "reference": None, "turn_ttft_s": [0.5, 0.0],
                 "turn_wall_s": [0.52, 0.02], "turn_new_tokens": [5, 5], "turn_steps": [2, 2],
@@ -200,7 +200,8 @@ def test_the_prefill_forward_is_not_counted_as_a_decoding_step():
     records[0].update(turn_ttft_s=[0.5, None], turn_steps=[2, 1], steps=[first, step, step])  # no TTFT: whole turn
     assert method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), 1.0)["ms_per_step"] == pytest.approx(
         (20 + 20) / 2)
-    lookup = {"drafted": 2, "accepted": 2, "confidence": [1.0] * 2}  # a prefill that accepts 2 tokens copied
+    # a prefill that accepts 2 tokens copied
+    lookup = {"kind": VERIFY, "drafted": 2, "accepted": 2, "confidence": [1.0] * 2}
     records[0].update(turn_ttft_s=[0.5, 0.0], turn_new_tokens=[7, 5], new_tokens=12, turn_steps=[2, 2],
                       steps=[lookup, step, first, step])
     assert method_bound(records, Costs({"1": 10.0, "5": 13.0}, 1.0, 1.0), 1.0)["measured_tokens_per_step"] == 4.0
@@ -213,13 +214,15 @@ def test_the_prefill_forward_is_not_counted_as_a_decoding_step():
 
 def test_time_per_forward_is_measured_by_positions_scored_and_by_router_source(tmp_path):
     """Each turn's prefill step is left out; steps without `ms` (older runs) are not counted."""
-    def step(drafted, ms, **extra):
-        return {"drafted": drafted, "accepted": 0, "confidence": [1.0] * drafted, "ms": ms, **extra}
+    def step(drafted, ms, kind=VERIFY, **extra):
+        return {"kind": kind, "drafted": drafted, "accepted": 0, "confidence": [1.0] * drafted, "ms": ms, **extra}
     sd = {"method": "sd", "turn_steps": [3, 2],
           "steps": [step(4, 500.0), step(4, 20.0), step(0, 10.0), step(2, 900.0), step(4, 30.0)]}
     routed = {"method": "rstitch", "turn_steps": [3],
-              "steps": [step(0, 99.0, source="small"), step(0, 2.0, source="small"), step(0, 12.0, source="large")]}
-    old = {"method": "ar", "turn_steps": [2], "steps": [{"drafted": 0, "accepted": 0, "confidence": []}] * 2}
+              "steps": [step(0, 99.0, ROUTE, source="small"), step(0, 2.0, ROUTE, source="small"),
+                        step(0, 12.0, ROUTE, source="large")]}
+    old = {"method": "ar", "turn_steps": [2], "steps": [{"kind": VERIFY, "drafted": 0, "accepted": 0,
+                                                          "confidence": []}] * 2}
     times = forward_ms([sd, routed, old, {**sd, "turn_steps": None}])
     assert times == {"sd": {"1": [10.0, 1], "5": [25.0, 2]}, "rstitch": {"large": [12.0, 1], "small": [2.0, 1]}}
     costs = {"backends": {"llamacpp:Q4_1": {"verify_ms": {"1": 11.0, "5": 21.0}}}}
@@ -285,6 +288,9 @@ def test_records_carry_the_environment_and_per_turn_fields(bench_run):
         assert {"python", "torch", "transformers", "torch_threads", "cpu_model", "adaspec"} <= set(env)
         assert sum(r["turn_new_tokens"]) == r["new_tokens"] and len(r["turns"]) == len(r["turn_wall_s"])
         assert sum(r["turn_steps"]) == len(r["steps"])
+        # the format's version, what each step is, and which of costs.json's backends its costs are
+        assert r["schema"] == RECORD_SCHEMA and {s["kind"] for s in r["steps"]} == {VERIFY}
+        assert r["costs_key"] == "torch"
     multi = next(r for r in records if r["question_id"] == 3)
     assert len(multi["turns"]) == 2
     summary = json.loads((bench_run / "summary.json").read_text())

@@ -14,7 +14,7 @@ from adaspec.bench.runner import step_record
 from adaspec.bench.summary import method_fields
 from adaspec.core.backends import TorchBackend
 from adaspec.core.config import GenerationConfig, SamplingConfig
-from adaspec.core.decode import StopCriteria, generate
+from adaspec.core.decode import ROUTE, VERIFY, StopCriteria, generate
 from adaspec.core.errors import AdaspecError
 from adaspec.methods import make_router, parse_method
 from adaspec.routing import (
@@ -147,10 +147,12 @@ def test_records_and_summary_say_which_model_produced_each_token(small_model, la
     result = stitch(small, large, PROMPTS[3], CONFIG, ThresholdRouter(*MIXED))
     steps = [step_record(s) for s in result.steps]
     assert [s["source"] for s in steps] == [s.source for s in result.steps]
+    assert {s["kind"] for s in steps} == {ROUTE}  # tokens, not target forwards verifying drafts
     assert all(s["drafted"] == 0 and 0.0 <= s["entropy"] <= 1.0 and s["ms"] > 0 for s in steps)  # each token timed
     record = {"question_id": 1, "category": "x", "method": "rstitch", "new_tokens": result.new_tokens, "wall_s": 1.0,
               "token_ids": result.token_ids, "text": "", "steps": steps}
-    ar = dict(record, method="ar", steps=[{"drafted": 0, "accepted": 0, "confidence": []}] * result.new_tokens)
+    ar = dict(record, method="ar", steps=[{"kind": VERIFY, "drafted": 0, "accepted": 0, "confidence": []}]
+              * result.new_tokens)
     fields = method_fields([record], {1: ar})
     assert fields.large_share == pytest.approx(large_share(result.steps))
     assert fields.mean_accepted is None and fields.acceptance_rate is None

@@ -21,7 +21,7 @@ from adaspec.core.backends import TorchBackend
 from adaspec.core.backends.layered import LayeredBackend
 from adaspec.core.confidence import annealed_confidence, annealed_temperature
 from adaspec.core.config import GenerationConfig, SamplingConfig
-from adaspec.core.decode import StopCriteria, generate
+from adaspec.core.decode import VERIFY, StopCriteria, generate
 from adaspec.core.drafters.early_exit import EarlyExitDrafter, ExitArtifact, ExitHeads, is_exits_dir
 from adaspec.core.errors import AdaspecError
 from adaspec.core.models import LoadedModel
@@ -349,7 +349,7 @@ def test_steps_record_exit_layers_and_the_summary_averages_them():
     assert exits and fields.mean_exit_layer == pytest.approx(sum(exits) / len(exits))
     assert fields.bound_stop_share == pytest.approx(stops.count("bound") / len(stops))
     assert fields.d_max_stop_share == pytest.approx(stops.count("d_max") / len(stops))
-    plain = dict(record, steps=[{"drafted": 0, "accepted": 0, "confidence": []}] * 3)
+    plain = dict(record, steps=[{"kind": VERIFY, "drafted": 0, "accepted": 0, "confidence": []}] * 3)
     other = method_fields([plain], {})
     assert other.mean_exit_layer is None and other.bound_stop_share is None
 

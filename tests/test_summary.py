@@ -8,21 +8,22 @@ import sys
 import pytest
 
 from adaspec.bench.report import write_report
-from adaspec.bench.summary import load_records, summarize
+from adaspec.bench.summary import RECORD_SCHEMA, load_records, summarize
+from adaspec.core.decode import VERIFY
 from adaspec.core.errors import AdaspecError
 
 CAT = "the cat sat on the mat with a hat"
-NO_DRAFT = {"drafted": 0, "accepted": 0, "confidence": []}
+NO_DRAFT = {"kind": VERIFY, "drafted": 0, "accepted": 0, "confidence": []}
 
 
 def record(qid, method, tokens, wall, category="qa", steps=None, text=None, reference=None, turns=None):
-    return {"question_id": qid, "category": category, "method": method, "new_tokens": len(tokens), "wall_s": wall,
-            "token_ids": tokens, "text": text or " ".join(map(str, tokens)), "turns": turns, "reference": reference,
-            "steps": steps}
+    return {"schema": RECORD_SCHEMA, "question_id": qid, "category": category, "method": method,
+            "new_tokens": len(tokens), "wall_s": wall, "token_ids": tokens, "text": text or " ".join(map(str, tokens)),
+            "turns": turns, "reference": reference, "steps": steps}
 
 
 def step(drafted, accepted):
-    return {"drafted": drafted, "accepted": accepted, "confidence": [0.9] * drafted}
+    return {"kind": VERIFY, "drafted": drafted, "accepted": accepted, "confidence": [0.9] * drafted}
 
 
 @pytest.fixture

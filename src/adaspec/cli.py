@@ -26,6 +26,7 @@ from adaspec.core.config import (
     GenerationConfig,
     SamplingConfig,
 )
+from adaspec.core.decode import ROUTE
 from adaspec.core.errors import AdaspecError
 from adaspec.methods import methods, names
 from adaspec.methods.options import render
@@ -124,7 +125,7 @@ def generate(
     table = Table(title=f"{spec.label} on {model.name}", show_header=True)
     for col in ("method", "new tokens", "tokens/s", "mean accepted", "speedup vs ar"):
         table.add_column(col, justify="right")
-    routed = bool(result.steps) and result.steps[0].source is not None  # R-Stitch: no drafts, one step per token
+    routed = bool(result.steps) and result.steps[0].kind == ROUTE  # R-Stitch: no drafts, one step per token
     accepted = f"{result.mean_accepted:.2f}" if result.steps and not routed else "–"
     row = [spec.label, str(result.new_tokens), f"{result.tokens_per_s:.1f}", accepted]
     if compare and spec.name != "ar":

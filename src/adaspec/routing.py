@@ -28,7 +28,7 @@ import torch
 
 from adaspec.core.backends.base import Backend
 from adaspec.core.config import GenerationConfig
-from adaspec.core.decode import GenerationResult, Step, StopCriteria, run_to_end
+from adaspec.core.decode import ROUTE, GenerationResult, Step, StopCriteria, run_to_end
 from adaspec.core.errors import AdaspecError
 from adaspec.core.sampling import probs_from_logits, sample
 
@@ -235,7 +235,7 @@ def stitch_steps(
         # 4 a confident large model hands the next token back
         if active is large and reason is None and len(generated) < budget and not router(state):
             active = small
-        yield Step(0, 0, [x], stop=reason, source=source, entropy=round(state.entropy, 5))
+        yield Step(0, 0, [x], stop=reason, source=source, entropy=round(state.entropy, 5), kind=ROUTE)
         if reason is not None:
             return
 

@@ -32,9 +32,9 @@ a given alpha, and the least alpha at which some fixed k reaches a given speedup
 near n, a high speedup needs an alpha near 1 whatever the drafter, which says what a better drafter can and cannot
 buy.
 
-Costs are per backend (costs.json "backends", keyed by `BackendChoice.label`): each method is modelled with its own
-backend's, and its measured speedup for the bound is against `ar` on that same backend in the run (None if the run
-has none there).
+Costs are per backend (costs.json "backends", keyed by `BackendChoice.label`; a record's `costs_key` names its
+method's, `costs_key` below): each method is modelled with its own backend's, and its measured speedup for the bound
+is against `ar` on that same backend in the run (None if the run has none there).
 
 Approximations: the costs are measured at one context length (costs' context_tokens) while contexts grow; real
 acceptance is not i.i.d. (compare expected and measured tokens per forward); both speedups count one bare
@@ -46,8 +46,15 @@ contexts longer than the costs' one).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from adaspec.core.costmodel import Costs, best_draft_length, expected_tokens
+from adaspec.core.decode import ROUTE, VERIFY
 from adaspec.core.errors import AdaspecError
+
+if TYPE_CHECKING:
+    from adaspec.core.config import BackendChoice
+    from adaspec.methods import MethodSpec
 
 DIGITS = 4
 CEILING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the report's "what these costs allow" table
@@ -73,27 +80,24 @@ def expected_speedup(alpha: float | None, lengths: list[tuple[int, int]], costs:
     return tokens, cost, tokens / cost
 
 
-def backend_label(method: str, costs: dict) -> str | None:
-    """The label of the backend `method` ran on, given the run's default backend (costs["backend"]); None for a
-    label that does not parse."""
-    from adaspec.core.config import BackendChoice
-    from adaspec.methods import backend_choice, parse_method
+def costs_key(spec: MethodSpec, run: BackendChoice) -> str | None:
+    """A bench record's `costs_key`: the label of the backend its method ran on (its backend= and format= options
+    over the run's), which keys that backend's entry in costs.json "backends", as `runner.measure_costs` measures
+    them; None for a method without those options (the peers, SpecBound), whose costs costs.json does not hold."""
+    from adaspec.methods import Placement, backend_choice
 
-    kind, _, fmt = str(costs.get("backend", "torch")).partition(":")
-    try:
-        return backend_choice(parse_method(method), BackendChoice(kind, fmt or BackendChoice().format)).label
-    except AdaspecError:
-        return None
+    return backend_choice(spec, run).label if isinstance(spec.options, Placement) else None
 
 
-def method_costs(method: str, costs: dict) -> Costs | None:
-    """The costs that apply to `method` (the methods the registry marks `costs`: ar, sd and the CM-ASD family):
-    its drafter= option's entry in costs["drafters"], else the run's drafter. None for the other methods (the peers;
-    SpecBound's early exits and R-Stitch's routing, whose costs costs.json does not hold), for a label that does
-    not parse, and when the drafter's cost was not measured."""
+def method_costs(method: str, costs: dict, key: str | None = None) -> Costs | None:
+    """The costs that apply to `method` (the methods the registry marks `costs`: ar, sd and the CM-ASD family) on the
+    backend its records' `costs_key` names (`key`; None or a backend costs.json lacks: its top-level entries, as
+    runs from before per-backend costs hold): its drafter= option's entry in costs["drafters"], else the run's
+    drafter. None for the other methods (the peers; SpecBound's early exits and R-Stitch's routing, whose costs
+    costs.json does not hold), for a label that does not parse, and when the drafter's cost was not measured."""
     from adaspec.methods import DrafterOption, parse_method
 
-    costs = costs.get("backends", {}).get(backend_label(method, costs) or "", costs)  # the method's own backend
+    costs = costs.get("backends", {}).get(key or "", costs)  # the method's own backend
     if "verify_ms" not in costs:
         return None
     try:
@@ -172,7 +176,7 @@ def forward_ms(records: list[dict]) -> dict[str, dict[str, list]]:
         for s in decoding_steps(r):
             if s.get("ms") is None:
                 continue
-            key = s["source"] if "source" in s else str(s["drafted"] + 1)
+            key = s["source"] if s["kind"] == ROUTE else str(s["drafted"] + 1)
             cell = sums.setdefault(r["method"], {}).setdefault(key, [0.0, 0])
             cell[0] += s["ms"]
             cell[1] += 1
@@ -182,7 +186,7 @@ def forward_ms(records: list[dict]) -> dict[str, dict[str, list]]:
 def method_bound(records: list[dict], costs: Costs, measured_speedup: float | None) -> dict | None:
     """The bound, efficiency and time split of one method's records (those with steps); None without steps
     (the peers) or when its steps are per-token routing decisions rather than target forwards (R-Stitch)."""
-    records = [r for r in records if r.get("steps") and "source" not in r["steps"][0]]
+    records = [r for r in records if r.get("steps") and r["steps"][0]["kind"] == VERIFY]
     steps = [s for r in records for s in r["steps"]]
     if not steps:
         return None
@@ -212,18 +216,20 @@ def method_bound(records: list[dict], costs: Costs, measured_speedup: float | No
 
 def bound(records: list[dict], costs: dict | None, methods: dict) -> dict:
     """{method: method_bound(...)} for every method with recorded steps and measured costs; `methods` is the
-    summary's, for the measured speedups."""
+    summary's, for the measured speedups. A method's backend is its records' `costs_key` (None where records do not
+    say, as a sweep's: the run's top-level costs)."""
     if not costs:
         return {}
     by_method: dict[str, list[dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
-    ar_speed = {backend_label(name, costs): m.get("tokens_per_s") for name, m in methods.items()
+    key = {name: rs[0].get("costs_key") for name, rs in by_method.items()}  # one backend per method label
+    ar_speed = {key.get(name): m.get("tokens_per_s") for name, m in methods.items()
                 if name.partition(":")[0] == "ar"}  # `ar` per backend
     out = {}
     for name, rs in by_method.items():
-        c = method_costs(name, costs)
-        label = backend_label(name, costs)
+        label = key[name]
+        c = method_costs(name, costs, label)
         base, speed = ar_speed.get(label), methods.get(name, {}).get("tokens_per_s")
         measured = speed / base if base and speed is not None else None
         result = method_bound(rs, c, measured) if c else None

@@ -44,10 +44,11 @@ def build_summary(run: Path) -> tuple[dict, list[dict]]:
     if not (run / RECORDS).is_file():
         raise AdaspecError(f"{run} has no {RECORDS}: a report is built from the records of `adaspec bench --out "
                            f"{run}`")
-    records = load_records(run / RECORDS)
     legacy = _read_json(run / SUMMARY, {})  # runs from before costs.json
+    costs = _read_json(run / COSTS, legacy.get("costs"))
+    records = load_records(run / RECORDS, (costs or {}).get("backend", "torch"))  # the run's backend, for older records
     summary = summarize(records, _read_json(run / CONFIG, legacy.get("config", {})))
-    summary["costs"] = _read_json(run / COSTS, legacy.get("costs"))
+    summary["costs"] = costs
     envs = environments(records)
     summary["environment"] = envs[0]["environment"] if envs else legacy.get("environment")
     if len(envs) > 1:  # e.g. a run resumed on another machine: every environment, with its record count

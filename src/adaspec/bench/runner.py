@@ -19,13 +19,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from adaspec.api import batch_engine
+from adaspec.bench.bound import costs_key
 from adaspec.bench.data import Question, load_questions
 from adaspec.bench.rundir import COSTS, SKIPPED, rebuild
-from adaspec.bench.summary import load_records
+from adaspec.bench.summary import RECORD_SCHEMA, load_records
 from adaspec.core.batch import BatchEngine, Request
 from adaspec.core.config import CMASD_EARLY_STOP, CMASD_TAU_MODE, BackendChoice, GenerationConfig
 from adaspec.core.costmodel import drafter_cost, verify_costs
-from adaspec.core.decode import GenerationResult, Step
+from adaspec.core.decode import ROUTE, GenerationResult, Step
 from adaspec.core.errors import AdaspecError
 from adaspec.core.machine import cpu_model
 from adaspec.core.models import BUNDLED, LoadedModel, encode_prompt, is_gguf_target, load_model
@@ -162,7 +163,7 @@ class Answer:
     def record(self, label: str) -> dict:
         q = self.q
         return {
-            "question_id": q.question_id, "category": q.category, "method": label,
+            "schema": RECORD_SCHEMA, "question_id": q.question_id, "category": q.category, "method": label,
             "new_tokens": len(self.token_ids), "wall_s": round(self.wall, 5), "token_ids": self.token_ids,
             "text": "\n\n".join(self.texts), "turns": self.texts, "reference": q.reference, "steps": self.steps,
             "turn_new_tokens": self.turn_tokens, "turn_wall_s": self.turn_wall, "turn_steps": self.turn_steps,
@@ -213,16 +214,17 @@ def answer_batch(engine: BatchEngine, runner: Runner, target: LoadedModel, quest
 
 
 def step_record(s: Step) -> dict:
-    """A step in records.jsonl: drafted, accepted, confidence; `cut`, `metrics`, `exact` (0/1), `source` and
-    `entropy`, `exit_layers` and `draft_stop`, `ms` (its wall time) when present."""
-    record: dict = {"drafted": s.drafted, "accepted": s.accepted, "confidence": [round(c, 4) for c in s.confidence]}
+    """A step in records.jsonl: kind, drafted, accepted, confidence; `cut`, `metrics`, `exact` (0/1), `source` and
+    `entropy` (a routed token), `exit_layers` and `draft_stop`, `ms` (its wall time) when present."""
+    record: dict = {"kind": s.kind, "drafted": s.drafted, "accepted": s.accepted,
+                    "confidence": [round(c, 4) for c in s.confidence]}
     if s.cut:
         record["cut"] = s.cut
     if s.metrics:
         record["metrics"] = {m: [round(c, 3) for c in v] for m, v in s.metrics.items()}
     if s.exact:
         record["exact"] = [int(e) for e in s.exact]
-    if s.source is not None:  # routing methods (R-Stitch): which model produced the token, and its entropy
+    if s.kind == ROUTE:  # routing methods (R-Stitch): which model produced the token, and its entropy
         record["source"] = s.source
         record["entropy"] = s.entropy
     if s.draft_stop is not None:  # early-exit drafting (SpecBound): exit layer per drafted token, why the draft ended
@@ -250,6 +252,7 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise AdaspecError(f"methods repeat: {labels}")
+    spec_of = dict(zip(labels, specs, strict=True))
     questions = load_questions(opts.data, opts.categories, opts.limit)
     if not questions:
         raise AdaspecError("no questions selected")
@@ -314,7 +317,8 @@ def run_bench(opts: BenchOptions, console: Console | None = None) -> dict:
                     skipped.append({"question_id": q.question_id, "method": runner.label, "error": str(e)})
                     progress.advance(task)
                     continue
-                record.update(backend=runner.where, environment=env, tstamp=round(time.time(), 3))
+                record.update(backend=runner.where, costs_key=costs_key(spec_of[runner.label], opts.backend),
+                              environment=env, tstamp=round(time.time(), 3))
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 progress.advance(task)
@@ -360,7 +364,8 @@ def run_batched(opts: BenchOptions, specs: list[MethodSpec], runners: list[Runne
                                                          opts.chat)
                     skipped += failed
                     for record in records:
-                        record.update(backend=engines[choice.label].backend.where, environment=env,
+                        record.update(backend=engines[choice.label].backend.where,
+                                      costs_key=costs_key(spec, opts.backend), environment=env,
                                       tstamp=round(time.time(), 3), concurrency=n, block=bi,
                                       block_wall_s=round(wall, 5))
                         sink.write(json.dumps(record) + "\n")

@@ -1,5 +1,9 @@
 """summary.json from records.jsonl alone: per method and per category, speed, acceptance, agreement
-with `ar`, and task quality. A field that does not apply is None (null), never a made-up number."""
+with `ar`, and task quality. A field that does not apply is None (null), never a made-up number.
+
+Records carry their `schema` (RECORD_SCHEMA). `load_records` is the one place that reads older ones: it migrates
+them to the current schema, so that everything after it reads what a record says rather than guessing.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,19 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaspec.bench.bound import turn_split
+from adaspec.bench.bound import costs_key, turn_split
 from adaspec.bench.calibration import calibration
 from adaspec.bench.metrics import ROUGE_KEYS, corpus_bleu, gsm8k_accuracy, rouge
 from adaspec.bench.stats import bootstrap_speedup_ci, paired_speedup
-from adaspec.core.config import PEERS
+from adaspec.core.config import DEFAULT_LLAMACPP_FORMAT, PEERS, BackendChoice
+from adaspec.core.decode import ROUTE, VERIFY
 from adaspec.core.errors import AdaspecError
 
 BASELINE = "ar"
 REQUIRED = ("question_id", "category", "method", "new_tokens", "wall_s")
+# the version of records.jsonl's lines this code writes (`schema`) and reads; 0: records without one. 1: each step
+# has its `kind` (decode.STEP_KINDS), and a bench record its `costs_key` (bound.costs_key)
+RECORD_SCHEMA = 1
 DIGITS = 4  # every float in a summary is rounded to this many decimals
 # a question's record and its `ar` record that ended further apart than this were measured in different machine
 # states (a resumed run, a method rerun later): the speedup over the questions measured together is given beside
@@ -70,8 +78,11 @@ def rounded(fields: dict) -> dict:
     return {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in fields.items()}
 
 
-def load_records(path: str | Path) -> list[dict]:
-    """Records from a JSONL file, blank lines skipped; AdaspecError naming the file and line of a bad one."""
+def load_records(path: str | Path, backend: str | None = None) -> list[dict]:
+    """Records from a JSONL file, blank lines skipped, each at RECORD_SCHEMA (older ones migrated, `migrate`);
+    AdaspecError naming the file and line of a bad one, or of one written by a newer adaspec. `backend`: the label of
+    the backend the run ran on (costs.json's `backend`), from which records of schema 0 get their `costs_key` (None:
+    they get none)."""
     path = Path(path)
     if not path.is_file():
         raise AdaspecError(f"{path}: no such records file; run `adaspec bench --out {path.parent}` first")
@@ -86,8 +97,34 @@ def load_records(path: str | Path) -> list[dict]:
         missing = [k for k in REQUIRED if k not in record] if isinstance(record, dict) else list(REQUIRED)
         if missing:
             raise AdaspecError(f"{path}:{n}: record lacks {', '.join(missing)}; fix or delete the line")
-        records.append(record)
+        schema = record.get("schema", 0)
+        if type(schema) is not int or schema < 0:
+            raise AdaspecError(f"{path}:{n}: record schema {schema!r} is not a version (0, 1, ...); fix or delete "
+                               "the line")
+        if schema > RECORD_SCHEMA:
+            raise AdaspecError(f"{path}:{n}: record schema {schema} is newer than this adaspec reads (up to "
+                               f"{RECORD_SCHEMA}); read the run with the adaspec that wrote it, or upgrade adaspec")
+        records.append(migrate(record, backend) if schema < RECORD_SCHEMA else record)
     return records
+
+
+def migrate(record: dict, backend: str | None = None) -> dict:
+    """A record of schema 0 at RECORD_SCHEMA: each step's `kind` (a routed token is the only step that records its
+    `source`) and, given the label of the run's backend, the record's `costs_key`: its method label's backend over
+    the run's (None for a label that does not parse)."""
+    out = {**record, "schema": RECORD_SCHEMA}
+    if record.get("steps"):
+        out["steps"] = [{**s, "kind": ROUTE if "source" in s else VERIFY} for s in record["steps"]]
+    if backend is not None:
+        from adaspec.methods import parse_method
+
+        kind, _, fmt = backend.partition(":")
+        try:
+            run = BackendChoice(kind, fmt or DEFAULT_LLAMACPP_FORMAT)
+            out["costs_key"] = costs_key(parse_method(record["method"]), run)
+        except AdaspecError:
+            out["costs_key"] = None
+    return out
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -109,8 +146,8 @@ def method_fields(records: list[dict], baseline: dict[object, dict]) -> MethodFi
     wall = sum(r["wall_s"] for r in records)
     # routing methods record one step per token and which model produced it, never a target forward that
     # verifies drafts: their drafting fields are null, `large_share` says how much the target did
-    routed = [s for r in records for s in r.get("steps") or [] if "source" in s]
-    with_steps = [r for r in records if r.get("steps") and "source" not in r["steps"][0]]
+    routed = [s for r in records for s in r.get("steps") or [] if s["kind"] == ROUTE]
+    with_steps = [r for r in records if r.get("steps") and r["steps"][0]["kind"] == VERIFY]
     steps = [s for r in with_steps for s in r["steps"]]
     drafted = sum(s["drafted"] for s in steps)
     fields = MethodFields(
@@ -222,7 +259,7 @@ def histograms(records: list[dict]) -> dict:
     whose target forwards are recorded (not the peers', nor the per-token steps of routing methods)."""
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        if r.get("steps") and "source" not in r["steps"][0]:
+        if r.get("steps") and r["steps"][0]["kind"] == VERIFY:
             by_method[r["method"]].append(r)
     out = {}
     for name, rs in by_method.items():

@@ -21,10 +21,15 @@ from adaspec.core.errors import AdaspecError
 from adaspec.core.policies import FixedLength, LengthPolicy, Outcome
 from adaspec.core.verify import AcceptanceRule, rule_for
 
+# Step.kind, the closed set of what a step is: a target forward that verifies a draft (`ar`'s verify an empty one),
+# or one token a router (R-Stitch, routing.py) had a small or a large model produce
+VERIFY, ROUTE = "verify", "route"
+STEP_KINDS = (VERIFY, ROUTE)
+
 
 @dataclass
 class Step:
-    """One target forward."""
+    """One target forward (kind VERIFY), or one routed token (kind ROUTE)."""
 
     drafted: int  # tokens proposed by the drafter
     accepted: int  # drafted tokens the target kept
@@ -49,6 +54,7 @@ class Step:
     ms: float | None = None
     # batched decoding (batch.py): how many sequences the step's target call decoded together
     batch: int | None = None
+    kind: str = VERIFY  # one of STEP_KINDS
 
 
 @dataclass
