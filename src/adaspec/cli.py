@@ -14,8 +14,11 @@ from rich.table import Table
 
 from adaspec.core.config import (
     DEFAULT_BACKEND,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
     DEFAULT_LLAMACPP_FORMAT,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_METHOD,
     DEFAULT_SEED,
     ROUTER_LAMBDA,
     RSTITCH_TAU_UP,
@@ -76,21 +79,21 @@ def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> Gen
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the user message (or raw text with --no-chat)")],
-    method: Annotated[str, typer.Option(help=METHOD)] = "sd",
+    method: Annotated[str, typer.Option(help=METHOD)] = DEFAULT_METHOD,
     target: Target = None,
     drafter: Drafter = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
-    temperature: Temperature = 0.0,
-    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
-    top_p: Annotated[float, typer.Option(help="1.0 = off")] = 1.0,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = SamplingConfig.top_k,
+    top_p: Annotated[float, typer.Option(help="1.0 = off")] = SamplingConfig.top_p,
     seed: int = DEFAULT_SEED,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     chat: Annotated[bool, typer.Option(help="apply the tokenizer's chat template")] = True,
     compare: Annotated[bool, typer.Option(help="also run plain `ar` decoding and report the speedup")] = True,
-    dtype: Dtype = "auto",
+    dtype: Dtype = DEFAULT_DTYPE,
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Generate text, streaming it, then print tokens/s, mean accepted tokens and the speedup over `ar`."""
     from adaspec.core.models import encode_prompt, load_model
@@ -176,16 +179,16 @@ def bench(
     categories: Categories = None,
     limit: Limit = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
-    temperature: Temperature = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_k: int = SamplingConfig.top_k,
+    top_p: float = SamplingConfig.top_p,
     seed: int = DEFAULT_SEED,
     out: Annotated[Path, typer.Option(help="output directory (records.jsonl, summary.json, report.md)")] = Path(
         "runs/bench"),
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
+    dtype: Dtype = DEFAULT_DTYPE,
+    device: Device = DEFAULT_DEVICE,
     chat: bool = True,
     answers: Annotated[bool, typer.Option(help="also write Spec-Bench answer files: OUT/model_answer/"
                                                "<target>-<method>.jsonl")] = False,
@@ -291,13 +294,13 @@ def sweep(
     categories: Categories = "translation,summarization",
     limit: Limit = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
-    temperature: Temperature = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_k: int = SamplingConfig.top_k,
+    top_p: float = SamplingConfig.top_p,
     seed: int = DEFAULT_SEED,
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "auto",
+    dtype: Dtype = DEFAULT_DTYPE,
     chat: bool = True,
     ray: Annotated[bool, typer.Option("--ray", help="run the grid points as Ray tasks (a local cluster unless "
                                                     "--ray-address); needs the `ray` extra")] = False,
@@ -330,7 +333,7 @@ def sweep(
     opts = SweepOptions(
         data=data or DEFAULT_DATA, out=out, base=base, grid=grid,
         categories=categories.split(",") if categories else None, limit=limit, target=target, drafter=drafter,
-        dtype=_placement("auto", dtype)[1], chat=chat,
+        dtype=_placement(DEFAULT_DEVICE, dtype)[1], chat=chat,
         generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
     )
     result = run_sweep(opts, err, ray_opts)
@@ -354,7 +357,7 @@ def make_drafter(
     out: Annotated[Path, typer.Option(help="directory for the drafter (a Hugging Face model)")],
     layers: Annotated[int, typer.Option(help="decoder layers of the target to keep")] = 4,
     target: Target = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Write a layer-truncated copy of the target (first N layers + its head) as a standalone drafter."""
     from adaspec.core.models import load_model
@@ -380,7 +383,7 @@ def distill_data(
     batch_size: int = 32,
     max_new_tokens: MaxNew = 160,
     target: Target = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Self-distillation data: the target's greedy answers to synthetic (never Spec-Bench) prompts, and its
     hidden states at every position (for the EAGLE-style head)."""
@@ -426,7 +429,7 @@ def train_drafter_cmd(
     seed: int = DEFAULT_SEED,
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also write the compact artifacts to SHIP/<kind>")] = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Distil drafters from the target on its own outputs: data (resumable), training (checkpointed), report."""
     import time
@@ -500,8 +503,8 @@ def train_router_cmd(
     target: Target = None,
     drafter: Annotated[str | None, typer.Option(help="the small model: 'small' (shipped) or a local HF model dir",
                                                 show_default="small")] = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
+    dtype: Dtype = DEFAULT_DTYPE,
+    device: Device = DEFAULT_DEVICE,
     ship: Annotated[Path | None, typer.Option(help="also copy the router to SHIP/router/ (e.g. src/adaspec/"
                                                    "core/drafters/shipped/smollm2: the rstitch+ default)")] = None,
 ) -> None:
@@ -553,7 +556,7 @@ def train_exits_cmd(
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also copy the adapters to SHIP (e.g. "
                                                     "src/adaspec/core/drafters/shipped/smollm2/exits)")] = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Train SpecBound's exit adapters on the self-distillation corpus: per exit layer a small map whose exit
     distribution (the target's final norm and LM head) matches the final layer's (KL); report per exit."""
@@ -581,11 +584,12 @@ def train_exits_cmd(
 def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: int = 8000,
-    method: Annotated[str, typer.Option(help=f"the default {METHOD}; a request's `speculative` overrides it")] = "sd",
+    method: Annotated[str, typer.Option(help=f"the default {METHOD}; a request's `speculative` overrides "
+                                             "it")] = DEFAULT_METHOD,
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
+    dtype: Dtype = DEFAULT_DTYPE,
+    device: Device = DEFAULT_DEVICE,
     queue_size: Annotated[int | None, typer.Option(help="waiting requests; more get 429", show_default="64")] = None,
     timeout: Annotated[float | None, typer.Option(help="s per request, queue included", show_default="300")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="when a request gives none", show_default="128")] = None,

@@ -12,6 +12,11 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # that no method's default is slower than plain decoding on a CPU where verifying costs nearly a step a position
 DEFAULT_DRAFT_LENGTH = "auto"
 DEFAULT_SEED = 0
+DEFAULT_METHOD = "sd"  # the method spec `adaspec generate`, `adaspec serve` and api.generate_many run unless told
+# where torch runs the models (models.resolve_device): auto is a GPU where torch sees one, else the CPU; dtype auto
+# goes by the device (models.default_dtype: float32 on a CPU)
+DEFAULT_DEVICE = "auto"
+DEFAULT_DTYPE = "auto"
 
 # The torch backend's preallocated KV cache (backends/lean.py): positions per sequence, capped by the model's context.
 # Keys and values take 2 * layers * kv_heads * head_dim * bytes per value per position (SmolLM2-135M in bf16, 8192

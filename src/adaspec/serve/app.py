@@ -34,6 +34,7 @@ from adaspec.core.batch import BatchEngine
 from adaspec.core.config import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_METHOD,
     BackendChoice,
     GenerationConfig,
 )
@@ -290,7 +291,7 @@ class App(FastAPI):
         return CountRequests(super().build_middleware_stack(), self.state.service.metrics)
 
 
-def create_app(target: LoadedModel, method: str = "sd", drafter: Any = None,
+def create_app(target: LoadedModel, method: str = DEFAULT_METHOD, drafter: Any = None,
                options: ServerOptions | None = None, build: Callable[..., Runner] = build_runner) -> FastAPI:
     """The server for an already-loaded target. `method` is the default method spec (built at start-up), `drafter`
     what --drafter loaded (None: the method's default); `build` makes a runner (tests pass a fake)."""
