@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from adaspec.bench.runner import BenchOptions
+from adaspec.bench.sweep import RayOptions, SweepOptions
 from adaspec.core.config import (
     DEFAULT_BACKEND,
     DEFAULT_DEVICE,
@@ -174,7 +176,8 @@ def bench(
                                                      "hf-assisted,hf-lookup; hf-assisted where a standalone "
                                                      "drafter is shipped or given)")] = None,
     ablation: Annotated[bool, typer.Option(help="CM-ASD ablation: ar, sd, specdec, cmasd-k, cmasd-tau, cmasd, "
-                                                "cmasd's variants (then --methods); its table in report.md")] = False,
+                                                "cmasd's variants (then --methods); its table in report.md")] = (
+        BenchOptions.ablation),
     data: Questions = None,
     categories: Categories = None,
     limit: Limit = None,
@@ -189,17 +192,18 @@ def bench(
     drafter: Drafter = None,
     dtype: Dtype = DEFAULT_DTYPE,
     device: Device = DEFAULT_DEVICE,
-    chat: bool = True,
+    chat: bool = BenchOptions.chat,
     answers: Annotated[bool, typer.Option(help="also write Spec-Bench answer files: OUT/model_answer/"
-                                               "<target>-<method>.jsonl")] = False,
+                                               "<target>-<method>.jsonl")] = BenchOptions.answers,
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
     concurrency: Annotated[int, typer.Option(help="decode N questions at a time with the batched engine (ar, sd, "
-                                                  "specdec, CM-ASD methods); report throughput and latency")] = 1,
+                                                  "specdec, CM-ASD methods); report throughput and latency")] = (
+        BenchOptions.concurrency),
 ) -> None:
     """Benchmark methods against `ar` and the transformers peers on the same prompts."""
     from adaspec.bench.data import DEFAULT_DATA
-    from adaspec.bench.runner import BenchOptions, run_bench
+    from adaspec.bench.runner import run_bench
     from adaspec.methods import split_specs
 
     device, dtype = _placement(device, dtype)
@@ -282,7 +286,8 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 def sweep(
     out: Annotated[Path, typer.Option(help="output directory (ar.jsonl, sweep.jsonl, pareto.json, plots/)")] = Path(
         "runs/sweep"),
-    base: Annotated[str, typer.Option(help="method spec the grid is added to, e.g. cmasd:early_stop=0")] = "cmasd",
+    base: Annotated[str, typer.Option(help="method spec the grid is added to, e.g. cmasd:early_stop=0")] = (
+        SweepOptions.base),
     alpha: Axis("alpha") = None,
     gamma: Axis("gamma") = None,
     tau_base: Axis("tau_base") = None,
@@ -291,6 +296,8 @@ def sweep(
     threshold: Axis("threshold") = None,
     d_max: Axis("d_max") = None,
     data: Questions = None,
+    # not SweepOptions' None (all): every grid point is a bench run, so by default the two categories the recorded
+    # sweeps ran on (benchmarks/README.md), each with a reference for the quality front (BLEU, ROUGE-L)
     categories: Categories = "translation,summarization",
     limit: Limit = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
@@ -301,12 +308,13 @@ def sweep(
     target: Target = None,
     drafter: Drafter = None,
     dtype: Dtype = DEFAULT_DTYPE,
-    chat: bool = True,
+    chat: bool = SweepOptions.chat,
     ray: Annotated[bool, typer.Option("--ray", help="run the grid points as Ray tasks (a local cluster unless "
                                                     "--ray-address); needs the `ray` extra")] = False,
     ray_address: Annotated[str | None, typer.Option(help="join this Ray cluster ('auto', 'ray://host:10001'); "
                                                          "implies --ray")] = None,
-    ray_cpus: Annotated[int, typer.Option(help="cores each Ray task reserves (and times with)")] = 1,
+    ray_cpus: Annotated[int, typer.Option(help="cores each Ray task reserves (and times with)")] = (
+        RayOptions.cpus_per_task),
 ) -> None:
     """Sweep a method's options over a grid (by default the options the registry sweeps for --base: CM-ASD's,
     R-Stitch's thresholds, SpecBound's threshold and d_max) against `ar` (measured once): sweep.jsonl (resumable),
@@ -314,7 +322,7 @@ def sweep(
     rstitch_report.md and plots/rstitch_curve.png."""
     ray_opts = None
     if ray or ray_address:
-        from adaspec.bench.sweep import RayOptions, require_ray
+        from adaspec.bench.sweep import require_ray
 
         require_ray()  # before any work: a clear error naming the extra to install
         if ray_cpus < 1:
@@ -322,7 +330,7 @@ def sweep(
         ray_opts = RayOptions(ray_address, ray_cpus)
 
     from adaspec.bench.data import DEFAULT_DATA
-    from adaspec.bench.sweep import SweepOptions, run_sweep
+    from adaspec.bench.sweep import run_sweep
     from adaspec.methods import parse_method
 
     method = parse_method(base).method
