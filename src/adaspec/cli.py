@@ -35,6 +35,12 @@ from adaspec.core.decode import ROUTE
 from adaspec.core.errors import AdaspecError
 from adaspec.methods import methods, names
 from adaspec.methods.options import render
+from adaspec.train.data import CORPUS_BATCH, CORPUS_DIRECT, CORPUS_NEW_TOKENS, CORPUS_PASSAGES
+from adaspec.train.drafter import DRAFTER_BATCH_SIZE, DRAFTER_SEQ_LEN, DRAFTER_VOCAB
+from adaspec.train.eagle import EagleTrainConfig
+from adaspec.train.exits import ExitTrainConfig
+from adaspec.train.router import RouterTrainConfig
+from adaspec.train.truncate import TRUNCATE_LAYERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
 err = Console(stderr=True)
@@ -63,6 +69,11 @@ PATH_OPTIONS = " or ".join(sorted({f"{name}=" for m in methods() for name, f in 
 WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight format: shipped (the GGUF as it is, "
                                                          "the default) | q4_0 | q4_1 | q8_0 | f16 | bf16 | f32 "
                                                          "(converted once; all but f32 round the shipped weights)")]
+
+
+def _shown(value: float) -> str:
+    """A default as an option's help shows it: a whole float without its .0 (300.0: 300)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _placement(device: str, dtype: str) -> tuple[str, str]:
@@ -363,7 +374,7 @@ def sweep(
 @app.command("make-drafter")
 def make_drafter(
     out: Annotated[Path, typer.Option(help="directory for the drafter (a Hugging Face model)")],
-    layers: Annotated[int, typer.Option(help="decoder layers of the target to keep")] = 4,
+    layers: Annotated[int, typer.Option(help="decoder layers of the target to keep")] = TRUNCATE_LAYERS,
     target: Target = None,
     device: Device = DEFAULT_DEVICE,
 ) -> None:
@@ -386,10 +397,11 @@ def distill_data(
     out: Annotated[Path | None, typer.Option(help="work directory of resumable JSONL files "
                                                    "[default: <cache>/train/<target>]")] = None,
     seed: int = DEFAULT_SEED,
-    direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = 1000,
-    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 120,
-    batch_size: int = 32,
-    max_new_tokens: MaxNew = 160,
+    direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = CORPUS_DIRECT,
+    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = (
+        CORPUS_PASSAGES),
+    batch_size: int = CORPUS_BATCH,
+    max_new_tokens: MaxNew = CORPUS_NEW_TOKENS,
     target: Target = None,
     device: Device = DEFAULT_DEVICE,
 ) -> None:
@@ -425,15 +437,18 @@ def train_drafter_cmd(
                                                     "[default: <cache>/train/<target>]")] = None,
     kind: Annotated[str, typer.Option(help="eagle (head over the target's hidden states), small (standalone "
                                            "model) or both")] = "both",
-    vocab: Annotated[int, typer.Option(help="reduced head size")] = 8192,
-    epochs: Annotated[float, typer.Option(help="EAGLE head: passes over the corpus")] = 8.0,
-    depth: Annotated[int, typer.Option(help="EAGLE head: drafting steps unrolled in training")] = 3,
+    vocab: Annotated[int, typer.Option(help="reduced head size")] = DRAFTER_VOCAB,
+    epochs: Annotated[float, typer.Option(help="EAGLE head: passes over the corpus")] = EagleTrainConfig.epochs,
+    depth: Annotated[int, typer.Option(help="EAGLE head: drafting steps unrolled in training")] = (
+        EagleTrainConfig.depth),
+    # --layers and --steps: the recipe of the shipped small drafter (core/drafters/shipped/smollm2/small/TRAINING.md:
+    # the target's first and last layers, 300 steps: 5 min of training), not DrafterTrainConfig's (0, 1) and 2000
     layers: Annotated[str, typer.Option(help="small: target layers to copy, e.g. 0,1 or 0,-1")] = "0,-1",
     steps: Annotated[int, typer.Option(help="small: optimizer steps")] = 300,
-    batch_size: int = 8,
-    seq_len: int = 512,
-    direct: Annotated[int, typer.Option(help="data: direct prompts (before removing repeats)")] = 1000,
-    passages: Annotated[int, typer.Option(help="data: passages for summarization/RAG prompts")] = 120,
+    batch_size: int = DRAFTER_BATCH_SIZE,
+    seq_len: int = DRAFTER_SEQ_LEN,
+    direct: Annotated[int, typer.Option(help="data: direct prompts (before removing repeats)")] = CORPUS_DIRECT,
+    passages: Annotated[int, typer.Option(help="data: passages for summarization/RAG prompts")] = CORPUS_PASSAGES,
     seed: int = DEFAULT_SEED,
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also write the compact artifacts to SHIP/<kind>")] = None,
@@ -447,7 +462,7 @@ def train_drafter_cmd(
     from adaspec.core.models import encode_prompt, load_model
     from adaspec.train.data import CORPUS_BATCH, build_corpus, generation_dtype, load_corpus
     from adaspec.train.drafter import DrafterTrainConfig, split_rows, train_drafter
-    from adaspec.train.eagle import EagleTrainConfig, items_from_corpus, train_eagle
+    from adaspec.train.eagle import items_from_corpus, train_eagle
     from adaspec.train.report import acceptance_at_k, write_training_report
 
     kinds = {"both": ("eagle", "small"), "eagle": ("eagle",), "small": ("small",)}.get(kind)
@@ -496,13 +511,16 @@ def train_drafter_cmd(
 def train_router_cmd(
     out: Annotated[Path, typer.Option(help="run directory: router.json, train_report.json, report.md")] = Path(
         "runs/router"),
-    problems: Annotated[int, typer.Option(help="training problems (templated arithmetic, never Spec-Bench)")] = 64,
-    held_out: Annotated[int, typer.Option(help="problems to compare the learned router with its start on")] = 16,
-    rollouts: Annotated[int, typer.Option(help="episodes per problem (the reward baseline is their mean)")] = 4,
-    epochs: int = 2,
+    problems: Annotated[int, typer.Option(help="training problems (templated arithmetic, never Spec-Bench)")] = (
+        RouterTrainConfig.problems),
+    held_out: Annotated[int, typer.Option(help="problems to compare the learned router with its start on")] = (
+        RouterTrainConfig.held_out),
+    rollouts: Annotated[int, typer.Option(help="episodes per problem (the reward baseline is their mean)")] = (
+        RouterTrainConfig.rollouts),
+    epochs: int = RouterTrainConfig.epochs,
     lam: Annotated[float, typer.Option(help="lambda in reward = acc - lambda * acc * latency")] = ROUTER_LAMBDA,
-    lr: float = 0.05,
-    max_new_tokens: MaxNew = 96,
+    lr: float = RouterTrainConfig.lr,
+    max_new_tokens: MaxNew = RouterTrainConfig.max_new_tokens,
     tau_up: Annotated[float, typer.Option(help="initial thresholds (R-Stitch's)")] = RSTITCH_TAU_UP,
     tau_down: Annotated[float | None, typer.Option(show_default="tau_up")] = None,
     small_cost: Annotated[float | None, typer.Option(help="one small-model step in large-model steps",
@@ -522,7 +540,7 @@ def train_router_cmd(
     from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import load_drafter, parse_method, small_model, stop_criteria
     from adaspec.routing import ROUTER_FILE, ROUTER_KIND
-    from adaspec.train.router import RouterTrainConfig, train_router
+    from adaspec.train.router import train_router
 
     config = RouterTrainConfig(problems=problems, held_out=held_out, rollouts=rollouts, epochs=epochs, lam=lam, lr=lr,
                                max_new_tokens=max_new_tokens, tau_up=tau_up, tau_down=tau_down, small_cost=small_cost,
@@ -557,8 +575,10 @@ def train_exits_cmd(
     vocab: Annotated[int | None, typer.Option(help="exit head size (most frequent target tokens)",
                                               show_default=str(SPECBOUND_VOCAB))] = None,
     epochs: Annotated[float | None, typer.Option(help="passes over the training positions; 0: zero adapters (raw "
-                                                      "exits over the reduced head)", show_default="2")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="positions per optimizer step", show_default="256")] = None,
+                                                      "exits over the reduced head)",
+                                                 show_default=_shown(ExitTrainConfig.epochs))] = None,
+    batch_size: Annotated[int | None, typer.Option(help="positions per optimizer step",
+                                                   show_default=_shown(ExitTrainConfig.batch_size))] = None,
     max_rows: Annotated[int | None, typer.Option(help="train on at most N corpus rows")] = None,
     seed: int = DEFAULT_SEED,
     target: Target = None,
@@ -569,7 +589,7 @@ def train_exits_cmd(
     """Train SpecBound's exit adapters on the self-distillation corpus: per exit layer a small map whose exit
     distribution (the target's final norm and LM head) matches the final layer's (KL); report per exit."""
     from adaspec.core.models import load_model
-    from adaspec.train.exits import ExitTrainConfig, read_corpus_dir, train_exits
+    from adaspec.train.exits import read_corpus_dir, train_exits
 
     given: dict = {"rank": rank, "vocab": vocab, "epochs": epochs, "batch_size": batch_size, "max_rows": max_rows}
     if exits is not None:
