@@ -37,6 +37,19 @@ BATCH_K_TABLE = {1: 5, 2: 4, 4: 3, 8: 2, 16: 1, 32: 0}
 # --batch N` measures the curve of a machine; benchmarks/README.md "Many sequences (batch load)").
 DEFAULT_MAX_BATCH = 16
 
+# `adaspec serve` (serve/app.py: ServerOptions, where each is described, and make_server). Here, not there, so that the
+# CLI shows them without importing the server, whose fastapi and uvicorn are an optional extra.
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+SERVE_LOG_LEVEL = "info"
+SERVE_QUEUE_SIZE = 64
+SERVE_TIMEOUT_S = 300.0
+SERVE_DRAIN_S = 30.0
+SERVE_RUNNER_CACHE = 4
+SERVE_RUNNER_CACHE_MIB = 4096.0
+SERVE_MAX_BODY_BYTES = 1 << 20
+SERVE_BODY_TIMEOUT_S = 30.0
+
 # CM-ASD and SpecDec (benchmarks/README.md "CM-ASD and SpecDec" says how they were chosen). tau is in nats of the
 # target's log-probabilities; beta is SpecDec's top-beta.
 CMASD_ALPHA = 0.5
