@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from adaspec.bench.costs import COST_TABLE_CONTEXT, COST_TABLE_DRAFTERS
 from adaspec.bench.runner import BenchOptions
 from adaspec.bench.sweep import RayOptions, SweepOptions
 from adaspec.core.config import (
@@ -43,8 +44,11 @@ from adaspec.core.config import (
     SamplingConfig,
 )
 from adaspec.core.decode import ROUTE
+from adaspec.core.drafters.gguf import EXPORT_FTYPE
 from adaspec.core.errors import AdaspecError
+from adaspec.core.models import BUNDLED
 from adaspec.methods import methods, names
+from adaspec.methods.drafting import SMALL
 from adaspec.methods.options import render
 from adaspec.train.data import CORPUS_BATCH, CORPUS_DIRECT, CORPUS_NEW_TOKENS, CORPUS_PASSAGES
 from adaspec.train.drafter import DRAFTER_BATCH_SIZE, DRAFTER_SEQ_LEN, DRAFTER_VOCAB
@@ -539,7 +543,7 @@ def train_router_cmd(
     seed: int = DEFAULT_SEED,
     target: Target = None,
     drafter: Annotated[str | None, typer.Option(help="the small model: 'small' (shipped) or a local HF model dir",
-                                                show_default="small")] = None,
+                                                show_default=SMALL)] = None,
     dtype: Dtype = DEFAULT_DTYPE,
     device: Device = DEFAULT_DEVICE,
     ship: Annotated[Path | None, typer.Option(help="also copy the router to SHIP/router/ (e.g. src/adaspec/"
@@ -707,8 +711,9 @@ def costs(
                                                       "torch float32, bfloat16; llama.cpp shipped, q4_0, q8_0, f16, "
                                                       "bf16)")] = None,
     target: Target = None,
-    context: Annotated[int, typer.Option(help="tokens cached before the scored positions")] = 400,
-    drafters: Annotated[str, typer.Option(help="comma-separated drafters whose cost per token to measure")] = "small",
+    context: Annotated[int, typer.Option(help="tokens cached before the scored positions")] = COST_TABLE_CONTEXT,
+    drafters: Annotated[str, typer.Option(help="comma-separated drafters whose cost per token to measure")] = (
+        ",".join(COST_TABLE_DRAFTERS)),
     out: Annotated[Path | None, typer.Option(help="also write the rows as JSON here")] = None,
     batch: Annotated[int, typer.Option(help="instead: the batch cost curve with N sequences (ms per call by total "
                                             "positions 1..64, remeasured and cached for this machine) and the draft "
@@ -743,7 +748,7 @@ def _batch_costs(backends: str | None, target: str | None, slots: int, out: Path
         raise AdaspecError(f"--batch must be >= 1 sequences, got {slots}")
     model = load_model(target)
     rows = {}
-    for label in (backends or "auto").split(","):
+    for label in (backends or DEFAULT_BACKEND).split(","):
         kind, _, variant = label.partition(":")
         engine = batch_engine(model, BackendChoice(kind, variant or DEFAULT_LLAMACPP_FORMAT), slots)
         costs = machine_costs(engine.backend, model.name, refresh=True)
@@ -767,9 +772,9 @@ def export_gguf_cmd(
                                                 "Face Llama model directory")],
     out: Annotated[Path | None, typer.Option(help="the .gguf file to write", show_default="converted once into "
                                                   "<cache>/gguf/")] = None,
-    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | f32 | q8_0")] = "f16",
+    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | f32 | q8_0")] = EXPORT_FTYPE,
     target: Annotated[str, typer.Option(help="'smollm2' (bundled) or the target's .gguf: its tokenizer is "
-                                             "copied, so token ids match")] = "smollm2",
+                                             "copied, so token ids match")] = BUNDLED,
 ) -> None:
     """Write a Llama drafter as a GGUF for llama.cpp, with the target's tokenizer (full-vocabulary head)."""
     from adaspec.core.drafters import gguf
