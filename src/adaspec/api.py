@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from adaspec.core.backends.batched import BatchBackend, TorchBatchBackend
 from adaspec.core.batch import BatchEngine, Request
-from adaspec.core.config import BackendChoice, GenerationConfig
+from adaspec.core.config import DEFAULT_METHOD, BackendChoice, GenerationConfig
 from adaspec.core.costmodel import machine_costs
 from adaspec.core.decode import GenerationResult
 from adaspec.core.errors import AdaspecError
@@ -32,8 +32,9 @@ def batch_engine(target: LoadedModel, choice: BackendChoice, slots: int) -> Batc
     return BatchEngine(backend, machine_costs(backend, target.name))
 
 
-def generate_many(prompts: Sequence[str | list[int]], method: str = "sd", target: str | LoadedModel | None = None,
-                  config: GenerationConfig | None = None, concurrency: int = 8, chat: bool = True,
+def generate_many(prompts: Sequence[str | list[int]], method: str = DEFAULT_METHOD,
+                  target: str | LoadedModel | None = None, config: GenerationConfig | None = None,
+                  concurrency: int = 8, chat: bool = True,
                   backend: BackendChoice | None = None) -> list[GenerationResult]:
     """Generate for every prompt (text, templated as a user message when `chat`, or token ids), `concurrency` at a
     time on one batched engine; the results in the order of the prompts. Each sequence draws from its own generator

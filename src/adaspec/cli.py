@@ -12,13 +12,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from adaspec.bench.costs import COST_TABLE_CONTEXT, COST_TABLE_DRAFTERS
+from adaspec.bench.runner import BenchOptions
+from adaspec.bench.sweep import RayOptions, SweepOptions
 from adaspec.core.config import (
     DEFAULT_BACKEND,
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
     DEFAULT_LLAMACPP_FORMAT,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_METHOD,
     DEFAULT_SEED,
     ROUTER_LAMBDA,
     RSTITCH_TAU_UP,
+    SERVE_BODY_TIMEOUT_S,
+    SERVE_DRAIN_S,
+    SERVE_HOST,
+    SERVE_LOG_LEVEL,
+    SERVE_MAX_BODY_BYTES,
+    SERVE_PORT,
+    SERVE_QUEUE_SIZE,
+    SERVE_RUNNER_CACHE,
+    SERVE_RUNNER_CACHE_MIB,
+    SERVE_TIMEOUT_S,
     SPECBOUND_RANK,
     SPECBOUND_TRAIN_EXITS,
     SPECBOUND_VOCAB,
@@ -27,9 +44,18 @@ from adaspec.core.config import (
     SamplingConfig,
 )
 from adaspec.core.decode import ROUTE
+from adaspec.core.drafters.gguf import EXPORT_FTYPE
 from adaspec.core.errors import AdaspecError
+from adaspec.core.models import BUNDLED
 from adaspec.methods import methods, names
+from adaspec.methods.drafting import SMALL
 from adaspec.methods.options import render
+from adaspec.train.data import CORPUS_BATCH, CORPUS_DIRECT, CORPUS_NEW_TOKENS, CORPUS_PASSAGES
+from adaspec.train.drafter import DRAFTER_BATCH_SIZE, DRAFTER_SEQ_LEN, DRAFTER_VOCAB
+from adaspec.train.eagle import EagleTrainConfig
+from adaspec.train.exits import ExitTrainConfig
+from adaspec.train.router import RouterTrainConfig
+from adaspec.train.truncate import TRUNCATE_LAYERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adaptive speculative decoding.")
 err = Console(stderr=True)
@@ -60,6 +86,11 @@ WeightFormat = Annotated[str, typer.Option("--format", help="llama.cpp weight fo
                                                          "(converted once; all but f32 round the shipped weights)")]
 
 
+def _shown(value: float) -> str:
+    """A default as an option's help shows it: a whole float without its .0 (300.0: 300)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _placement(device: str, dtype: str) -> tuple[str, str]:
     """--device and --dtype made concrete (auto: a GPU where torch sees one; the dtype by device), as records name
     them (a CPU run records float32, as before --device existed)."""
@@ -76,21 +107,21 @@ def _generation(max_new_tokens, temperature, top_k, top_p, seed, stop=()) -> Gen
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the user message (or raw text with --no-chat)")],
-    method: Annotated[str, typer.Option(help=METHOD)] = "sd",
+    method: Annotated[str, typer.Option(help=METHOD)] = DEFAULT_METHOD,
     target: Target = None,
     drafter: Drafter = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
-    temperature: Temperature = 0.0,
-    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
-    top_p: Annotated[float, typer.Option(help="1.0 = off")] = 1.0,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = SamplingConfig.top_k,
+    top_p: Annotated[float, typer.Option(help="1.0 = off")] = SamplingConfig.top_p,
     seed: int = DEFAULT_SEED,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     chat: Annotated[bool, typer.Option(help="apply the tokenizer's chat template")] = True,
     compare: Annotated[bool, typer.Option(help="also run plain `ar` decoding and report the speedup")] = True,
-    dtype: Dtype = "auto",
+    dtype: Dtype = DEFAULT_DTYPE,
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Generate text, streaming it, then print tokens/s, mean accepted tokens and the speedup over `ar`."""
     from adaspec.core.models import encode_prompt, load_model
@@ -171,32 +202,34 @@ def bench(
                                                      "hf-assisted,hf-lookup; hf-assisted where a standalone "
                                                      "drafter is shipped or given)")] = None,
     ablation: Annotated[bool, typer.Option(help="CM-ASD ablation: ar, sd, specdec, cmasd-k, cmasd-tau, cmasd, "
-                                                "cmasd's variants (then --methods); its table in report.md")] = False,
+                                                "cmasd's variants (then --methods); its table in report.md")] = (
+        BenchOptions.ablation),
     data: Questions = None,
     categories: Categories = None,
     limit: Limit = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
-    temperature: Temperature = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_k: int = SamplingConfig.top_k,
+    top_p: float = SamplingConfig.top_p,
     seed: int = DEFAULT_SEED,
     out: Annotated[Path, typer.Option(help="output directory (records.jsonl, summary.json, report.md)")] = Path(
         "runs/bench"),
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    chat: bool = True,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device: Device = DEFAULT_DEVICE,
+    chat: bool = BenchOptions.chat,
     answers: Annotated[bool, typer.Option(help="also write Spec-Bench answer files: OUT/model_answer/"
-                                               "<target>-<method>.jsonl")] = False,
+                                               "<target>-<method>.jsonl")] = BenchOptions.answers,
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
     concurrency: Annotated[int, typer.Option(help="decode N questions at a time with the batched engine (ar, sd, "
-                                                  "specdec, CM-ASD methods); report throughput and latency")] = 1,
+                                                  "specdec, CM-ASD methods); report throughput and latency")] = (
+        BenchOptions.concurrency),
 ) -> None:
     """Benchmark methods against `ar` and the transformers peers on the same prompts."""
     from adaspec.bench.data import DEFAULT_DATA
-    from adaspec.bench.runner import BenchOptions, run_bench
+    from adaspec.bench.runner import run_bench
     from adaspec.methods import split_specs
 
     device, dtype = _placement(device, dtype)
@@ -279,7 +312,8 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 def sweep(
     out: Annotated[Path, typer.Option(help="output directory (ar.jsonl, sweep.jsonl, pareto.json, plots/)")] = Path(
         "runs/sweep"),
-    base: Annotated[str, typer.Option(help="method spec the grid is added to, e.g. cmasd:early_stop=0")] = "cmasd",
+    base: Annotated[str, typer.Option(help="method spec the grid is added to, e.g. cmasd:early_stop=0")] = (
+        SweepOptions.base),
     alpha: Axis("alpha") = None,
     gamma: Axis("gamma") = None,
     tau_base: Axis("tau_base") = None,
@@ -288,22 +322,25 @@ def sweep(
     threshold: Axis("threshold") = None,
     d_max: Axis("d_max") = None,
     data: Questions = None,
+    # not SweepOptions' None (all): every grid point is a bench run, so by default the two categories the recorded
+    # sweeps ran on (benchmarks/README.md), each with a reference for the quality front (BLEU, ROUGE-L)
     categories: Categories = "translation,summarization",
     limit: Limit = None,
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS,
-    temperature: Temperature = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_k: int = SamplingConfig.top_k,
+    top_p: float = SamplingConfig.top_p,
     seed: int = DEFAULT_SEED,
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "auto",
-    chat: bool = True,
+    dtype: Dtype = DEFAULT_DTYPE,
+    chat: bool = SweepOptions.chat,
     ray: Annotated[bool, typer.Option("--ray", help="run the grid points as Ray tasks (a local cluster unless "
                                                     "--ray-address); needs the `ray` extra")] = False,
     ray_address: Annotated[str | None, typer.Option(help="join this Ray cluster ('auto', 'ray://host:10001'); "
                                                          "implies --ray")] = None,
-    ray_cpus: Annotated[int, typer.Option(help="cores each Ray task reserves (and times with)")] = 1,
+    ray_cpus: Annotated[int, typer.Option(help="cores each Ray task reserves (and times with)")] = (
+        RayOptions.cpus_per_task),
 ) -> None:
     """Sweep a method's options over a grid (by default the options the registry sweeps for --base: CM-ASD's,
     R-Stitch's thresholds, SpecBound's threshold and d_max) against `ar` (measured once): sweep.jsonl (resumable),
@@ -311,7 +348,7 @@ def sweep(
     rstitch_report.md and plots/rstitch_curve.png."""
     ray_opts = None
     if ray or ray_address:
-        from adaspec.bench.sweep import RayOptions, require_ray
+        from adaspec.bench.sweep import require_ray
 
         require_ray()  # before any work: a clear error naming the extra to install
         if ray_cpus < 1:
@@ -319,7 +356,7 @@ def sweep(
         ray_opts = RayOptions(ray_address, ray_cpus)
 
     from adaspec.bench.data import DEFAULT_DATA
-    from adaspec.bench.sweep import SweepOptions, run_sweep
+    from adaspec.bench.sweep import run_sweep
     from adaspec.methods import parse_method
 
     method = parse_method(base).method
@@ -330,7 +367,7 @@ def sweep(
     opts = SweepOptions(
         data=data or DEFAULT_DATA, out=out, base=base, grid=grid,
         categories=categories.split(",") if categories else None, limit=limit, target=target, drafter=drafter,
-        dtype=_placement("auto", dtype)[1], chat=chat,
+        dtype=_placement(DEFAULT_DEVICE, dtype)[1], chat=chat,
         generation=_generation(max_new_tokens, temperature, top_k, top_p, seed),
     )
     result = run_sweep(opts, err, ray_opts)
@@ -352,9 +389,9 @@ def sweep(
 @app.command("make-drafter")
 def make_drafter(
     out: Annotated[Path, typer.Option(help="directory for the drafter (a Hugging Face model)")],
-    layers: Annotated[int, typer.Option(help="decoder layers of the target to keep")] = 4,
+    layers: Annotated[int, typer.Option(help="decoder layers of the target to keep")] = TRUNCATE_LAYERS,
     target: Target = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Write a layer-truncated copy of the target (first N layers + its head) as a standalone drafter."""
     from adaspec.core.models import load_model
@@ -375,12 +412,13 @@ def distill_data(
     out: Annotated[Path | None, typer.Option(help="work directory of resumable JSONL files "
                                                    "[default: <cache>/train/<target>]")] = None,
     seed: int = DEFAULT_SEED,
-    direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = 1000,
-    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = 120,
-    batch_size: int = 32,
-    max_new_tokens: MaxNew = 160,
+    direct: Annotated[int, typer.Option(help="direct prompts (before removing repeats)")] = CORPUS_DIRECT,
+    passages: Annotated[int, typer.Option(help="passages the target writes for summarization/RAG prompts")] = (
+        CORPUS_PASSAGES),
+    batch_size: int = CORPUS_BATCH,
+    max_new_tokens: MaxNew = CORPUS_NEW_TOKENS,
     target: Target = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Self-distillation data: the target's greedy answers to synthetic (never Spec-Bench) prompts, and its
     hidden states at every position (for the EAGLE-style head)."""
@@ -414,19 +452,22 @@ def train_drafter_cmd(
                                                     "[default: <cache>/train/<target>]")] = None,
     kind: Annotated[str, typer.Option(help="eagle (head over the target's hidden states), small (standalone "
                                            "model) or both")] = "both",
-    vocab: Annotated[int, typer.Option(help="reduced head size")] = 8192,
-    epochs: Annotated[float, typer.Option(help="EAGLE head: passes over the corpus")] = 8.0,
-    depth: Annotated[int, typer.Option(help="EAGLE head: drafting steps unrolled in training")] = 3,
+    vocab: Annotated[int, typer.Option(help="reduced head size")] = DRAFTER_VOCAB,
+    epochs: Annotated[float, typer.Option(help="EAGLE head: passes over the corpus")] = EagleTrainConfig.epochs,
+    depth: Annotated[int, typer.Option(help="EAGLE head: drafting steps unrolled in training")] = (
+        EagleTrainConfig.depth),
+    # --layers and --steps: the recipe of the shipped small drafter (core/drafters/shipped/smollm2/small/TRAINING.md:
+    # the target's first and last layers, 300 steps: 5 min of training), not DrafterTrainConfig's (0, 1) and 2000
     layers: Annotated[str, typer.Option(help="small: target layers to copy, e.g. 0,1 or 0,-1")] = "0,-1",
     steps: Annotated[int, typer.Option(help="small: optimizer steps")] = 300,
-    batch_size: int = 8,
-    seq_len: int = 512,
-    direct: Annotated[int, typer.Option(help="data: direct prompts (before removing repeats)")] = 1000,
-    passages: Annotated[int, typer.Option(help="data: passages for summarization/RAG prompts")] = 120,
+    batch_size: int = DRAFTER_BATCH_SIZE,
+    seq_len: int = DRAFTER_SEQ_LEN,
+    direct: Annotated[int, typer.Option(help="data: direct prompts (before removing repeats)")] = CORPUS_DIRECT,
+    passages: Annotated[int, typer.Option(help="data: passages for summarization/RAG prompts")] = CORPUS_PASSAGES,
     seed: int = DEFAULT_SEED,
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also write the compact artifacts to SHIP/<kind>")] = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Distil drafters from the target on its own outputs: data (resumable), training (checkpointed), report."""
     import time
@@ -436,7 +477,7 @@ def train_drafter_cmd(
     from adaspec.core.models import encode_prompt, load_model
     from adaspec.train.data import CORPUS_BATCH, build_corpus, generation_dtype, load_corpus
     from adaspec.train.drafter import DrafterTrainConfig, split_rows, train_drafter
-    from adaspec.train.eagle import EagleTrainConfig, items_from_corpus, train_eagle
+    from adaspec.train.eagle import items_from_corpus, train_eagle
     from adaspec.train.report import acceptance_at_k, write_training_report
 
     kinds = {"both": ("eagle", "small"), "eagle": ("eagle",), "small": ("small",)}.get(kind)
@@ -485,13 +526,16 @@ def train_drafter_cmd(
 def train_router_cmd(
     out: Annotated[Path, typer.Option(help="run directory: router.json, train_report.json, report.md")] = Path(
         "runs/router"),
-    problems: Annotated[int, typer.Option(help="training problems (templated arithmetic, never Spec-Bench)")] = 64,
-    held_out: Annotated[int, typer.Option(help="problems to compare the learned router with its start on")] = 16,
-    rollouts: Annotated[int, typer.Option(help="episodes per problem (the reward baseline is their mean)")] = 4,
-    epochs: int = 2,
+    problems: Annotated[int, typer.Option(help="training problems (templated arithmetic, never Spec-Bench)")] = (
+        RouterTrainConfig.problems),
+    held_out: Annotated[int, typer.Option(help="problems to compare the learned router with its start on")] = (
+        RouterTrainConfig.held_out),
+    rollouts: Annotated[int, typer.Option(help="episodes per problem (the reward baseline is their mean)")] = (
+        RouterTrainConfig.rollouts),
+    epochs: int = RouterTrainConfig.epochs,
     lam: Annotated[float, typer.Option(help="lambda in reward = acc - lambda * acc * latency")] = ROUTER_LAMBDA,
-    lr: float = 0.05,
-    max_new_tokens: MaxNew = 96,
+    lr: float = RouterTrainConfig.lr,
+    max_new_tokens: MaxNew = RouterTrainConfig.max_new_tokens,
     tau_up: Annotated[float, typer.Option(help="initial thresholds (R-Stitch's)")] = RSTITCH_TAU_UP,
     tau_down: Annotated[float | None, typer.Option(show_default="tau_up")] = None,
     small_cost: Annotated[float | None, typer.Option(help="one small-model step in large-model steps",
@@ -499,9 +543,9 @@ def train_router_cmd(
     seed: int = DEFAULT_SEED,
     target: Target = None,
     drafter: Annotated[str | None, typer.Option(help="the small model: 'small' (shipped) or a local HF model dir",
-                                                show_default="small")] = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
+                                                show_default=SMALL)] = None,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device: Device = DEFAULT_DEVICE,
     ship: Annotated[Path | None, typer.Option(help="also copy the router to SHIP/router/ (e.g. src/adaspec/"
                                                    "core/drafters/shipped/smollm2: the rstitch+ default)")] = None,
 ) -> None:
@@ -511,7 +555,7 @@ def train_router_cmd(
     from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import load_drafter, parse_method, small_model, stop_criteria
     from adaspec.routing import ROUTER_FILE, ROUTER_KIND
-    from adaspec.train.router import RouterTrainConfig, train_router
+    from adaspec.train.router import train_router
 
     config = RouterTrainConfig(problems=problems, held_out=held_out, rollouts=rollouts, epochs=epochs, lam=lam, lr=lr,
                                max_new_tokens=max_new_tokens, tau_up=tau_up, tau_down=tau_down, small_cost=small_cost,
@@ -546,19 +590,21 @@ def train_exits_cmd(
     vocab: Annotated[int | None, typer.Option(help="exit head size (most frequent target tokens)",
                                               show_default=str(SPECBOUND_VOCAB))] = None,
     epochs: Annotated[float | None, typer.Option(help="passes over the training positions; 0: zero adapters (raw "
-                                                      "exits over the reduced head)", show_default="2")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="positions per optimizer step", show_default="256")] = None,
+                                                      "exits over the reduced head)",
+                                                 show_default=_shown(ExitTrainConfig.epochs))] = None,
+    batch_size: Annotated[int | None, typer.Option(help="positions per optimizer step",
+                                                   show_default=_shown(ExitTrainConfig.batch_size))] = None,
     max_rows: Annotated[int | None, typer.Option(help="train on at most N corpus rows")] = None,
     seed: int = DEFAULT_SEED,
     target: Target = None,
     ship: Annotated[Path | None, typer.Option(help="also copy the adapters to SHIP (e.g. "
                                                     "src/adaspec/core/drafters/shipped/smollm2/exits)")] = None,
-    device: Device = "auto",
+    device: Device = DEFAULT_DEVICE,
 ) -> None:
     """Train SpecBound's exit adapters on the self-distillation corpus: per exit layer a small map whose exit
     distribution (the target's final norm and LM head) matches the final layer's (KL); report per exit."""
     from adaspec.core.models import load_model
-    from adaspec.train.exits import ExitTrainConfig, read_corpus_dir, train_exits
+    from adaspec.train.exits import read_corpus_dir, train_exits
 
     given: dict = {"rank": rank, "vocab": vocab, "epochs": epochs, "batch_size": batch_size, "max_rows": max_rows}
     if exits is not None:
@@ -579,29 +625,35 @@ def train_exits_cmd(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
-    port: int = 8000,
-    method: Annotated[str, typer.Option(help=f"the default {METHOD}; a request's `speculative` overrides it")] = "sd",
+    host: Annotated[str, typer.Option(help="interface to listen on")] = SERVE_HOST,
+    port: int = SERVE_PORT,
+    method: Annotated[str, typer.Option(help=f"the default {METHOD}; a request's `speculative` overrides "
+                                             "it")] = DEFAULT_METHOD,
     target: Target = None,
     drafter: Drafter = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
-    queue_size: Annotated[int | None, typer.Option(help="waiting requests; more get 429", show_default="64")] = None,
-    timeout: Annotated[float | None, typer.Option(help="s per request, queue included", show_default="300")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="when a request gives none", show_default="128")] = None,
-    drain: Annotated[float | None, typer.Option(help="shutdown grace for in-flight work, s", show_default="30")] = None,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device: Device = DEFAULT_DEVICE,
+    queue_size: Annotated[int | None, typer.Option(help="waiting requests; more get 429",
+                                                   show_default=_shown(SERVE_QUEUE_SIZE))] = None,
+    timeout: Annotated[float | None, typer.Option(help="s per request, queue included",
+                                                  show_default=_shown(SERVE_TIMEOUT_S))] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="when a request gives none",
+                                                   show_default=_shown(DEFAULT_MAX_NEW_TOKENS))] = None,
+    drain: Annotated[float | None, typer.Option(help="shutdown grace for in-flight work, s",
+                                                show_default=_shown(SERVE_DRAIN_S))] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", show_default="torch's")] = None,
-    log_level: str = "info",
+    log_level: str = SERVE_LOG_LEVEL,
     backend: BackendKind = DEFAULT_BACKEND,
     weights: WeightFormat = DEFAULT_LLAMACPP_FORMAT,
     max_body_bytes: Annotated[int | None, typer.Option(help="larger request bodies get 413",
-                                                       show_default="1048576")] = None,
+                                                       show_default=_shown(SERVE_MAX_BODY_BYTES))] = None,
     body_timeout: Annotated[float | None, typer.Option(help="s for a request body to arrive (408 after)",
-                                                       show_default="30")] = None,
+                                                       show_default=_shown(SERVE_BODY_TIMEOUT_S))] = None,
     runner_cache: Annotated[int | None, typer.Option(help="method configurations kept built",
-                                                     show_default="4")] = None,
+                                                     show_default=_shown(SERVE_RUNNER_CACHE))] = None,
     runner_cache_mib: Annotated[float | None, typer.Option(
-        help="MiB: fewer configurations kept while their memory passes this", show_default="4096")] = None,
+        help="MiB: fewer configurations kept while their memory passes this",
+        show_default=_shown(SERVE_RUNNER_CACHE_MIB))] = None,
     request_methods: Annotated[str | None, typer.Option(
         help="methods a request's `speculative` may choose, comma-separated (none: only --method)",
         show_default="all")] = None,
@@ -611,7 +663,8 @@ def serve(
         help="llama.cpp weight format a request's format= may name, converted once into the cache (repeatable)")]
     = None,
     max_batch: Annotated[int | None, typer.Option(
-        help="requests decoded together (continuous batching); 1: one at a time", show_default="16")] = None,
+        help="requests decoded together (continuous batching); 1: one at a time",
+        show_default=_shown(DEFAULT_MAX_BATCH))] = None,
 ) -> None:
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (SSE too), /v1/models, /health, /metrics."""
     try:
@@ -658,8 +711,9 @@ def costs(
                                                       "torch float32, bfloat16; llama.cpp shipped, q4_0, q8_0, f16, "
                                                       "bf16)")] = None,
     target: Target = None,
-    context: Annotated[int, typer.Option(help="tokens cached before the scored positions")] = 400,
-    drafters: Annotated[str, typer.Option(help="comma-separated drafters whose cost per token to measure")] = "small",
+    context: Annotated[int, typer.Option(help="tokens cached before the scored positions")] = COST_TABLE_CONTEXT,
+    drafters: Annotated[str, typer.Option(help="comma-separated drafters whose cost per token to measure")] = (
+        ",".join(COST_TABLE_DRAFTERS)),
     out: Annotated[Path | None, typer.Option(help="also write the rows as JSON here")] = None,
     batch: Annotated[int, typer.Option(help="instead: the batch cost curve with N sequences (ms per call by total "
                                             "positions 1..64, remeasured and cached for this machine) and the draft "
@@ -694,7 +748,7 @@ def _batch_costs(backends: str | None, target: str | None, slots: int, out: Path
         raise AdaspecError(f"--batch must be >= 1 sequences, got {slots}")
     model = load_model(target)
     rows = {}
-    for label in (backends or "auto").split(","):
+    for label in (backends or DEFAULT_BACKEND).split(","):
         kind, _, variant = label.partition(":")
         engine = batch_engine(model, BackendChoice(kind, variant or DEFAULT_LLAMACPP_FORMAT), slots)
         costs = machine_costs(engine.backend, model.name, refresh=True)
@@ -718,9 +772,9 @@ def export_gguf_cmd(
                                                 "Face Llama model directory")],
     out: Annotated[Path | None, typer.Option(help="the .gguf file to write", show_default="converted once into "
                                                   "<cache>/gguf/")] = None,
-    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | f32 | q8_0")] = "f16",
+    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | f32 | q8_0")] = EXPORT_FTYPE,
     target: Annotated[str, typer.Option(help="'smollm2' (bundled) or the target's .gguf: its tokenizer is "
-                                             "copied, so token ids match")] = "smollm2",
+                                             "copied, so token ids match")] = BUNDLED,
 ) -> None:
     """Write a Llama drafter as a GGUF for llama.cpp, with the target's tokenizer (full-vocabulary head)."""
     from adaspec.core.drafters import gguf

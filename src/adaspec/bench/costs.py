@@ -7,14 +7,17 @@ from __future__ import annotations
 import time
 
 from adaspec.core.costmodel import Costs, alpha_needed, drafter_cost, verify_costs
+from adaspec.methods.drafting import SMALL
 
 NEEDED_SPEEDUPS = (1.3, 1.8)  # `adaspec costs`: the acceptance a free drafter needs for these
 COST_TABLE_BACKENDS = ("torch:float32", "torch:bfloat16", "llamacpp:shipped", "llamacpp:q4_0", "llamacpp:q8_0",
                        "llamacpp:f16", "llamacpp:bf16")
+COST_TABLE_CONTEXT = 400  # tokens cached before the scored positions
+COST_TABLE_DRAFTERS = (SMALL,)  # drafters whose cost per drafted token is measured
 
 
-def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_tokens: int = 400,
-               drafters: tuple[str, ...] = ("small",), repeats: int = 9, log=print) -> list[dict]:
+def cost_table(target_spec: str | None, backends=COST_TABLE_BACKENDS, context_tokens: int = COST_TABLE_CONTEXT,
+               drafters: tuple[str, ...] = COST_TABLE_DRAFTERS, repeats: int = 9, log=print) -> list[dict]:
     """For each backend (torch:DTYPE or llamacpp:FORMAT): ms to score 1, 2, 4, 6, 8 positions on a cached
     `context_tokens`-token context and the ratio to one, the time to prefill that context, and each named
     drafter's cost per drafted token relative to one target step on the same backend. `adaspec costs` prints it;

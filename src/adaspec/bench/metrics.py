@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import sacrebleu
-from rouge_score import rouge_scorer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 # an optionally signed, optionally $-prefixed number; thousands commas only in groups of three ("3,4" is two numbers)
@@ -23,6 +22,8 @@ def rouge(hyps: list[str], refs: list[str]) -> dict[str, float] | None:
     """Mean ROUGE-1/2/L F1 x 100 (with stemming); None when there is nothing to score."""
     if not hyps:
         return None
+    from rouge_score import rouge_scorer  # imports nltk and scipy (half a second): not on every `import` of bench/
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     scores = [scorer.score(r, h) for h, r in zip(hyps, refs, strict=True)]
     return {k: 100 * sum(s[k].fmeasure for s in scores) / len(scores) for k in ROUGE_KEYS}

@@ -12,6 +12,11 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # that no method's default is slower than plain decoding on a CPU where verifying costs nearly a step a position
 DEFAULT_DRAFT_LENGTH = "auto"
 DEFAULT_SEED = 0
+DEFAULT_METHOD = "sd"  # the method spec `adaspec generate`, `adaspec serve` and api.generate_many run unless told
+# where torch runs the models (models.resolve_device): auto is a GPU where torch sees one, else the CPU; dtype auto
+# goes by the device (models.default_dtype: float32 on a CPU)
+DEFAULT_DEVICE = "auto"
+DEFAULT_DTYPE = "auto"
 
 # The torch backend's preallocated KV cache (backends/lean.py): positions per sequence, capped by the model's context.
 # Keys and values take 2 * layers * kv_heads * head_dim * bytes per value per position (SmolLM2-135M in bf16, 8192
@@ -31,6 +36,19 @@ BATCH_K_TABLE = {1: 5, 2: 4, 4: 3, 8: 2, 16: 1, 32: 0}
 # positions it scores, so past about 16 sequences a step's wait grows for little more throughput (`adaspec costs
 # --batch N` measures the curve of a machine; benchmarks/README.md "Many sequences (batch load)").
 DEFAULT_MAX_BATCH = 16
+
+# `adaspec serve` (serve/app.py: ServerOptions, where each is described, and make_server). Here, not there, so that the
+# CLI shows them without importing the server, whose fastapi and uvicorn are an optional extra.
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+SERVE_LOG_LEVEL = "info"
+SERVE_QUEUE_SIZE = 64
+SERVE_TIMEOUT_S = 300.0
+SERVE_DRAIN_S = 30.0
+SERVE_RUNNER_CACHE = 4
+SERVE_RUNNER_CACHE_MIB = 4096.0
+SERVE_MAX_BODY_BYTES = 1 << 20
+SERVE_BODY_TIMEOUT_S = 30.0
 
 # CM-ASD and SpecDec (benchmarks/README.md "CM-ASD and SpecDec" says how they were chosen). tau is in nats of the
 # target's log-probabilities; beta is SpecDec's top-beta.

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from adaspec.core.config import DEFAULT_DEVICE, DEFAULT_DTYPE
 from adaspec.core.errors import AdaspecError
 
 BUNDLED = "smollm2"  # name of the default target
@@ -165,10 +166,10 @@ def resolve_path(spec: str | None) -> tuple[str, Path]:
     return path.name, path
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+def resolve_device(device: str | torch.device | None = DEFAULT_DEVICE) -> torch.device:
     """--device made concrete: `auto` is CUDA where a GPU is visible, else MPS where present, else the CPU; a named
     device must be usable here (an error says what is missing)."""
-    name = str(device or "auto")
+    name = str(device or DEFAULT_DEVICE)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -201,7 +202,8 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(spec: str | None = None, dtype: str = "auto", device: str | torch.device | None = "auto") -> LoadedModel:
+def load_model(spec: str | None = None, dtype: str = DEFAULT_DTYPE,
+               device: str | torch.device | None = DEFAULT_DEVICE) -> LoadedModel:
     """A target or drafter on `device` (auto: a GPU where one is visible) in `dtype` (auto: by device)."""
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)

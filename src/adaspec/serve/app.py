@@ -34,6 +34,17 @@ from adaspec.core.batch import BatchEngine
 from adaspec.core.config import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_METHOD,
+    SERVE_BODY_TIMEOUT_S,
+    SERVE_DRAIN_S,
+    SERVE_HOST,
+    SERVE_LOG_LEVEL,
+    SERVE_MAX_BODY_BYTES,
+    SERVE_PORT,
+    SERVE_QUEUE_SIZE,
+    SERVE_RUNNER_CACHE,
+    SERVE_RUNNER_CACHE_MIB,
+    SERVE_TIMEOUT_S,
     BackendChoice,
     GenerationConfig,
 )
@@ -56,14 +67,14 @@ PARSE_THREADS = 2
 
 @dataclass(frozen=True)
 class ServerOptions:
-    queue_size: int = 64  # requests waiting behind the running one; more get 429
-    timeout_s: float = 300.0  # per request, from admission: parsing, a runner build and the queue included
+    queue_size: int = SERVE_QUEUE_SIZE  # requests waiting behind the running one; more get 429
+    timeout_s: float = SERVE_TIMEOUT_S  # per request, from admission: parsing, a runner build and the queue included
     max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a request names none (capped by the context)
-    drain_s: float = 30.0  # on shutdown, how long in-flight requests may run before they are ended
-    runner_cache: int = 4  # runners kept, one per configuration (method, options, ignore_eos)
-    runner_cache_mib: float = 4096.0  # fewer runners kept while the memory they took passes this (MiB)
-    max_body_bytes: int = 1 << 20  # a larger request body gets 413
-    body_timeout_s: float = 30.0  # a body not read in full by then gets 408 (slow uploads)
+    drain_s: float = SERVE_DRAIN_S  # on shutdown, how long in-flight requests may run before they are ended
+    runner_cache: int = SERVE_RUNNER_CACHE  # runners kept, one per configuration (method, options, ignore_eos)
+    runner_cache_mib: float = SERVE_RUNNER_CACHE_MIB  # fewer runners kept while the memory they took passes this (MiB)
+    max_body_bytes: int = SERVE_MAX_BODY_BYTES  # a larger request body gets 413
+    body_timeout_s: float = SERVE_BODY_TIMEOUT_S  # a body not read in full by then gets 408 (slow uploads)
     backend: BackendChoice = field(default_factory=BackendChoice)  # where methods run unless their spec says
     policy: RequestPolicy = field(default_factory=RequestPolicy)  # what requests may choose
     # sequences decoded together (continuous batching, serve/scheduler.py); 1: one generation at a time
@@ -290,7 +301,7 @@ class App(FastAPI):
         return CountRequests(super().build_middleware_stack(), self.state.service.metrics)
 
 
-def create_app(target: LoadedModel, method: str = "sd", drafter: Any = None,
+def create_app(target: LoadedModel, method: str = DEFAULT_METHOD, drafter: Any = None,
                options: ServerOptions | None = None, build: Callable[..., Runner] = build_runner) -> FastAPI:
     """The server for an already-loaded target. `method` is the default method spec (built at start-up), `drafter`
     what --drafter loaded (None: the method's default); `build` makes a runner (tests pass a fake)."""
@@ -380,7 +391,8 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> DrainingServer:
+def make_server(app: FastAPI, host: str = SERVE_HOST, port: int = SERVE_PORT,
+                log_level: str = SERVE_LOG_LEVEL) -> DrainingServer:
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
                             access_log=log_level == "debug")
     return DrainingServer(config, app.state.service)

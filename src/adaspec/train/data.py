@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from adaspec.core.config import DEFAULT_SEED
 from adaspec.core.models import LoadedModel
 from adaspec.train.prompts import Prompt
 
@@ -147,11 +148,16 @@ def context_batch(batch_size: int) -> int:
 PASSAGE_TOKENS = 256  # longer passages cost more than they teach: batched generation slows with length
 
 
+# build_corpus (`adaspec distill-data`, `adaspec train-drafter`): prompts per round, prompts a batch, tokens an answer
+CORPUS_DIRECT = 1000  # direct prompts, before removing repeats
+CORPUS_PASSAGES = 120  # passages the target writes for the summarization/RAG prompts
 CORPUS_BATCH = 32
+CORPUS_NEW_TOKENS = 160  # a direct or summarization/RAG answer (a passage: PASSAGE_TOKENS)
 
 
-def build_corpus(model: LoadedModel, workdir: Path, seed: int = 0, direct: int = 1000, passages: int = 120,
-                 batch_size: int = CORPUS_BATCH, max_new_tokens: int = 160) -> list[Path]:
+def build_corpus(model: LoadedModel, workdir: Path, seed: int = DEFAULT_SEED, direct: int = CORPUS_DIRECT,
+                 passages: int = CORPUS_PASSAGES, batch_size: int = CORPUS_BATCH,
+                 max_new_tokens: int = CORPUS_NEW_TOKENS) -> list[Path]:
     """Round 1: passages written by the target; round 2: direct prompts, then summarization/RAG prompts over
     the round-1 passages. Each round is a resumable JSONL in `workdir`, with its feature shards.
 

@@ -22,22 +22,29 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from adaspec.core.config import DEFAULT_SEED
 from adaspec.core.models import DRAFT_VOCAB_FILE, LoadedModel
 from adaspec.train import checkpoint
+
+# what both drafters (this standalone model and train/eagle.py's head) train with by default: `adaspec train-drafter`
+# trains them from one corpus with one --vocab, --seq-len and --batch-size
+DRAFTER_VOCAB = 8192  # reduced head: the most frequent target output tokens
+DRAFTER_SEQ_LEN = 512
+DRAFTER_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
 class DrafterTrainConfig:
     layers: tuple[int, ...] = (0, 1)  # target layers copied as the drafter's initial layers (negative: from the end)
-    vocab: int = 8192  # reduced head: the most frequent target output tokens
-    seq_len: int = 512
-    batch_size: int = 8
+    vocab: int = DRAFTER_VOCAB
+    seq_len: int = DRAFTER_SEQ_LEN
+    batch_size: int = DRAFTER_BATCH_SIZE
     lr: float = 5e-4
     warmup: int = 50
     steps: int = 2000
     eval_every: int = 200
     holdout: float = 0.05  # share of rows held out for agreement and acceptance
-    seed: int = 0
+    seed: int = DEFAULT_SEED
 
 
 def frequent_tokens(rows: list[dict], size: int, always: set[int]) -> list[int]:

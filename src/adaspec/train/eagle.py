@@ -21,27 +21,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from adaspec.core.config import DEFAULT_SEED
 from adaspec.core.drafters.eagle import EagleArtifact, EagleConfig, EagleHead
 from adaspec.core.models import LoadedModel
 from adaspec.train import checkpoint
-from adaspec.train.drafter import frequent_tokens, split_rows
+from adaspec.train.drafter import DRAFTER_BATCH_SIZE, DRAFTER_SEQ_LEN, DRAFTER_VOCAB, frequent_tokens, split_rows
 
 
 @dataclass(frozen=True)
 class EagleTrainConfig:
-    vocab: int = 8192  # reduced head: the most frequent target output tokens
+    vocab: int = DRAFTER_VOCAB  # reduced head: the most frequent target output tokens
     depth: int = 3  # drafting steps unrolled in training
     depth_decay: float = 0.8  # loss weight of depth d: decay^(d-1)
     reg_weight: float = 1.0  # smooth-L1 feature regression, next to the cross-entropy
-    seq_len: int = 512
-    batch_size: int = 8
+    seq_len: int = DRAFTER_SEQ_LEN
+    batch_size: int = DRAFTER_BATCH_SIZE
     lr: float = 1e-3
     warmup: int = 50
     epochs: float = 8.0
     eval_every: int = 100
     holdout: float = 0.05
     init_layer: int = -1  # the target layer the head starts from
-    seed: int = 0
+    seed: int = DEFAULT_SEED
 
 
 # ---------------------------------------------------------------- features

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from adaspec.core.confidence import annealed_confidence
 from adaspec.core.config import (
+    DEFAULT_SEED,
     SPECBOUND_A,
     SPECBOUND_RANK,
     SPECBOUND_THRESHOLD,
@@ -62,7 +63,7 @@ class ExitTrainConfig:
     max_rows: int | None = None  # train on at most this many rows (None: all)
     threshold: float = SPECBOUND_THRESHOLD  # the report's confidence analysis
     a: float = SPECBOUND_A
-    seed: int = 0
+    seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         if not self.exits or list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1:

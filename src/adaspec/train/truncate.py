@@ -10,6 +10,8 @@ from adaspec.core.errors import AdaspecError
 from adaspec.core.models import LoadedModel
 from adaspec.train.drafter import init_drafter
 
+TRUNCATE_LAYERS = 4  # `adaspec make-drafter --layers`: decoder layers of the target kept
+
 
 def truncate_model(source: LoadedModel, layers: int, out: Path) -> Path:
     total = int(source.model.config.num_hidden_layers)

@@ -27,12 +27,14 @@ FTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
+EXPORT_FTYPE = "f16"  # an exported drafter's type unless told (`adaspec export-gguf --type`)
 TOKENIZER_PREFIX = "tokenizer."
 Fields = dict[str, tuple[object, gguf.GGUFValueType, gguf.GGUFValueType | None]]  # key -> (value, type, item type)
 SHIPPED_KINDS = ("small",)  # the shipped standalone drafter; an EAGLE head is not a model llama.cpp can run
 
 
-def export_gguf(model: LoadedModel | PreTrainedModel, out: Path, tokenizer_source: Path, ftype: str = "f16") -> Path:
+def export_gguf(model: LoadedModel | PreTrainedModel, out: Path, tokenizer_source: Path,
+                ftype: str = EXPORT_FTYPE) -> Path:
     """Write `model` (a Llama, e.g. `load_standalone`'s result) as a llama-architecture GGUF at `out`.
 
     `tokenizer_source` is the target's GGUF: its `tokenizer.*` keys are copied, so token ids match the
@@ -238,7 +240,7 @@ def load_for_export(spec: str, target_name: str = BUNDLED) -> LoadedModel:
     return load_model(str(path))
 
 
-def drafter_gguf(path_or_name: str | Path, target_name: str = BUNDLED, ftype: str = "f16") -> Path:
+def drafter_gguf(path_or_name: str | Path, target_name: str = BUNDLED, ftype: str = EXPORT_FTYPE) -> Path:
     """The drafter's GGUF in the user cache (<cache>/gguf/), converted once and redone when the source's
     files (size, mtime) or the target's GGUF change."""
     if ftype not in FTYPES:
