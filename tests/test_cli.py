@@ -21,7 +21,7 @@ def adaspec(*args: str) -> subprocess.CompletedProcess:
         (["generate", "hi", "--method", "sd:k=two"], "k must be auto, table or a draft length"),
         (["bench", "--concurrency", "0", "--limit", "1", "--out", "/tmp/adaspec-never"], "--concurrency must be >= 1"),
         (["costs", "--batch", "-1"], "--batch must be >= 1"),
-        (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["generate", "hi", "--target", "/no/such/model"], "not found"),
         (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["bench", "--data", "/no/such.jsonl"], "not found"),
