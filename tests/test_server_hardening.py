@@ -412,10 +412,12 @@ class Builds:
                  fail: str | None = None) -> None:
         self.token, self.slow, self.ballast, self.fail = token, slow or {}, ballast_mib, fail
         self.built: list[str] = []
+        self.threads: list[threading.Thread] = []
         self.refs: list[weakref.ref] = []
 
     def __call__(self, spec, target, drafter, config, backend):
         self.built.append(spec.label)
+        self.threads.append(threading.current_thread())
         time.sleep(self.slow.get(spec.name, 0))
         ballast = b"\1" * (self.ballast * 2**20)
         if self.fail and spec.name == self.fail:
@@ -445,6 +447,20 @@ def test_a_slow_build_does_not_hold_up_requests_on_built_runners(tiny):
         sender.join(10)
         assert slow[0].status_code == 200
         assert builds.built == ["ar", "sd"]
+
+
+def test_every_build_runs_on_a_thread_that_then_ends(tiny):
+    """llama.cpp's OpenMP teams live as long as the thread that computed: a pooled build thread that stays made the
+    generation thread decode at 0.6x (serve/runners.py). Builds run one at a time, each on a thread of its own."""
+    builds = Builds(tiny.tokenizer.encode(" hi")[0])
+    with running(create_app(tiny, "ar", options=ServerOptions(), build=builds)) as served:
+        for method in ("sd:k=2", "sd:k=3"):
+            assert post(served.base, method_body(method)).status_code == 200
+        generation = served.service.worker.thread
+        for t in builds.threads:
+            t.join(5)
+        assert len(set(builds.threads)) == 3 and not any(t.is_alive() for t in builds.threads)
+        assert generation.is_alive() and generation not in builds.threads
 
 
 def test_the_runner_cache_keeps_at_most_its_count_and_frees_the_rest(tiny):

@@ -56,7 +56,7 @@ from adaspec.serve.intake import Intake, Prepared, read_body
 from adaspec.serve.metrics import CountRequests, Metrics
 from adaspec.serve.policy import RequestPolicy, runner_key, server_paths
 from adaspec.serve.responses import SSE_DONE, Chunks, completion, json_response, sse
-from adaspec.serve.runners import RunnerCache, resident_bytes
+from adaspec.serve.runners import RunnerCache, on_fresh_thread, resident_bytes
 from adaspec.serve.scheduler import BatchWorker
 from adaspec.serve.worker import DONE, Finished, Job, Worker
 
@@ -312,7 +312,7 @@ def create_app(target: LoadedModel, method: str = DEFAULT_METHOD, drafter: Any =
         default = service.intake.default
         await service.runners.get(runner_key(default, True), service.maker(default, True))
         if service.options.max_batch > 1:
-            await asyncio.get_running_loop().run_in_executor(None, service.make_engine)
+            await on_fresh_thread(service.make_engine, "adaspec-engine")  # may measure costs: see serve/runners.py
         yield
         await service.worker.drain(0)
         service.close()
