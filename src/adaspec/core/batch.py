@@ -19,6 +19,7 @@ the same result whatever the other rows are (tests/test_batch.py checks both bac
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import deque
@@ -81,7 +82,9 @@ class BatchEngine:
         self.learn = learn
         self.queue: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free = list(range(backend.slots))[::-1]
+        # free slots, lowest first: llama.cpp splits a call into one pass per run of consecutive sequence ids, so the
+        # running sequences are kept on the lowest slots (and the backend feeds rows in slot order)
+        self.free = list(range(backend.slots))
 
     def submit(self, request: Request) -> Sequence:
         s = Sequence(request, time.perf_counter())
@@ -106,7 +109,7 @@ class BatchEngine:
                 s.error = e
                 failed.append(s)
                 continue
-            s.slot = self.free.pop()
+            s.slot = heapq.heappop(self.free)
             self.backend.reset(s.slot)
             self.running.append(s)
         return failed
@@ -193,13 +196,13 @@ class BatchEngine:
         frees for the next; it gets no result."""
         if s in self.running:
             self.running.remove(s)
-            self.free.append(s.slot)
+            heapq.heappush(self.free, s.slot)
         elif s in self.queue:
             self.queue.remove(s)
 
     def _finish(self, s: Sequence) -> Sequence:
         self.running.remove(s)
-        self.free.append(s.slot)
+        heapq.heappush(self.free, s.slot)
         seq = s.seq
         end = time.perf_counter()
         reason = s.steps[-1].stop or "length"

@@ -467,9 +467,16 @@ class LlamaCppBatchBackend(BatchBackend):
         total = sum(len(r.ids) for r in rows)
         if total > self.max_call:
             raise AdaspecError(f"a batch call of {total} positions exceeds llama.cpp's batch of {self.max_call}")
-        self.llm.decode_rows([(r.slot, r.start, r.ids, r.keep) for r in rows])
-        logits = self.llm.logits(sum(r.keep for r in rows))  # [outputs, V], rows in order
-        return list(logits.split([r.keep for r in rows]))
+        # rows in slot order: with one KV stream per sequence llama.cpp's split_equal takes a pass per run of
+        # consecutive sequence ids in the batch, so rows out of order cost a pass each (measured: N=16 at 0.7x)
+        order = sorted(range(len(rows)), key=lambda i: rows[i].slot)
+        self.llm.decode_rows([(rows[i].slot, rows[i].start, rows[i].ids, rows[i].keep) for i in order])
+        logits = self.llm.logits(sum(r.keep for r in rows))  # [outputs, V], rows in slot order
+        parts = logits.split([rows[i].keep for i in order])
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for i, part in zip(order, parts, strict=True):
+            out[i] = part
+        return out
 
     def _truncate(self, slot: int, length: int) -> None:
         self.llm.truncate_seq(slot, length)
