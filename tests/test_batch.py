@@ -279,3 +279,41 @@ def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_unchanged(mod
         engine.step()
     assert gone.result is None and never.result is None and never.slot is None
     assert kept.result.token_ids == alone["sd:k=3"][7] and queued.result.token_ids == alone["ar"][8]
+
+
+def test_llamacpp_rows_go_in_slot_order_and_logits_come_back_in_the_callers_order():
+    """llama.cpp's split_equal makes one pass per run of consecutive sequence ids in the batch: rows out of slot order
+    would cost a pass each. The backend sorts them, and hands each row its own logits back."""
+    import torch
+
+    from adaspec.core.backends.batched import Row
+    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
+
+    class FakeLlm:
+        def decode_rows(self, rows):
+            self.fed = rows
+
+        def logits(self, outputs):  # row i of the fed batch: logits filled with its slot
+            return torch.cat([torch.full((keep, 3), float(slot)) for slot, _, _, keep in self.fed])
+
+    backend = object.__new__(LlamaCppBatchBackend)
+    backend.llm, backend.max_call = FakeLlm(), 64
+    rows = [Row(5, 0, [1, 2], 2), Row(1, 0, [3], 1), Row(3, 4, [4, 5, 6], 0), Row(2, 0, [7], 1)]
+    out = backend._forward(rows)
+    assert [slot for slot, *_ in backend.llm.fed] == [1, 2, 3, 5]
+    assert [o.shape[0] for o in out] == [2, 1, 0, 1]
+    assert [o[0, 0].item() for o in out if len(o)] == [5.0, 1.0, 2.0]
+
+
+def test_a_sequence_takes_the_lowest_free_slot(model):
+    engine = BatchEngine(TorchBatchBackend(model, 4, context=256), CHEAP)
+    long = GenerationConfig(max_new_tokens=MAX_NEW)
+    runs = [engine.submit(request(PROMPTS[i], "ar", GenerationConfig(max_new_tokens=n) if n else long))
+            for i, n in enumerate((0, 2, 0, 4))]
+    engine.step()
+    assert [s.slot for s in runs] == [0, 1, 2, 3]
+    while runs[3].result is None:  # slot 1 frees first, then slot 3
+        engine.step()
+    joining = engine.submit(request(PROMPTS[4], "ar", long))
+    engine.step()
+    assert joining.slot == 1  # the lowest hole, not the slot freed last
