@@ -280,8 +280,10 @@ class CostAware:
 
     def observe(self, outcome: Outcome) -> None:
         o = outcome
-        acc, seen = shadow_acceptance(o.proposed, o.emitted) if self.free else (o.accepted,
-                                                                                o.accepted + (o.accepted < o.verified))
+        if self.free:  # every proposed token is judged against what the target emitted, verified or not
+            acc, seen = shadow_acceptance(o.proposed, o.emitted)
+        else:  # the verified ones up to the first rejection, that one included
+            acc, seen = o.accepted, o.accepted + (o.accepted < o.verified)
         self.plain = 0 if o.verified else self.plain + 1
         for i in range(seen):  # one decay per observed token
             self.accepted = self.decay * self.accepted + (i < acc)

@@ -31,7 +31,7 @@ STEP_KINDS = (VERIFY, ROUTE)
 class Step:
     """One target forward (kind VERIFY), or one routed token (kind ROUTE)."""
 
-    drafted: int  # tokens proposed by the drafter
+    drafted: int  # drafted tokens the target verified (the proposal's first ones; `cut` more were paid for)
     accepted: int  # drafted tokens the target kept
     tokens: list[int]  # tokens emitted: the accepted ones, then the correction/bonus (cut at a stop)
     confidence: list[float] = field(default_factory=list)  # drafter confidence per drafted token

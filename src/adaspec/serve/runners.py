@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from adaspec.core.errors import AdaspecError
@@ -59,32 +60,12 @@ def _lower_priority() -> None:
 def on_fresh_thread(fn: Callable[[], object], name: str, initializer: Callable[[], None] | None = None
                     ) -> asyncio.Future:
     """Run `fn()` on a new thread that ends with it (see the module docstring); a future of its result on the
-    running event loop."""
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-
-    def settle(result: object, error: BaseException | None) -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
-
-    def run() -> None:
-        if initializer is not None:
-            initializer()
-        try:
-            result, error = fn(), None
-        except BaseException as e:  # handed to the awaiting coroutine
-            result, error = None, e
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return fut
+    running event loop. A one-job executor, shut down at once: its thread exits when `fn` returns."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=initializer)
+    try:
+        return asyncio.wrap_future(executor.submit(fn), loop=asyncio.get_running_loop())
+    finally:
+        executor.shutdown(wait=False)
 
 
 @dataclass
