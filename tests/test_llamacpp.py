@@ -110,6 +110,33 @@ def test_scoring_k_positions_at_once_agrees_with_one_at_a_time(backend):
 
 @pytest.mark.bundled
 @needs_llama
+@pytest.mark.parametrize("fmt", ["q4_k_m", "q6_k"])
+def test_k_quant_weights_score_a_batch_as_one_row_at_a_time(smollm, tmp_path, fmt):
+    """K-quant weights (Gemma 3's GGUF is q4_k_m) take two batch-only kernels in llama.cpp: weights repacked at load
+    for multi-row products, and a tiled matmul from 8 rows on. The backend avoids both; with either, rows of a
+    12-row call differ from one-row calls (they did here: 1-3 of 12 equal). Greedy sd then equals ar."""
+    from adaspec.core.backends.llamacpp import LlamaCppBackend, batch_invariant, file_type, requantize
+
+    if not batch_invariant():
+        pytest.skip("this llama.cpp build rounds batches differently (tinyBLAS): build it as scripts/setup.sh does")
+    gguf = requantize(smollm.gguf, fmt, tmp_path)
+    assert file_type(gguf) == fmt
+    backend = LlamaCppBackend(gguf, n_ctx=512, threads=2)
+    prompt, tokens = ids_of(smollm, PROMPTS[0]), list(range(2000, 2012))
+    backend.reset()
+    backend.extend(prompt)
+    batched = backend.extend(tokens, keep=len(tokens))  # [12, V]
+    backend.rollback(len(prompt))
+    single = torch.stack([backend.extend([t])[0] for t in tokens])
+    torch.testing.assert_close(batched, single, rtol=0, atol=0)
+    config = GenerationConfig(max_new_tokens=32)
+    ar = generate(backend, prompt, config)
+    sd = generate(backend, prompt, config, PromptLookupDrafter(max_ngram=3), FixedLength(8))
+    assert sd.token_ids == ar.token_ids
+
+
+@pytest.mark.bundled
+@needs_llama
 def test_keep_hidden_returns_the_final_normed_hidden_states_of_every_position(smollm, backend):
     ids = ids_of(smollm, PROMPTS[1])
     backend.reset()

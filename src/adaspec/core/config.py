@@ -95,7 +95,7 @@ SPECBOUND_RANK = 0  # exit adapter: 0 = a full affine map (as the tuned lens), r
 # exactly and bf16 about 26 %: every other format is a slightly different model, opt-in.
 BACKENDS = ("auto", "torch", "llamacpp")
 DEFAULT_BACKEND = "auto"
-LLAMACPP_FORMATS = ("shipped", "q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
+LLAMACPP_FORMATS = ("shipped", "q4_0", "q4_1", "q4_k_m", "q6_k", "q8_0", "f16", "bf16", "f32")
 DEFAULT_LLAMACPP_FORMAT = "shipped"
 
 

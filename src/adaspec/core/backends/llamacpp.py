@@ -7,7 +7,11 @@ Exactness: greedy speculative decoding equals plain decoding only if scoring k+1
 logits one position at a time would. llama.cpp's tinyBLAS kernels (GGML_LLAMAFILE) and its flash-attention path
 round a batch differently (logits differ by up to ~1 here); built without tinyBLAS and run without flash
 attention, every format we measured is batch-invariant to the bit. scripts/setup.sh builds it that way;
-`batch_invariant()` says whether the installed build is. Flash attention (faster prefill) takes three paths on
+`batch_invariant()` says whether the installed build is. K-quant weights (q4_k_m, q6_k, Gemma 3's GGUF) take two
+more batch-only paths, both chosen at run time: weights repacked at load for multi-row kernels (adaspec's
+contexts load without repacking, which was no slower here) and ggml's tiled K-quant matmul from 8 rows on
+(turned off for the process unless GGML_CPU_TILED_MM is set: `_init`).
+Flash attention (faster prefill) takes three paths on
 the CPU: one query row over a long cache splits the cache across threads (a different summation order), a few
 rows go row by row, 64 or more rows go in tiles. scripts/setup.sh patches the first path out, and the decoding
 loop prefills all but the prompt's last token (`Backend.split_prefill`), so that every position a method
@@ -41,7 +45,7 @@ from adaspec.core.errors import AdaspecError
 
 INSTALL_HINT = ("pip install 'adaspec[llamacpp]', or `bash scripts/setup.sh`, which builds it the batch-invariant "
                 "way; llama-cpp-python builds from source, about 10 minutes on 2 cores")
-FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # llama_ftype values
+FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "q6_k": 18, "bf16": 32}  # llama_ftype
 FTYPE_NAMES = {v: k for k, v in FTYPES.items()} | {  # formats a GGUF may come in, named in records
     8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m",
     16: "q5_k_s", 17: "q5_k_m", 18: "q6_k"}
@@ -209,6 +213,11 @@ def _init() -> object:
     global _quiet
     lc = llama_cpp()
     if _quiet is None:
+        # ggml's tiled K-quant matmul (batches of 8 rows and more) rounds a row differently from the one-row kernel,
+        # so a verified position would not get the logits it gets alone. Read once per process at the first matmul,
+        # so it also holds for the `llamacpp` peer in this process: its prefill of K-quant weights runs ~17 % slower
+        # (Gemma 3, 300 tokens, 2 AMD cores); one-row decoding is unchanged. A value the user set is kept.
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         _quiet = lc.llama_log_callback(lambda level, text, data: None)
         lc.llama_log_set(_quiet, ctypes.c_void_p(0))
         lc.llama_backend_init()
@@ -263,15 +272,20 @@ class LlamaCppModel:
     """A loaded GGUF model and one context (KV cache) on it; freed on close or garbage collection."""
 
     def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
-                 embeddings: bool = False, flash_attn: bool = False, sequences: int = 1, n_batch: int | None = None
+                 embeddings: bool = False, flash_attn: bool = False, sequences: int = 1, n_batch: int | None = None,
                  ) -> None:
         """`sequences` > 1: one KV stream of `n_ctx` cells per sequence (llama.cpp's non-unified cache), so that a
-        sequence's keys lie in its own cells in the order they would alone, whatever the others do."""
+        sequence's keys lie in its own cells in the order they would alone, whatever the others do. The weights
+        load without repacking (`use_extra_bufts`): llama.cpp repacks K-quant and some other weights for kernels
+        that score several rows at once and round them apart from one row; unpacked, verifying 2-4 positions of
+        Gemma 3 took 10-12 % less time on 2 AMD cores, and one position the same."""
         self.lc = lc = _init()
         self.path = path
         if not path.is_file():
             raise AdaspecError(f"GGUF file {path} not found")
-        self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+        model_params = lc.llama_model_default_params()
+        model_params.use_extra_bufts = False
+        self.model = lc.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise AdaspecError(f"llama.cpp could not load {path}: is it a GGUF model file?")
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model)))
