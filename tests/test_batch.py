@@ -297,7 +297,7 @@ def test_llamacpp_rows_go_in_slot_order_and_logits_come_back_in_the_callers_orde
             return torch.cat([torch.full((keep, 3), float(slot)) for slot, _, _, keep in self.fed])
 
     backend = object.__new__(LlamaCppBatchBackend)
-    backend.llm, backend.max_call = FakeLlm(), 64
+    backend.llm, backend.max_call, backend.passes = FakeLlm(), 64, None
     rows = [Row(5, 0, [1, 2], 2), Row(1, 0, [3], 1), Row(3, 4, [4, 5, 6], 0), Row(2, 0, [7], 1)]
     out = backend._forward(rows)
     assert [slot for slot, *_ in backend.llm.fed] == [1, 2, 3, 5]
@@ -317,3 +317,89 @@ def test_a_sequence_takes_the_lowest_free_slot(model):
     joining = engine.submit(request(PROMPTS[4], "ar", long))
     engine.step()
     assert joining.slot == 1  # the lowest hole, not the slot freed last
+
+
+def test_a_long_sequence_goes_in_a_call_of_its_own_where_its_attention_costs_more_than_a_pass():
+    from adaspec.core.backends.llamacpp import PassCosts, plan_passes
+
+    costs = PassCosts(fixed=4.6, row=2.5, kv=0.003)  # measured on the bundled model, 2-core AMD EPYC
+    rows = [(slot, 1, 2000 if slot == 5 else 200) for slot in range(16)]
+    assert plan_passes(rows, costs) == [5, 6]  # slots 0-4, slot 5, slots 6-15
+    assert plan_passes([(slot, 1, 200) for slot in range(16)], costs) == []
+    assert plan_passes(rows, PassCosts(4.6, 2.5, 0.0)) == []  # attention free: one call
+    assert plan_passes([(0, 1, 200), (1, 1, 2000)], PassCosts(50.0, 2.5, 0.003)) == []  # a pass dearer than it saves
+    verify = [(0, 4, 300), (1, 1, 300), (2, 4, 300)]  # unequal rows cost passes whether cut or not
+    assert plan_passes(verify, costs) in ([], [1, 2])
+
+
+def test_llamacpp_calls_cut_in_groups_return_each_rows_logits():
+    import torch
+
+    from adaspec.core.backends.batched import Row
+    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend, PassCosts
+
+    class FakeLlm:
+        calls: list = []
+
+        def decode_rows(self, rows):
+            self.calls.append([slot for slot, *_ in rows])
+            self.fed = rows
+
+        def logits(self, outputs):
+            return torch.cat([torch.full((keep, 3), float(slot)) for slot, _, _, keep in self.fed])
+
+    backend = object.__new__(LlamaCppBatchBackend)
+    backend.llm, backend.max_call, backend.passes = FakeLlm(), 64, PassCosts(4.6, 2.5, 0.003)
+    rows = [Row(3, 100, [1], 1), Row(0, 100, [2], 1), Row(1, 1900, [3, 4], 2), Row(2, 100, [5], 1)]
+    out = backend._forward(rows)
+    assert backend.llm.calls == [[0], [1], [2, 3]]
+    assert [o[:, 0].tolist() for o in out] == [[3.0], [0.0], [1.0, 1.0], [2.0]]
+
+
+@pytest.mark.bundled
+def test_llamacpp_logits_are_the_same_with_calls_cut_or_whole(monkeypatch):
+    """A long sequence beside short ones: the backend cuts the call in two (its pass costs say so), and every row
+    gets the logits it gets in one whole call and alone."""
+    import torch
+    from test_llamacpp import _have_llama_cpp
+
+    if not _have_llama_cpp():
+        pytest.skip("the llamacpp extra is not installed")
+    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
+    from adaspec.core.models import bundled_gguf
+
+    monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
+    cut = LlamaCppBatchBackend(bundled_gguf(), 4, context=2048, threads=2)
+    whole = LlamaCppBatchBackend(bundled_gguf(), 4, context=2048, threads=2, split=False)
+    assert cut.passes is not None and cut.passes.kv > 0 and whole.passes is None
+    contexts = [[(7 * i + s) % 5000 + 100 for i in range(n)] for s, n in enumerate((60, 1500, 80, 70))]
+    got = {}
+    for name, backend in (("cut", cut), ("whole", whole)):
+        calls = []
+        backend.llm.decode_rows = lambda rows, f=backend.llm.decode_rows, c=calls: (c.append(len(rows)), f(rows))[1]
+        for slot, ids in enumerate(contexts):  # prefill each alone
+            for end in range(256, len(ids) + 256, 256):
+                backend.sync([(slot, ids[: min(end, len(ids))], 0)])
+        calls.clear()
+        got[name] = backend.sync([(s, ids + [11, 12][: 1 + s % 2], 1 + s % 2) for s, ids in enumerate(contexts)])
+        got[name + " calls"] = list(calls)
+        alone = []
+        for s, ids in enumerate(contexts):
+            backend.rollback(s, len(ids))
+            alone.append(backend.sync([(s, ids + [11, 12][: 1 + s % 2], 1 + s % 2)])[0])
+        got[name + " alone"] = alone
+    assert len(got["cut calls"]) > 1 and got["whole calls"] == [4]
+    for a, b, c in zip(got["cut"], got["whole"], got["cut alone"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_a_long_prompt_takes_the_highest_free_slot(model, monkeypatch):
+    monkeypatch.setattr("adaspec.core.batch.BATCH_LONG_PROMPT", 40)  # the tiny model's context is short
+    engine = BatchEngine(TorchBatchBackend(model, 4, context=256), CHEAP)
+    config = GenerationConfig(max_new_tokens=4)
+    long = [5, 6, 7, 8] * 12
+    runs = [engine.submit(request(p, "ar", config)) for p in (PROMPTS[0][:20], long, PROMPTS[1][:20])]
+    engine.step()
+    assert [s.error for s in runs] == [None] * 3
+    assert [s.slot for s in runs] == [0, 3, 1]

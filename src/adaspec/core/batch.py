@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from adaspec.core.backends.batched import BatchBackend
-from adaspec.core.config import BATCH_COST_CONTEXT, BATCH_COST_SIZES, BATCH_PREFILL_CHUNK
+from adaspec.core.config import BATCH_COST_CONTEXT, BATCH_COST_SIZES, BATCH_LONG_PROMPT, BATCH_PREFILL_CHUNK
 from adaspec.core.costmodel import BatchCosts, ContextCost, plan_lengths, token_rates
 from adaspec.core.decode import Decoding, GenerationResult, Step
 from adaspec.core.errors import AdaspecError
@@ -109,10 +109,21 @@ class BatchEngine:
                 s.error = e
                 failed.append(s)
                 continue
-            s.slot = heapq.heappop(self.free)
+            s.slot = self._slot(len(s.seq.ids))
             self.backend.reset(s.slot)
             self.running.append(s)
         return failed
+
+    def _slot(self, prompt: int) -> int:
+        """The lowest free slot, or the highest for a long prompt: long sequences gather at the top, so that a
+        backend that runs a long sequence's rows apart from short ones' (llama.cpp: `plan_passes`) cuts a call
+        once between two runs of consecutive slots rather than around each long one."""
+        if prompt < BATCH_LONG_PROMPT or len(self.free) == 1:
+            return heapq.heappop(self.free)
+        slot = max(self.free)
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        return slot
 
     def step(self) -> list[Sequence]:
         """One call over every running sequence; returns the sequences that ended in it (or failed to start)."""

@@ -29,6 +29,7 @@ TORCH_CACHE_LEN = 32768
 # `sd:k=table` baseline: batch size -> k, the largest size not above the batch's).
 BATCH_CONTEXT = 4096
 BATCH_PREFILL_CHUNK = 256
+BATCH_LONG_PROMPT = 512  # a prompt this long takes the highest free slot (BatchEngine._slot)
 BATCH_COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 BATCH_COST_CONTEXT = 256  # the context (tokens per sequence) the batch cost curve is measured on
 BATCH_K_TABLE = {1: 5, 2: 4, 4: 3, 8: 2, 16: 1, 32: 0}

@@ -27,12 +27,15 @@ every entry point here says so when it is missing.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +43,7 @@ import torch
 
 from adaspec.core.backends.base import Backend, llamacpp_where
 from adaspec.core.backends.batched import BatchBackend, Row
-from adaspec.core.config import BATCH_CONTEXT, LLAMACPP_FORMATS
+from adaspec.core.config import BATCH_CONTEXT, BATCH_PREFILL_CHUNK, LLAMACPP_FORMATS
 from adaspec.core.errors import AdaspecError
 
 INSTALL_HINT = ("pip install 'adaspec[llamacpp]', or `bash scripts/setup.sh`, which builds it the batch-invariant "
@@ -459,19 +462,120 @@ class LlamaCppBackend(Backend):
         self.llm.truncate(length)
 
 
+KV_PAD = 256  # llama.cpp pads the cells a pass attends over to a multiple of this (llama_kv_cache::get_n_kv)
+
+
+def kv_cells(end: int) -> int:
+    """Cells a stream whose cache ends at position `end` makes a pass attend over."""
+    return max(KV_PAD, -(-end // KV_PAD) * KV_PAD)
+
+
+@dataclass(frozen=True)
+class PassCosts:
+    """What one llama.cpp pass over a multi-sequence batch costs (ms): `fixed` per pass, `row` per position scored,
+    `kv` per position scored per cache cell it attends over. With one KV stream per sequence, every stream in a pass
+    attends over as many cells as the longest of them holds, so one long sequence makes the whole batch pay its
+    attention (2-core AMD EPYC, bundled model: 16 one-row sequences on 200-token contexts 57 ms a call; with one of
+    them at 2000 tokens, 143 ms; the long one apart in a second call, 79 ms). Measured once per model, build and
+    thread count (`pass_costs`)."""
+
+    fixed: float
+    row: float
+    kv: float
+
+    def ms(self, passes: int, positions: int, end: int) -> float:
+        return self.fixed * passes + positions * (self.row + self.kv * kv_cells(end))
+
+
+def plan_passes(rows: list[tuple[int, int, int]], costs: PassCosts) -> list[int]:
+    """Where to cut a call's rows, given in slot order as (slot, positions, end), into separate llama_decode calls so
+    that the modelled cost is least: the start index of each group after the first. A group costs a pass per run of
+    consecutive slots in it and per further row length (llama.cpp's split_equal takes one run of consecutive
+    sequence ids, with as many positions of each, a pass), plus its positions' attention over its longest stream."""
+    n = len(rows)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        runs, lengths, positions, end = 0, set(), 0, 0
+        for i in range(j - 1, -1, -1):  # the group rows[i:j], grown to the front
+            slot, count, last = rows[i]
+            runs += i == j - 1 or rows[i + 1][0] != slot + 1
+            lengths.add(count)
+            positions += count
+            end = max(end, last)
+            total = best[i] + costs.ms(runs + len(lengths) - 1, positions, end)
+            if total < best[j]:
+                best[j], cut[j] = total, i
+    starts, j = [], n
+    while j > 0:
+        j = cut[j]
+        starts.append(j)
+    return sorted(starts)[1:]
+
+
+PASS_SHORT, PASS_LONG = 32, 1024  # contexts (tokens) the pass costs are measured on
+
+
+def pass_costs(llm: LlamaCppModel, slots: int) -> PassCosts:
+    """`PassCosts` of `llm`'s model on this build and thread count: measured on `llm` (its first slots, left empty)
+    the first time, about 3 s on 2 cores, then read from ~/.cache/adaspec/llamacpp_passes.json."""
+    from adaspec.core.models import cache_root
+
+    record = cache_root() / "llamacpp_passes.json"
+    key = f"{_build_key()}|threads={llm.threads}|{llm.path.resolve()}:{llm.path.stat().st_size}"
+    found = _read_probes(record).get(key)
+    if isinstance(found, dict) and {"fixed", "row", "kv"} <= found.keys():
+        return PassCosts(**{k: float(found[k]) for k in ("fixed", "row", "kv")})
+    costs = _measure_passes(llm, min(slots - 1, 8))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({**_read_probes(record), key: asdict(costs)}, indent=1))
+    return costs
+
+
+def _measure_passes(llm: LlamaCppModel, m: int, repeats: int = 5) -> PassCosts:
+    """One position on a short context, one on each of m short contexts, one on a long one (slot m)."""
+    ids = [(31 * i) % 1000 + 100 for i in range(PASS_LONG + 1)]
+    for slot in range(m):
+        llm.truncate_seq(slot, 0)
+        llm.decode_rows([(slot, 0, ids[:PASS_SHORT], 0)])
+    llm.truncate_seq(m, 0)
+    for start in range(0, PASS_LONG, BATCH_PREFILL_CHUNK):
+        llm.decode_rows([(m, start, ids[start: min(start + BATCH_PREFILL_CHUNK, PASS_LONG)], 0)])
+
+    def ms(rows: list[tuple[int, int]]) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            llm.decode_rows([(slot, start, [ids[start]], 1) for slot, start in rows])
+            times.append(time.perf_counter() - t0)
+            for slot, start in rows:
+                llm.truncate_seq(slot, start)
+        return 1000 * statistics.median(times)
+
+    one, many, long = ms([(0, PASS_SHORT)]), ms([(s, PASS_SHORT) for s in range(m)]), ms([(m, PASS_LONG)])
+    for slot in range(m + 1):
+        llm.truncate_seq(slot, 0)
+    short_kv, long_kv = kv_cells(PASS_SHORT + 1), kv_cells(PASS_LONG + 1)
+    kv = max(0.0, (long - one) / (long_kv - short_kv))
+    row = max(0.0, (many - one) / max(m - 1, 1) - kv * short_kv)
+    return PassCosts(max(0.0, one - row - kv * short_kv), row, kv)
+
+
 class LlamaCppBatchBackend(BatchBackend):
     """`BatchBackend` on a GGUF model: one `llama_decode` over a batch of several sequences (one seq_id per slot),
     rollback per sequence (`llama_memory_seq_rm`). Flash attention stays off: its kernels take other paths by the
     number of query rows, and a batch of sequences changes that number (plain attention is row by row)."""
 
     def __init__(self, path: Path, slots: int, context: int = BATCH_CONTEXT, threads: int | None = None,
-                 n_batch: int = 1024) -> None:
+                 n_batch: int = 1024, split: bool = True) -> None:
+        """`split`: cut a call into several llama_decode calls where `plan_passes` finds that cheaper (a long
+        sequence's rows apart from short ones'); off, every call is one llama_decode."""
         super().__init__(slots)
         probe_build(path, threads)
         self.llm = LlamaCppModel(path, context, threads, flash_attn=False, sequences=slots, n_batch=n_batch)
         self.vocab_size = self.llm.n_vocab
         self.max_context = self.llm.n_ctx
         self.max_call = self.llm.n_batch  # positions one call may score in all
+        self.passes = pass_costs(self.llm, slots) if split and slots > 1 and context > PASS_LONG else None
 
     @property
     def where(self) -> str:
@@ -484,12 +588,15 @@ class LlamaCppBatchBackend(BatchBackend):
         # rows in slot order: with one KV stream per sequence llama.cpp's split_equal takes a pass per run of
         # consecutive sequence ids in the batch, so rows out of order cost a pass each (measured: N=16 at 0.7x)
         order = sorted(range(len(rows)), key=lambda i: rows[i].slot)
-        self.llm.decode_rows([(rows[i].slot, rows[i].start, rows[i].ids, rows[i].keep) for i in order])
-        logits = self.llm.logits(sum(r.keep for r in rows))  # [outputs, V], rows in slot order
-        parts = logits.split([rows[i].keep for i in order])
+        cuts = [] if self.passes is None else plan_passes(
+            [(rows[i].slot, len(rows[i].ids), rows[i].start + len(rows[i].ids)) for i in order], self.passes)
         out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-        for i, part in zip(order, parts, strict=True):
-            out[i] = part
+        for a, b in itertools.pairwise([0, *cuts, len(order)]):
+            group = order[a:b]
+            self.llm.decode_rows([(rows[i].slot, rows[i].start, rows[i].ids, rows[i].keep) for i in group])
+            logits = self.llm.logits(sum(rows[i].keep for i in group))  # [outputs, V], rows in slot order
+            for i, part in zip(group, logits.split([rows[i].keep for i in group]), strict=True):
+                out[i] = part
         return out
 
     def _truncate(self, slot: int, length: int) -> None:
