@@ -403,3 +403,11 @@ def test_a_long_prompt_takes_the_highest_free_slot(model, monkeypatch):
     engine.step()
     assert [s.error for s in runs] == [None] * 3
     assert [s.slot for s in runs] == [0, 3, 1]
+
+
+def test_the_cost_rule_drafts_only_where_that_beats_not_drafting_by_the_margin():
+    costs = BatchCosts({1: 10.0, 2: 19.0, 4: 37.0})  # a position costs 0.9 of one more step beyond the first
+    just = [[0.95]]  # 1.95 tokens for 19 ms: 3 % more tokens per ms than 1 for 10
+    assert plan_lengths(just, 1, 1.0, costs) == [1]
+    assert plan_lengths(just, 1, 1.0, costs, margin=0.05) == [0]
+    assert plan_lengths([[1.0, 1.0, 1.0]], 1, 1.0, costs, margin=0.05) == [3]  # 4 tokens for 37 ms: 8 % more

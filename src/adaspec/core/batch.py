@@ -27,7 +27,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from adaspec.core.backends.batched import BatchBackend
-from adaspec.core.config import BATCH_COST_CONTEXT, BATCH_COST_SIZES, BATCH_LONG_PROMPT, BATCH_PREFILL_CHUNK
+from adaspec.core.config import (
+    BATCH_COST_CONTEXT,
+    BATCH_COST_SIZES,
+    BATCH_DRAFT_MARGIN,
+    BATCH_LONG_PROMPT,
+    BATCH_PREFILL_CHUNK,
+)
 from adaspec.core.costmodel import BatchCosts, ContextCost, plan_lengths, token_rates
 from adaspec.core.decode import Decoding, GenerationResult, Step
 from adaspec.core.errors import AdaspecError
@@ -197,8 +203,9 @@ class BatchEngine:
                 extra.append(per_token * self.context_cost.beyond(1, s.seq.cached + 1))
             fixed_positions += fixed
             fixed_extra += per_token * self.context_cost.beyond(fixed, s.seq.cached + 1)
-        ks = plan_lengths(gains, fixed_positions, fixed_tokens, self.costs, extra, fixed_extra,
-                          self.context_cost.per_split, lengths)
+        split_ms = max(self.context_cost.per_split, self.backend.pass_ms)  # learned, or what a pass costs at least
+        ks = plan_lengths(gains, fixed_positions, fixed_tokens, self.costs, extra, fixed_extra, split_ms, lengths,
+                          BATCH_DRAFT_MARGIN)
         for s, k in zip(adaptive, ks, strict=True):
             s.seq.cut(k)
 

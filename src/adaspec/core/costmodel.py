@@ -34,6 +34,7 @@ from adaspec.core.backends.batched import BatchBackend
 from adaspec.core.config import (
     BATCH_COST_CONTEXT,
     BATCH_COST_SIZES,
+    BATCH_DRAFT_MARGIN,
     BATCH_PREFILL_CHUNK,
     GenerationConfig,
     SamplingConfig,
@@ -370,7 +371,7 @@ def token_rates(policy: LengthPolicy, confidences: list[float]) -> list[float] |
 
 def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: float, costs: BatchCosts,
                  extra: list[float] | None = None, fixed_extra: float = 0.0, split_ms: float = 0.0,
-                 fixed_lengths: Iterable[int] = ()) -> list[int]:
+                 fixed_lengths: Iterable[int] = (), margin: float = 0.0) -> list[int]:
     """The draft lengths k_i that maximise the call's expected tokens per ms.
 
     gains[i][j] is the chance that sequence i's (j+1)-th drafted token is emitted as an accepted token (the product
@@ -382,7 +383,9 @@ def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: f
     as one pass per length: llama.cpp with a KV stream per sequence); `fixed_lengths` are the lengths of the rows the
     rule does not set, and each sequence it sets has a row of k_i + 1. Drafted tokens are taken best gain per ms
     first (a prefix of each sequence's, as gains do not rise), and the rule is one scan over m: maximise
-    (fixed_tokens + the m best gains) / (the call's cost with them)."""
+    (fixed_tokens + the m best gains) / (the call's cost with them). `margin`: drafting must beat not drafting by
+    this share of its rate (the curve and the acceptance are estimates; where drafting only just pays by them, a
+    small error makes it cost more than it brings)."""
     extra = extra or [0.0] * len(gains)
     base = max(fixed_positions, 1)
     step = max((costs.ms(2 * base) - costs.ms(base)) / base, 1e-9)  # the curve's ms per further position
@@ -395,7 +398,7 @@ def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: f
     def cost(positions: int, added: float) -> float:
         return costs.ms(positions) + added + split_ms * (len(rows) - 1)
 
-    best_m, best_rate = 0, fixed_tokens / cost(fixed_positions, fixed_extra)
+    best_m, best_rate = 0, (1 + margin) * fixed_tokens / cost(fixed_positions, fixed_extra)
     tokens, added = fixed_tokens, fixed_extra
     for m, (g, i, _) in enumerate(ranked, start=1):
         tokens += g
@@ -505,7 +508,8 @@ def rule_table(costs: BatchCosts, alphas: Iterable[float] = (0.5, 0.7, 0.9),
     table: dict[float, dict[int, float]] = {}
     for a in alphas:
         gains = [a ** (j + 1) for j in range(k_max)]
-        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs)) / b for b in batches}
+        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs, margin=BATCH_DRAFT_MARGIN)) / b
+                    for b in batches}
     return table
 
 

@@ -59,6 +59,12 @@ class BatchBackend(ABC):
     def where(self) -> str:
         raise NotImplementedError
 
+    @property
+    def pass_ms(self) -> float:
+        """What one more pass over the batch costs at least (ms): a call whose rows differ in length may take a
+        pass per length (llama.cpp); 0 where a call is one pass whatever its rows."""
+        return 0.0
+
     def reset(self, slot: int) -> None:
         self._truncate(slot, 0)
         self.tokens[slot] = []

@@ -581,6 +581,10 @@ class LlamaCppBatchBackend(BatchBackend):
     def where(self) -> str:
         return llamacpp_where(self.llm.weights)
 
+    @property
+    def pass_ms(self) -> float:
+        return 0.0 if self.passes is None else self.passes.fixed
+
     def _forward(self, rows: list[Row]) -> list[torch.Tensor]:
         total = sum(len(r.ids) for r in rows)
         if total > self.max_call:
