@@ -116,7 +116,7 @@ def test_lossless_sampling_stays_lossless_under_the_batch_cost_rule():
 
     done = engine.run([Request(PROMPT, lambda s=seed: start(s)) for seed in range(N)])
     drafted = sum(st.drafted for s in done for st in s.result.steps)
-    assert drafted > N // 2  # the rule let drafts through (from the step after the prompt)
+    assert drafted > N // 10  # the rule let drafts through (from the step after the prompt; fewer past its margin)
     assert fit_pvalue([tuple(s.result.token_ids[:TOKENS]) for s in done], joint) > 1e-3
 
 

@@ -30,10 +30,11 @@ TORCH_CACHE_LEN = 32768
 BATCH_CONTEXT = 4096
 BATCH_PREFILL_CHUNK = 256
 BATCH_LONG_PROMPT = 512  # a prompt this long takes the highest free slot (BatchEngine._slot)
-# the batch cost rule drafts only where that promises this much more tokens per ms than not drafting (plan_lengths):
-# at 0, sd ran at 0.93x-0.95x ar at N = 4 and 16 (benchmarks/batch-load-4), drafting where the estimates only just
-# favoured it
-BATCH_DRAFT_MARGIN = 0.05
+# with two or more sequences in a call, the batch cost rule drafts only where that promises this much more tokens per
+# ms than not drafting (plan_lengths): a call of unequal rows runs as several passes and its cost strays from the
+# curve. At 0 and 0.05 the rule's drafts cost more than they brought: sd at 0.92x-0.96x ar at N = 4, 8 and 16
+# (benchmarks/batch-load-4, -5). One sequence alone is the one-sequence rule (sd:k=auto), with no margin.
+BATCH_DRAFT_MARGIN = 0.2
 BATCH_COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 BATCH_COST_CONTEXT = 256  # the context (tokens per sequence) the batch cost curve is measured on
 BATCH_K_TABLE = {1: 5, 2: 4, 4: 3, 8: 2, 16: 1, 32: 0}

@@ -508,7 +508,7 @@ def rule_table(costs: BatchCosts, alphas: Iterable[float] = (0.5, 0.7, 0.9),
     table: dict[float, dict[int, float]] = {}
     for a in alphas:
         gains = [a ** (j + 1) for j in range(k_max)]
-        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs, margin=BATCH_DRAFT_MARGIN)) / b
+        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs, margin=BATCH_DRAFT_MARGIN * (b > 1))) / b
                     for b in batches}
     return table
 
