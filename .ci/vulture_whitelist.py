@@ -11,7 +11,7 @@ _.bleu, _.rouge1, _.rouge2, _.rougeL, _.gsm8k_acc
 
 # core/backends/llamacpp.py: llama.cpp's ctypes parameter structs, read by the C library
 _.allow_requantize, _.nthread, _.n_ubatch, _.n_seq_max, _.kv_unified, _.n_threads, _.n_threads_batch
-_.flash_attn_type, _.pooling_type, _.n_tokens
+_.flash_attn_type, _.pooling_type, _.n_tokens, _.use_extra_bufts
 
 # core/drafters/eagle.py: EagleConfig.target_layers, compared with the target's by dataclass equality
 target_layers
