@@ -365,13 +365,14 @@ def test_llamacpp_logits_are_the_same_with_calls_cut_or_whole(monkeypatch):
 
     if not _have_llama_cpp():
         pytest.skip("the llamacpp extra is not installed")
-    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend, PassCosts
     from adaspec.core.models import bundled_gguf
 
     monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
     cut = LlamaCppBatchBackend(bundled_gguf(), 4, context=2048, threads=2)
     whole = LlamaCppBatchBackend(bundled_gguf(), 4, context=2048, threads=2, split=False)
-    assert cut.passes is not None and cut.passes.kv > 0 and whole.passes is None
+    assert cut.passes is not None and whole.passes is None  # measured (and cached) for the first
+    cut.passes = PassCosts(2.9, 3.0, 0.0023)  # as measured on a quiet 2-core AMD EPYC: a busy CI machine may differ
     contexts = [[(7 * i + s) % 5000 + 100 for i in range(n)] for s, n in enumerate((60, 1500, 80, 70))]
     got = {}
     for name, backend in (("cut", cut), ("whole", whole)):
