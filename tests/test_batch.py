@@ -407,8 +407,13 @@ def test_a_long_prompt_takes_the_highest_free_slot(model, monkeypatch):
 
 
 def test_the_cost_rule_drafts_only_where_that_beats_not_drafting_by_the_margin():
-    costs = BatchCosts({1: 10.0, 2: 19.0, 4: 37.0})  # a position costs 0.9 of one more step beyond the first
-    just = [[0.95]]  # 1.95 tokens for 19 ms: 3 % more tokens per ms than 1 for 10
-    assert plan_lengths(just, 1, 1.0, costs) == [1]
-    assert plan_lengths(just, 1, 1.0, costs, margin=0.05) == [0]
-    assert plan_lengths([[1.0, 1.0, 1.0]], 1, 1.0, costs, margin=0.05) == [3]  # 4 tokens for 37 ms: 8 % more
+    costs = BatchCosts({1: 10.0, 2: 15.0, 8: 45.0})  # a position beyond the first costs 5 ms
+    just = [[0.7], [0.0]]  # two sequences: 2.7 tokens for 20 ms, 1 % more tokens per ms than 2 for 15
+    assert plan_lengths(just, 2, 2.0, costs) == [1, 0]
+    assert plan_lengths(just, 2, 2.0, costs, margin=0.05) == [0, 0]
+    sure = [[1.0, 1.0, 1.0]] * 2  # 8 tokens for 45 ms: 33 % more
+    assert plan_lengths(sure, 2, 2.0, costs, margin=0.05) == [3, 3]
+    alone = BatchCosts({1: 10.0, 2: 19.0, 4: 37.0})  # one sequence: 1.95 tokens for 19 ms, 3 % more than 1 for 10
+    assert plan_lengths([[0.95]], 1, 1.0, alone, margin=0.05) == [1]  # sd:k=auto's case: no margin
+    assert plan_lengths([[0.95]], 2, 2.0, alone, fixed_lengths=[1]) == [1]  # beside another row,
+    assert plan_lengths([[0.95]], 2, 2.0, alone, margin=0.05, fixed_lengths=[1]) == [0]  # the margin holds it back

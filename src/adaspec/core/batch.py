@@ -204,9 +204,8 @@ class BatchEngine:
             fixed_positions += fixed
             fixed_extra += per_token * self.context_cost.beyond(fixed, s.seq.cached + 1)
         split_ms = max(self.context_cost.per_split, self.backend.pass_ms)  # learned, or what a pass costs at least
-        margin = BATCH_DRAFT_MARGIN if len(decoding) + len(chunk_lengths) > 1 else 0.0
         ks = plan_lengths(gains, fixed_positions, fixed_tokens, self.costs, extra, fixed_extra, split_ms, lengths,
-                          margin)
+                          BATCH_DRAFT_MARGIN)
         for s, k in zip(adaptive, ks, strict=True):
             s.seq.cut(k)
 

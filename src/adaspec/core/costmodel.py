@@ -383,9 +383,10 @@ def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: f
     as one pass per length: llama.cpp with a KV stream per sequence); `fixed_lengths` are the lengths of the rows the
     rule does not set, and each sequence it sets has a row of k_i + 1. Drafted tokens are taken best gain per ms
     first (a prefix of each sequence's, as gains do not rise), and the rule is one scan over m: maximise
-    (fixed_tokens + the m best gains) / (the call's cost with them). `margin`: drafting must beat not drafting by
-    this share of its rate (the curve and the acceptance are estimates; where drafting only just pays by them, a
-    small error makes it cost more than it brings)."""
+    (fixed_tokens + the m best gains) / (the call's cost with them). `margin`: with rows of two or more sequences in
+    the call, drafting must beat not drafting by this share of its rate (the curve and the acceptance are estimates,
+    and a call of unequal rows strays from the curve; where drafting only just pays by them, a small error makes it
+    cost more than it brings). One sequence alone is `sd:k=auto`'s case, and the margin does not apply."""
     extra = extra or [0.0] * len(gains)
     base = max(fixed_positions, 1)
     step = max((costs.ms(2 * base) - costs.ms(base)) / base, 1e-9)  # the curve's ms per further position
@@ -393,6 +394,8 @@ def plan_lengths(gains: list[list[float]], fixed_positions: int, fixed_tokens: f
                     key=lambda t: (-t[0] / (step + extra[t[1]]), t[1], t[2]))
     rows = Counter(fixed_lengths)
     rows[1] += len(gains)
+    if rows.total() < 2:
+        margin = 0.0
     ks = [0] * len(gains)
 
     def cost(positions: int, added: float) -> float:
@@ -508,7 +511,7 @@ def rule_table(costs: BatchCosts, alphas: Iterable[float] = (0.5, 0.7, 0.9),
     table: dict[float, dict[int, float]] = {}
     for a in alphas:
         gains = [a ** (j + 1) for j in range(k_max)]
-        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs, margin=BATCH_DRAFT_MARGIN * (b > 1))) / b
+        table[a] = {b: sum(plan_lengths([gains] * b, b, float(b), costs, margin=BATCH_DRAFT_MARGIN)) / b
                     for b in batches}
     return table
 

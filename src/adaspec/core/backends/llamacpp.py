@@ -562,8 +562,9 @@ def _measure_passes(llm: LlamaCppModel, m: int, repeats: int = 5) -> PassCosts:
 
 class LlamaCppBatchBackend(BatchBackend):
     """`BatchBackend` on a GGUF model: one `llama_decode` over a batch of several sequences (one seq_id per slot),
-    rollback per sequence (`llama_memory_seq_rm`). Flash attention stays off: its kernels take other paths by the
-    number of query rows, and a batch of sequences changes that number (plain attention is row by row)."""
+    or a few where `plan_passes` finds a long sequence cheaper apart; rollback per sequence (`llama_memory_seq_rm`).
+    Flash attention stays off: its kernels take other paths by the number of query rows, and a batch of sequences
+    changes that number (plain attention is row by row)."""
 
     def __init__(self, path: Path, slots: int, context: int = BATCH_CONTEXT, threads: int | None = None,
                  n_batch: int = 1024, split: bool = True) -> None:
