@@ -218,31 +218,42 @@ def test_a_batch_backend_needs_a_slot_and_refuses_a_slot_twice_in_a_call(model):
 
 
 @pytest.mark.bundled
-def test_greedy_sequences_batched_on_llamacpp_equal_each_decoded_alone(monkeypatch):
-    # the bundled GGUF, real prompts of 40-700 tokens, more requests than slots; alone: the one-sequence loop with
-    # flash attention off, as the batched backend runs (README: where exactness holds)
+@pytest.mark.parametrize("flash", [False, True])
+def test_greedy_sequences_batched_on_llamacpp_equal_each_decoded_alone(monkeypatch, flash):
+    # the bundled GGUF, real prompts of 40-700 tokens, more requests than slots. Flash attention off: alone is the
+    # one-sequence loop, which runs without it. On: alone is the batched engine with one slot and whole-prompt chunks
+    # (the server's request served alone); the prompts here go in chunks of 64 beside the others' steps
     from test_llamacpp import _have_llama_cpp
 
     if not _have_llama_cpp():
         pytest.skip("the llamacpp extra is not installed")
     from adaspec.bench.data import DEFAULT_DATA, load_questions
-    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
+    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend, probe_build
     from adaspec.core.config import BackendChoice
     from adaspec.core.costmodel import machine_costs
     from adaspec.core.models import encode_prompt, load_model
     from adaspec.methods import build_runner, parse_method
 
-    monkeypatch.setenv("ADASPEC_FLASH_ATTN", "0")
     target = load_model()
+    if flash and not probe_build(target.gguf)["flash_exact"]:
+        pytest.skip("this llama.cpp build does not keep flash attention exact (scripts/setup.sh patches it)")
+    monkeypatch.setenv("ADASPEC_FLASH_ATTN", "1" if flash else "0")
     questions = load_questions(DEFAULT_DATA, None, 1)[:7]
     prompts = [encode_prompt(target.tokenizer, q.turns[0]) for q in questions]
     config = GenerationConfig(max_new_tokens=24)
     runners = [build_runner(parse_method(m), target, "lookup", config, BackendChoice("llamacpp"))
                for m in ("ar", "sd", "sd:k=3")]
     backend = LlamaCppBatchBackend(target.gguf, 3, context=1024)
+    assert backend.llm.flash_attn == flash
     engine = BatchEngine(backend, machine_costs(backend, target.name), prefill_chunk=64)
+    one = LlamaCppBatchBackend(target.gguf, 1, context=1024) if flash else None
     for runner in runners:
-        alone = [runner(p, config).token_ids for p in prompts]
+        if one is None:
+            alone = [runner(p, config).token_ids for p in prompts]
+        else:
+            single = BatchEngine(one, None, prefill_chunk=1024)
+            alone = [single.run([Request(p, lambda p=p, r=runner: r.decoding(p, config, one.max_context))])[0]
+                     .result.token_ids for p in prompts]
         done = engine.run([Request(p, lambda p=p, r=runner: r.decoding(p, config, backend.max_context))
                            for p in prompts])
         assert [s.result.token_ids for s in done] == alone, runner.label
@@ -297,7 +308,7 @@ def test_llamacpp_rows_go_in_slot_order_and_logits_come_back_in_the_callers_orde
             return torch.cat([torch.full((keep, 3), float(slot)) for slot, _, _, keep in self.fed])
 
     backend = object.__new__(LlamaCppBatchBackend)
-    backend.llm, backend.max_call, backend.passes = FakeLlm(), 64, None
+    backend.llm, backend.max_call, backend.passes, backend.piece = FakeLlm(), 64, None, 64
     rows = [Row(5, 0, [1, 2], 2), Row(1, 0, [3], 1), Row(3, 4, [4, 5, 6], 0), Row(2, 0, [7], 1)]
     out = backend._forward(rows)
     assert [slot for slot, *_ in backend.llm.fed] == [1, 2, 3, 5]
@@ -349,11 +360,42 @@ def test_llamacpp_calls_cut_in_groups_return_each_rows_logits():
             return torch.cat([torch.full((keep, 3), float(slot)) for slot, _, _, keep in self.fed])
 
     backend = object.__new__(LlamaCppBatchBackend)
-    backend.llm, backend.max_call, backend.passes = FakeLlm(), 64, PassCosts(4.6, 2.5, 0.003)
+    backend.llm, backend.max_call, backend.passes, backend.piece = FakeLlm(), 64, PassCosts(4.6, 2.5, 0.003), 64
     rows = [Row(3, 100, [1], 1), Row(0, 100, [2], 1), Row(1, 1900, [3, 4], 2), Row(2, 100, [5], 1)]
     out = backend._forward(rows)
     assert backend.llm.calls == [[0], [1], [2, 3]]
     assert [o[:, 0].tolist() for o in out] == [[3.0], [0.0], [1.0, 1.0], [2.0]]
+
+
+def test_with_flash_attention_no_sequence_feeds_more_than_its_row_by_row_size_a_pass():
+    """Flash attention tiles a sequence's query rows from FA_ROWS + 1 on (rounding each by its neighbours): the
+    backend feeds a longer row in pieces, one pass after another, and hands back the logits of the row's last
+    `keep` positions whichever pieces they fall in."""
+    import torch
+
+    from adaspec.core.backends.batched import Row
+    from adaspec.core.backends.llamacpp import LlamaCppBatchBackend
+
+    class FakeLlm:
+        calls: list = []
+
+        def decode_rows(self, rows):
+            self.calls.append([(slot, start, len(ids), keep) for slot, start, ids, keep in rows])
+            self.fed = rows
+
+        def logits(self, outputs):  # the position of each output
+            return torch.cat([torch.arange(start + len(ids) - keep, start + len(ids), dtype=torch.float)[:, None]
+                              .expand(keep, 3) for _, start, ids, keep in self.fed])
+
+    backend = object.__new__(LlamaCppBatchBackend)
+    backend.llm, backend.max_call, backend.passes, backend.piece = FakeLlm(), 512, None, 63
+    rows = [Row(0, 10, list(range(130)), 66), Row(1, 0, [1, 2], 2), Row(2, 5, list(range(64)), 0)]
+    out = backend._forward(rows)
+    assert backend.llm.calls == [[(0, 10, 63, 0), (1, 0, 2, 2), (2, 5, 63, 0)],
+                                 [(0, 73, 63, 62), (2, 68, 1, 0)],
+                                 [(0, 136, 4, 4)]]
+    assert out[0][:, 0].tolist() == list(range(74, 140)) and out[1][:, 0].tolist() == [0, 1]
+    assert out[2].shape == (0, 3)
 
 
 @pytest.mark.bundled

@@ -107,6 +107,18 @@ def use_flash_attention(gguf: Path, threads: int | None = None, exact: bool = Tr
     return probe_build(gguf, threads)["flash_faster"]
 
 
+def use_batch_flash(gguf: Path, threads: int | None = None) -> bool:
+    """Whether the batched backend runs with flash attention: where this build keeps a row's result the same alone
+    and in a batch (`flash_attention_exact`; the batched backend feeds no sequence more than FA_ROWS positions a
+    pass) and the probe found it faster on this machine (16 one-row sequences: 62 ms a pass against 78 on 2 AMD
+    cores at 300 tokens each). ADASPEC_FLASH_ATTN=0/1 overrides."""
+    forced = _forced_flash()
+    if forced is not None:
+        return forced
+    found = probe_build(gguf, threads)
+    return found["flash_exact"] and found["flash_faster"]
+
+
 def _forced_flash() -> bool | None:
     """ADASPEC_FLASH_ATTN=0/1 as a decision, None where it is not set."""
     forced = os.environ.get("ADASPEC_FLASH_ATTN")
@@ -521,7 +533,8 @@ def pass_costs(llm: LlamaCppModel, slots: int) -> PassCosts:
     from adaspec.core.models import cache_root
 
     record = cache_root() / "llamacpp_passes.json"
-    key = f"{_build_key()}|threads={llm.threads}|{llm.path.resolve()}:{llm.path.stat().st_size}"
+    key = (f"{_build_key()}|threads={llm.threads}|{llm.path.resolve()}:{llm.path.stat().st_size}"
+           f"{'|fa' if llm.flash_attn else ''}")
     found = _read_probes(record).get(key)
     if isinstance(found, dict) and {"fixed", "row", "kv"} <= found.keys():
         return PassCosts(**{k: float(found[k]) for k in ("fixed", "row", "kv")})
@@ -563,24 +576,32 @@ def _measure_passes(llm: LlamaCppModel, m: int, repeats: int = 5) -> PassCosts:
 class LlamaCppBatchBackend(BatchBackend):
     """`BatchBackend` on a GGUF model: one `llama_decode` over a batch of several sequences (one seq_id per slot),
     or a few where `plan_passes` finds a long sequence cheaper apart; rollback per sequence (`llama_memory_seq_rm`).
-    Flash attention stays off: its kernels take other paths by the number of query rows, and a batch of sequences
-    changes that number (plain attention is row by row)."""
+
+    Flash attention (`use_batch_flash`: on where this build keeps it exact and it runs faster here) is row by row for
+    up to FA_ROWS query rows of a sequence in a pass and tiled from FA_ROWS + 1 on, which rounds a row by its
+    neighbours. So with it on, a row of more than FA_ROWS positions (a prompt chunk) is fed in pieces of at most
+    FA_ROWS, one pass after another: every position then gets the result it gets alone, whatever the chunking and
+    the company (tests/test_batch.py)."""
 
     def __init__(self, path: Path, slots: int, context: int = BATCH_CONTEXT, threads: int | None = None,
-                 n_batch: int = 1024, split: bool = True) -> None:
+                 n_batch: int = 1024, split: bool = True, flash_attn: bool | None = None) -> None:
         """`split`: cut a call into several llama_decode calls where `plan_passes` finds that cheaper (a long
-        sequence's rows apart from short ones'); off, every call is one llama_decode."""
+        sequence's rows apart from short ones'); off, every call is one llama_decode. `flash_attn`: None decides by
+        `use_batch_flash`."""
         super().__init__(slots)
         probe_build(path, threads)
-        self.llm = LlamaCppModel(path, context, threads, flash_attn=False, sequences=slots, n_batch=n_batch)
+        if flash_attn is None:
+            flash_attn = use_batch_flash(path, threads)
+        self.llm = LlamaCppModel(path, context, threads, flash_attn=flash_attn, sequences=slots, n_batch=n_batch)
         self.vocab_size = self.llm.n_vocab
         self.max_context = self.llm.n_ctx
         self.max_call = self.llm.n_batch  # positions one call may score in all
+        self.piece = FA_ROWS if flash_attn else self.max_call  # positions of one sequence in one pass
         self.passes = pass_costs(self.llm, slots) if split and slots > 1 and context > PASS_LONG else None
 
     @property
     def where(self) -> str:
-        return llamacpp_where(self.llm.weights)
+        return llamacpp_where(self.llm.weights, self.llm.flash_attn)
 
     @property
     def pass_ms(self) -> float:
@@ -590,6 +611,17 @@ class LlamaCppBatchBackend(BatchBackend):
         total = sum(len(r.ids) for r in rows)
         if total > self.max_call:
             raise AdaspecError(f"a batch call of {total} positions exceeds llama.cpp's batch of {self.max_call}")
+        parts: list[list[torch.Tensor]] = [[] for _ in rows]
+        size = self.piece
+        for a in range(0, max(len(r.ids) for r in rows), size):  # rounds: every row's next piece
+            pieces = [(i, Row(r.slot, r.start + a, ids, max(0, min(len(ids), r.keep - (len(r.ids) - a - len(ids))))))
+                      for i, r in enumerate(rows) if a < len(r.ids) for ids in [r.ids[a: a + size]]]
+            for i, logits in zip([i for i, _ in pieces], self._call([p for _, p in pieces]), strict=True):
+                parts[i].append(logits)
+        return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
+
+    def _call(self, rows: list[Row]) -> list[torch.Tensor]:
+        """Rows of at most `piece` positions each: one llama_decode, or a few (`plan_passes`); logits per row."""
         # rows in slot order: with one KV stream per sequence llama.cpp's split_equal takes a pass per run of
         # consecutive sequence ids in the batch, so rows out of order cost a pass each (measured: N=16 at 0.7x)
         order = sorted(range(len(rows)), key=lambda i: rows[i].slot)
