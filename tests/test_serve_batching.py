@@ -21,8 +21,8 @@ def target():
     return tiny_target()
 
 
-def ask(base: str, prompt: str, max_tokens: int = 24, **extra) -> dict:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+def ask(base: str, prompt: str, max_tokens: int = 24, model: str = "tiny", **extra) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
     response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
@@ -97,3 +97,23 @@ def test_max_batch_one_serves_one_at_a_time_and_zero_is_refused(target):
     with running(create_app(target, "sd", options=ServerOptions(max_batch=1))) as served:
         assert served.service.engine is None
         assert ask(served.base, PROMPTS[2])["speculative"]["batch"] == 1.0
+
+
+@pytest.mark.bundled
+@pytest.mark.parametrize("flash", ["0", "1"])
+def test_the_bundled_model_on_llamacpp_batches_and_answers_as_alone(monkeypatch, flash):
+    # the server's default backend: the lone loop and the batched engine name their backend apart ('+fa' where
+    # flash attention is on), and a request still joins the batch
+    from test_llamacpp import _have_llama_cpp
+
+    if not _have_llama_cpp():
+        pytest.skip("the llamacpp extra is not installed")
+    from adaspec.core.models import load_model
+
+    monkeypatch.setenv("ADASPEC_FLASH_ATTN", flash)
+    jobs = [(p, {"max_tokens": 16, "model": "smollm2"}) for p in PROMPTS[:4]]
+    with running(create_app(load_model(), "sd", options=ServerOptions(max_batch=4))) as served:
+        alone = [ask(served.base, p, **extra) for p, extra in jobs]
+        batched = together(served.base, jobs)
+    assert [b["choices"][0]["text"] for b in batched] == [a["choices"][0]["text"] for a in alone]
+    assert max(b["speculative"]["batch"] for b in batched) > 1

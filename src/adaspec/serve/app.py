@@ -162,7 +162,7 @@ class Service:
         engine = self.engine
         if engine is None or not getattr(runner, "batchable", False):
             return None
-        if runner.where.split("+")[0] != engine.backend.where:  # '+fa': the lone loop's flash attention
+        if runner.where.split("+")[0] != engine.backend.where.split("+")[0]:  # '+fa': flash attention, either side
             return None
         if len(job.prompt_ids) + job.config.max_new_tokens > engine.backend.max_context:
             return None
