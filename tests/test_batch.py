@@ -437,6 +437,28 @@ def test_llamacpp_logits_are_the_same_with_calls_cut_or_whole(monkeypatch):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
+def test_a_prompt_reuses_the_keys_a_finished_sequence_left_of_its_start(model):
+    # as a shared system prompt or a conversation's earlier turns: only the rest is prefilled, and the answer is the
+    # one decoded alone; a free slot holding 64 more of the prompt than the lowest free slot is taken instead of it
+    engine = BatchEngine(TorchBatchBackend(model, 3, context=256), CHEAP)
+    fed = []
+    forward = engine.backend._forward
+    engine.backend._forward = lambda rows: (fed.append({r.slot: len(r.ids) for r in rows}), forward(rows))[1]
+    config = GenerationConfig(max_new_tokens=6)
+    system = random_prompt(99, length=100)
+    engine.run([request(p, "ar", config) for p in (PROMPTS[1], PROMPTS[2], system + PROMPTS[3])])
+    fed.clear()
+    again = system + random_prompt(13, length=7)
+    done = engine.run([request(again, "sd:k=3", config)])[0]
+    assert done.slot == 2 and fed[0] == {2: 7 + done.result.steps[0].drafted}  # its first 100 positions reused
+    drafter, policy, _ = METHODS["sd:k=3"]
+    assert done.result.token_ids == generate(TorchBackend(model), again, config, copy.deepcopy(drafter),
+                                             copy.deepcopy(policy)).token_ids
+    fed.clear()
+    short = engine.run([request(system[:60] + [1, 2], "ar", config)])[0]  # 60 held: not worth leaving slot 0
+    assert short.slot == 0 and fed[0] == {0: 62}
+
+
 def test_a_long_prompt_takes_the_highest_free_slot(model, monkeypatch):
     monkeypatch.setattr("adaspec.core.batch.BATCH_LONG_PROMPT", 40)  # the tiny model's context is short
     engine = BatchEngine(TorchBatchBackend(model, 4, context=256), CHEAP)

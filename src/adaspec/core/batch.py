@@ -4,7 +4,8 @@
 Each sequence is a `decode.Decoding` with its own drafter state, length policy, acceptance rule, stop criteria and
 sampling generator; the engine only decides which rows go into a call:
 
-    0 admit     queued requests take free cache slots (a finished sequence frees its slot for the next)
+    0 admit     queued requests take free cache slots (a finished sequence frees its slot for the next, and its keys
+                serve the next prompt that starts the same way)
     1 draft     every decoding sequence proposes (`Decoding.propose`)
     2 plan      the cost rule cuts the drafts of cost-aware sequences (`plan_lengths`): k_i from the measured cost
                 of one call by total positions and each sequence's per-token acceptance, so that drafting shrinks
@@ -26,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from adaspec.core.backends.base import common_prefix
 from adaspec.core.backends.batched import BatchBackend
 from adaspec.core.config import (
     BATCH_COST_CONTEXT,
@@ -33,6 +35,7 @@ from adaspec.core.config import (
     BATCH_DRAFT_MARGIN,
     BATCH_LONG_PROMPT,
     BATCH_PREFILL_CHUNK,
+    BATCH_REUSE_MIN,
 )
 from adaspec.core.costmodel import BatchCosts, ContextCost, plan_lengths, token_rates
 from adaspec.core.decode import Decoding, GenerationResult, Step
@@ -115,21 +118,26 @@ class BatchEngine:
                 s.error = e
                 failed.append(s)
                 continue
-            s.slot = self._slot(len(s.seq.ids))
-            self.backend.reset(s.slot)
+            s.slot, reuse = self._slot(s.seq.ids)
+            self.backend.rollback(s.slot, reuse)  # the slot keeps the start of the prompt it already holds
             self.running.append(s)
         return failed
 
-    def _slot(self, prompt: int) -> int:
-        """The lowest free slot, or the highest for a long prompt: long sequences gather at the top, so that a
-        backend that runs a long sequence's rows apart from short ones' (llama.cpp: `plan_passes`) cuts a call
-        once between two runs of consecutive slots rather than around each long one."""
-        if prompt < BATCH_LONG_PROMPT or len(self.free) == 1:
-            return heapq.heappop(self.free)
-        slot = max(self.free)
+    def _slot(self, ids: list[int]) -> tuple[int, int]:
+        """A free slot for a prompt, and how many of its first positions that slot's cache already holds (a finished
+        sequence's keys stay until overwritten: a shared system prompt, a conversation's earlier turns). The lowest
+        free slot, or the highest for a long prompt: long sequences gather at the top, so that a backend that runs a
+        long sequence's rows apart from short ones' (llama.cpp: `plan_passes`) cuts a call once between two runs of
+        consecutive slots rather than around each long one. Another free slot is taken where it holds at least
+        BATCH_REUSE_MIN more of the prompt."""
+        held = {slot: min(common_prefix(self.backend.tokens[slot], ids), len(ids) - 1) for slot in self.free}
+        slot = min(self.free) if len(ids) < BATCH_LONG_PROMPT else max(self.free)
+        best = max(self.free, key=lambda f: (held[f], -f))
+        if held[best] >= held[slot] + BATCH_REUSE_MIN:
+            slot = best
         self.free.remove(slot)
         heapq.heapify(self.free)
-        return slot
+        return slot, held[slot]
 
     def step(self) -> list[Sequence]:
         """One call over every running sequence; returns the sequences that ended in it (or failed to start)."""

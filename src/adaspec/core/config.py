@@ -30,6 +30,7 @@ TORCH_CACHE_LEN = 32768
 BATCH_CONTEXT = 4096
 BATCH_PREFILL_CHUNK = 256
 BATCH_LONG_PROMPT = 512  # a prompt this long takes the highest free slot (BatchEngine._slot)
+BATCH_REUSE_MIN = 64  # positions of a prompt a free slot must hold beyond the default slot's to be taken instead
 # with two or more sequences in a call, the batch cost rule drafts only where that promises this much more tokens per
 # ms than not drafting (plan_lengths): a call of unequal rows runs as several passes and its cost strays from the
 # curve. At 0 and 0.05 the rule's drafts cost more than they brought: sd at 0.92x-0.96x ar at N = 4, 8 and 16
