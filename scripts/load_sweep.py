@@ -4,13 +4,15 @@ same closed-loop load at each number of concurrent clients, prompts from a Spec-
     .venv/bin/python scripts/load_sweep.py --out runs/load-sweep                 # 1, 2, 4, 8, 16, 32 clients
     .venv/bin/python scripts/load_sweep.py --servers adaspec --clients 1,16 --requests 32 --out runs/quick
 
-Each (server, clients) point starts its server fresh (same GGUF, threads and slots), sends `--requests` greedy chat
-requests (streamed, `max_tokens` 128 by default) from that many clients, each sending its next as soon as its last
-is answered, under `--time-limit` seconds, and stops the server. Per point: aggregate tokens/s and requests/s, time
-to first token and latency p50 / p99, time per output token, statuses, 5xx and lost requests; and whether each
-answer equals the answer the same server gave that prompt alone (the 1-client point, or one request per prompt sent
-alone first when the sweep has no 1-client point). Writes OUT/results.jsonl, OUT/report.md and OUT/plots/load.png;
-the last line printed is JSON. Loopback only; llama-server comes from `scripts/build-llama-server.sh`.
+Each (server, clients) point starts its server fresh (same GGUF, threads and slots; no prompt cached from an earlier
+point), sends `--requests` greedy chat requests (streamed, `max_tokens` 128 by default) from that many clients, each
+sending its next as soon as its last is answered, under `--time-limit` seconds, and stops the server. At each number
+of clients the servers run one after another, so that a slow spell of the machine falls on all of them. Per point:
+aggregate tokens/s and requests/s, time to first token and latency p50 / p99, time per output token, statuses, 5xx
+and lost requests; and whether each answer equals the answer the same server gave that prompt alone (the 1-client
+point, or one request per prompt sent alone to a server of its own first when the sweep has no 1-client point).
+Writes OUT/results.jsonl, OUT/report.md and OUT/plots/load.png; the last line printed is JSON. Loopback only;
+llama-server comes from `scripts/build-llama-server.sh`.
 """
 
 from __future__ import annotations
@@ -256,21 +258,26 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     sink = (args.out / "results.jsonl").open("w")
-    for server in servers:
-        alone: dict[int, str] | None = None
-        for clients in levels:
+    alones: dict[str, dict[int, str]] = {}  # per server: each prompt's answer sent alone
+    for clients in levels:  # the servers one after another at each load: a slow spell of the machine hits both
+        for server in servers:
+            if server not in alones and clients != 1:  # the reference: each prompt sent alone, on a server of its
+                proc, url = start_server(server, args, args.gguf)  # own (a server that kept the prompts would not
+                try:  # prefill them again in the measured run)
+                    check_loopback(url, "load_sweep")
+                    ref, _, _ = asyncio.run(drive(url, prompts, 1, min(args.requests, len(prompts)), args))
+                    alones[server] = {i: o["text"] for i, o in ref if o["status"] == 200}
+                finally:
+                    stop(proc)
             proc, url = start_server(server, args, args.gguf)
             try:
                 check_loopback(url, "load_sweep")
-                if alone is None and clients != 1:  # the reference: each prompt sent alone first
-                    ref, _, _ = asyncio.run(drive(url, prompts, 1, min(args.requests, len(prompts)), args))
-                    alone = {i: o["text"] for i, o in ref if o["status"] == 200}
                 done, wall, not_sent = asyncio.run(drive(url, prompts, clients, args.requests, args))
             finally:
                 stop(proc)
-            if clients == 1 and alone is None:
-                alone = {i: o["text"] for i, o in done if o["status"] == 200}
-            row = summarize(server, clients, done, wall, not_sent, alone)
+            if clients == 1 and server not in alones:
+                alones[server] = {i: o["text"] for i, o in done if o["status"] == 200}
+            row = summarize(server, clients, done, wall, not_sent, alones.get(server))
             rows.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()
