@@ -110,8 +110,9 @@ def use_flash_attention(gguf: Path, threads: int | None = None, exact: bool = Tr
 def use_batch_flash(gguf: Path, threads: int | None = None) -> bool:
     """Whether the batched backend runs with flash attention: where this build keeps a row's result the same alone
     and in a batch (`flash_attention_exact`; the batched backend feeds no sequence more than FA_ROWS positions a
-    pass) and the probe found it faster on this machine (16 one-row sequences: 62 ms a pass against 78 on 2 AMD
-    cores at 300 tokens each). ADASPEC_FLASH_ATTN=0/1 overrides."""
+    pass) and the probe found it faster on this machine. 16 one-row sequences at 300 tokens each: 62 ms a pass
+    against 78 on 2 AMD EPYC cores, but 132 against 100 on 2 Intel Xeon cores, where the one-sequence probe finds it
+    slower too. ADASPEC_FLASH_ATTN=0/1 overrides."""
     forced = _forced_flash()
     if forced is not None:
         return forced
