@@ -399,6 +399,23 @@ def test_with_flash_attention_no_sequence_feeds_more_than_its_row_by_row_size_a_
 
 
 @pytest.mark.bundled
+@pytest.mark.parametrize("rows_exact", [False, True])
+def test_flash_attention_feeds_pieces_only_on_a_build_that_needs_them(monkeypatch, rows_exact):
+    # stock llama.cpp rounds a pass of more than FA_ROWS rows of a sequence apart; scripts/setup.sh's build does not
+    from test_llamacpp import _have_llama_cpp
+
+    if not _have_llama_cpp():
+        pytest.skip("the llamacpp extra is not installed")
+    from adaspec.core.backends import llamacpp
+    from adaspec.core.models import bundled_gguf
+
+    monkeypatch.setattr(llamacpp, "flash_rows_exact", lambda *_: rows_exact)
+    flash = llamacpp.LlamaCppBatchBackend(bundled_gguf(), 2, context=256, flash_attn=True)
+    plain = llamacpp.LlamaCppBatchBackend(bundled_gguf(), 2, context=256, flash_attn=False)
+    assert flash.piece == (flash.max_call if rows_exact else llamacpp.FA_ROWS) and plain.piece == plain.max_call
+
+
+@pytest.mark.bundled
 def test_llamacpp_logits_are_the_same_with_calls_cut_or_whole(monkeypatch):
     """A long sequence beside short ones: the backend cuts the call in two (its pass costs say so), and every row
     gets the logits it gets in one whole call and alone."""

@@ -70,9 +70,10 @@ def batch_invariant() -> bool:
     return b"LLAMAFILE = 1" not in llama_cpp().llama_print_system_info()
 
 
-FA_ROWS = 63  # flash attention goes in tiles from 64 query rows on (ggml-cpu's GGML_FA_TILE_Q)
+FA_ROWS = 63  # stock flash attention goes in tiles from 64 query rows on (ggml-cpu's GGML_FA_TILE_Q)
 PROBE_CONTEXT = 600  # cache length of the probe: past 512, where the split-cache path starts
 PROBE_STEPS = 24  # one-position steps timed after the probe's prefill
+PROBE_KEYS = {"works", "flash_exact", "flash_rows_exact", "flash_faster"}  # probe_build's answers
 
 
 def _build_key() -> str:
@@ -107,17 +108,25 @@ def use_flash_attention(gguf: Path, threads: int | None = None, exact: bool = Tr
     return probe_build(gguf, threads)["flash_faster"]
 
 
+def flash_rows_exact(gguf: Path, threads: int | None = None) -> bool:
+    """Whether this build's flash attention gives a position the same logits however many positions of its sequence
+    share its pass (scripts/patch-llamacpp.py: one kernel for any number of rows). Stock llama.cpp goes row by row up
+    to FA_ROWS rows and in tiles beyond, which round apart: a prompt must then be fed in pieces of FA_ROWS."""
+    return probe_build(gguf, threads)["flash_rows_exact"]
+
+
 def use_batch_flash(gguf: Path, threads: int | None = None) -> bool:
     """Whether the batched backend runs with flash attention: where this build keeps a row's result the same alone
-    and in a batch (`flash_attention_exact`; the batched backend feeds no sequence more than FA_ROWS positions a
-    pass) and the probe found it faster on this machine. 16 one-row sequences at 300 tokens each: 62 ms a pass
-    against 78 on 2 AMD EPYC cores, but 132 against 100 on 2 Intel Xeon cores, where the one-sequence probe finds it
-    slower too. ADASPEC_FLASH_ATTN=0/1 overrides."""
+    and in a batch (`flash_attention_exact`; on a build without `flash_rows_exact` the batched backend feeds no
+    sequence more than FA_ROWS positions a pass) and the probe's one-position step is faster with it: a batch is
+    mostly such rows, so a faster prefill does not decide (on 2 Intel Xeon cores the patched build prefills 1.24x
+    faster with it and steps 1.28x slower, and 16 one-row sequences at 190 tokens take 106 against 88 ms a pass; on 2
+    AMD EPYC cores the stock kernel took 62 against 78 at 300 tokens). ADASPEC_FLASH_ATTN=0/1 overrides."""
     forced = _forced_flash()
     if forced is not None:
         return forced
     found = probe_build(gguf, threads)
-    return found["flash_exact"] and found["flash_faster"]
+    return found["flash_exact"] and found["flash"]["step_ms"] < found["plain"]["step_ms"]
 
 
 def _forced_flash() -> bool | None:
@@ -131,7 +140,8 @@ _probed: dict[tuple[str, str], dict] = {}  # (cache file, build and threads) -> 
 
 def probe_build(gguf: Path, threads: int | None = None) -> dict:
     """What the installed llama.cpp build does with `gguf`: {"works": it scores a batch of positions without
-    crashing, "flash_exact": flash attention keeps a position's logits the same alone and in a batch,
+    crashing, "flash_exact": flash attention keeps a position's logits the same alone and in a batch of a few,
+    "flash_rows_exact": also in a pass of more than FA_ROWS positions (a prompt chunk),
     "flash_faster": flash attention runs a 600-token prefill and 128 one-position steps after it faster, with the
     times of both}. Flash attention prefills faster; its one-row kernel decodes faster on some CPUs and much slower
     on others (benchmarks/README.md "Backends and weight formats"), so it is measured, not assumed. Probed once per
@@ -147,7 +157,7 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
     key = f"{_build_key()}|threads={threads}"
     # every backend, drafter and peer asks: the file is read once a process
     found = _probed.get((str(record), key)) or _read_probes(record).get(key)
-    if not (isinstance(found, dict) and {"works", "flash_exact", "flash_faster"} <= found.keys()):
+    if not (isinstance(found, dict) and PROBE_KEYS <= found.keys()):
         child = subprocess.run([sys.executable, "-m", __name__, str(gguf), str(threads)], capture_output=True,
                                text=True)
         lines = child.stdout.strip().splitlines()
@@ -156,7 +166,7 @@ def probe_build(gguf: Path, threads: int | None = None) -> dict:
             if "error" in found:  # the file, not the build: not cached
                 raise AdaspecError(found["error"])
         elif child.returncode < 0:  # killed by a signal: the build crashes
-            found = {"works": False, "flash_exact": False, "flash_faster": False, "signal": -child.returncode}
+            found = {**dict.fromkeys(PROBE_KEYS, False), "signal": -child.returncode}
         else:
             raise AdaspecError(f"probing llama.cpp with {gguf} failed: {child.stderr.strip()[-500:]}")
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +216,11 @@ def _probe(gguf: Path, threads: int) -> dict:
                 model.truncate(PROBE_CONTEXT)
                 model.decode(ids[PROBE_CONTEXT: PROBE_CONTEXT + 3], PROBE_CONTEXT, 3)
                 found["flash_exact"] = batch_invariant() and bool(torch.equal(torch.cat(alone), model.logits(3)))
+                # the same three positions at the end of a pass of FA_ROWS + 3 (a prompt chunk's size)
+                model.truncate(PROBE_CONTEXT - FA_ROWS)
+                model.decode(ids[PROBE_CONTEXT - FA_ROWS: PROBE_CONTEXT + 3], PROBE_CONTEXT - FA_ROWS, 3)
+                found["flash_rows_exact"] = found["flash_exact"] and bool(torch.equal(torch.cat(alone),
+                                                                                      model.logits(3)))
         finally:
             model.close()
     cost = {k: found[k]["prefill_ms"] + 128 * found[k]["step_ms"] for k in ("plain", "flash")}
@@ -578,11 +593,12 @@ class LlamaCppBatchBackend(BatchBackend):
     """`BatchBackend` on a GGUF model: one `llama_decode` over a batch of several sequences (one seq_id per slot),
     or a few where `plan_passes` finds a long sequence cheaper apart; rollback per sequence (`llama_memory_seq_rm`).
 
-    Flash attention (`use_batch_flash`: on where this build keeps it exact and it runs faster here) is row by row for
-    up to FA_ROWS query rows of a sequence in a pass and tiled from FA_ROWS + 1 on, which rounds a row by its
-    neighbours. So with it on, a row of more than FA_ROWS positions (a prompt chunk) is fed in pieces of at most
-    FA_ROWS, one pass after another: every position then gets the result it gets alone, whatever the chunking and
-    the company (tests/test_batch.py)."""
+    Flash attention (`use_batch_flash`: on where this build keeps it exact and it runs faster here): stock llama.cpp
+    goes row by row for up to FA_ROWS query rows of a sequence in a pass and in tiles from FA_ROWS + 1 on, which
+    round a row apart. On such a build a row of more than FA_ROWS positions (a prompt chunk) is fed in pieces of at
+    most FA_ROWS, one pass after another; scripts/setup.sh's build takes one kernel for any number of rows
+    (`flash_rows_exact`) and needs no pieces. Either way every position gets the result it gets alone, whatever the
+    chunking and the company (tests/test_batch.py)."""
 
     def __init__(self, path: Path, slots: int, context: int = BATCH_CONTEXT, threads: int | None = None,
                  n_batch: int = 1024, split: bool = True, flash_attn: bool | None = None) -> None:
@@ -597,7 +613,8 @@ class LlamaCppBatchBackend(BatchBackend):
         self.vocab_size = self.llm.n_vocab
         self.max_context = self.llm.n_ctx
         self.max_call = self.llm.n_batch  # positions one call may score in all
-        self.piece = FA_ROWS if flash_attn else self.max_call  # positions of one sequence in one pass
+        pieces = flash_attn and not flash_rows_exact(path, threads)
+        self.piece = FA_ROWS if pieces else self.max_call  # positions of one sequence in one pass
         self.passes = pass_costs(self.llm, slots) if split and slots > 1 and context > PASS_LONG else None
 
     @property
