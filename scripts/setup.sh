@@ -23,7 +23,7 @@ install=("${pip[@]}" install --no-warn-conflicts)
 # a build that is missing, that crashes when it scores a batch of positions (core/backends/llamacpp.probe_build), or
 # that another recipe made (an earlier adaspec's flags or patch) is (re)built; bump patch-N when patch-llamacpp.py
 # changes what it edits
-recipe="llama-cpp-python ${ADASPEC_LLAMACPP_VERSION:-0.3.36}, GGML_LLAMAFILE=OFF, no AMX, patch-2"
+recipe="llama-cpp-python ${ADASPEC_LLAMACPP_VERSION:-0.3.36}, GGML_LLAMAFILE=OFF, no AMX, patch-3"
 llamacpp_ok() {
   [[ "$(cat .venv/adaspec-llamacpp-recipe 2>/dev/null)" == "$recipe" ]] \
     && .venv/bin/python -c "from adaspec.core.backends.llamacpp import probe_build; from adaspec.core.models import bundled_gguf

@@ -20,15 +20,42 @@ OPS = """static void other() {
 }
 static void ggml_compute_forward_flash_attn_ext_tiled(
         const ggml_compute_params * params) {
-    for (int tq = 0; tq < Q_TILE_SZ; tq++) {}
-    simd_gemm(KQ, (const float *)Q_q, K_f32, Q_TILE_SZ, DK, KV_TILE_SZ);
-    ggml_vec_scale_f32(Q_TILE_SZ * KV_TILE_SZ, KQ, scale);
-    ggml_vec_tanh_f32(Q_TILE_SZ * KV_TILE_SZ, KQ, KQ);
-    ggml_vec_scale_f32(Q_TILE_SZ * KV_TILE_SZ, KQ, logit_softcap);
-    for (int tq = 0; tq < Q_TILE_SZ; tq++) {}
-    for (int tq = 0; tq < Q_TILE_SZ; tq++) {}
-    simd_gemm(VKQ32, KQ, V32, Q_TILE_SZ, KV_TILE_SZ, DV);
-    for (int tq = tile_rows; tq < Q_TILE_SZ; tq++) {}
+    while (ir < ir1) {
+        const int iq3 = ir/(neq2*neq1);
+        const int iq2 = (ir - iq3*neq2*neq1)/neq1;
+        const int iq1 = (ir - iq3*neq2*neq1 - iq2*neq1);
+
+        const int tile_rows = MIN(Q_TILE_SZ, MIN((int)(ir1 - ir), (int)(neq1 - iq1)));
+        GGML_ASSERT(tile_rows > 0);
+
+        const uint32_t h = iq2; // head index
+        const float slope = (max_bias > 0.0f) ? h < n_head_log2 ? powf(m0, h + 1) : powf(m1, 2*(h - n_head_log2) + 1) : 1.0f;
+        memset(VKQ32, 0, Q_TILE_SZ * DV * sizeof(float));
+        memset(mask32, 0, Q_TILE_SZ * KV_TILE_SZ * sizeof(float));
+        const float * pq = (const float *) ((char *) q->data + ((iq1 + tq)*nbq1 + iq2*nbq2 + iq3*nbq3));
+        for (int tq = tile_rows; tq < Q_TILE_SZ; tq++) {}
+        const ggml_fp16_t * mp_row = (const ggml_fp16_t *)((const char *) mask->data + (iq1 + tq)*mask->nb[1] + (iq2%mask->ne[2])*mask->nb[2]);
+        mask32[tq * KV_TILE_SZ + tk] = slope * GGML_CPU_FP16_TO_FP32(mp_row[ic + tk]);
+        for (int tq = 0; tq < Q_TILE_SZ; tq++) {}
+        memset(KQ, 0, Q_TILE_SZ * KV_TILE_SZ * sizeof(float));
+        simd_gemm(KQ, (const float *)Q_q, K_f32, Q_TILE_SZ, DK, KV_TILE_SZ);
+        ggml_vec_scale_f32(Q_TILE_SZ * KV_TILE_SZ, KQ, scale);
+        ggml_vec_tanh_f32(Q_TILE_SZ * KV_TILE_SZ, KQ, KQ);
+        ggml_vec_scale_f32(Q_TILE_SZ * KV_TILE_SZ, KQ, logit_softcap);
+        for (int tq = 0; tq < Q_TILE_SZ; tq++) {}
+        for (int tq = 0; tq < Q_TILE_SZ; tq++) {}
+        simd_gemm(VKQ32, KQ, V32, Q_TILE_SZ, KV_TILE_SZ, DV);
+        if (sinks) {
+            const float s = ((float *)((char *) sinks->data))[h];
+
+            for (int tq = 0; tq < tile_rows; tq++) {
+            }
+        }
+        for (int tq = 0; tq < tile_rows; tq++) {
+            const int i1 = iq1 + tq;
+            const int i2 = iq2;
+        }
+    }
 }
 static void dispatch() {
     const bool use_split_kv_path = !use_ref && neq1 == 1;
@@ -43,7 +70,9 @@ def test_the_tiled_kernel_takes_any_number_of_rows_and_computes_only_those_it_ho
     out = patch_llamacpp.patch(OPS)
     kernel = out[out.index("ggml_compute_forward_flash_attn_ext_tiled"): out.index("static void dispatch")]
     assert "Q_TILE_SZ, DK" not in kernel and "Q_TILE_SZ * KV" not in kernel and "Q_TILE_SZ, KV" not in kernel
-    assert kernel.count("tq < tile_rows") == 3 and "tq = tile_rows; tq < Q_TILE_SZ" in kernel  # padding stays zero
+    assert "Q_TILE_SZ * DV" not in kernel and "tq < Q_TILE_SZ" not in kernel  # only the rows a tile holds
+    assert "iq1" not in kernel and "[h]" not in kernel and "slope *" not in kernel  # each row its position and head
+    assert "r_i1[tq] = (g0 + tq)/rk2;" in kernel and "G = neq1*rk2" in kernel  # the heads of a kv head together
     assert "use_split_kv_path = false && !use_ref" in out and "neq1 >= Q_TILE_SZ" not in out
     assert out.startswith(OPS[: OPS.index("static void ggml")])  # nothing outside the kernel and the dispatch
 

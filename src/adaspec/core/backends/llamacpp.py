@@ -118,15 +118,15 @@ def flash_rows_exact(gguf: Path, threads: int | None = None) -> bool:
 def use_batch_flash(gguf: Path, threads: int | None = None) -> bool:
     """Whether the batched backend runs with flash attention: where this build keeps a row's result the same alone
     and in a batch (`flash_attention_exact`; on a build without `flash_rows_exact` the batched backend feeds no
-    sequence more than FA_ROWS positions a pass) and the probe's one-position step is faster with it: a batch is
-    mostly such rows, so a faster prefill does not decide (on 2 Intel Xeon cores the patched build prefills 1.24x
-    faster with it and steps 1.28x slower, and 16 one-row sequences at 190 tokens take 106 against 88 ms a pass; on 2
-    AMD EPYC cores the stock kernel took 62 against 78 at 300 tokens). ADASPEC_FLASH_ATTN=0/1 overrides."""
+    sequence more than FA_ROWS positions a pass) and the probe's workload (a 600-token prompt and 128 steps) runs
+    faster with it. On 2 Intel Xeon cores scripts/setup.sh's build prefills 1.15x faster with it and decodes 16
+    one-row sequences as fast (88.9 against 88.3 ms a pass at 190 tokens, 115.5 against 118.3 at 600), one sequence
+    4-9 % slower; the stock kernel decoded 16 sequences 1.2x-1.4x slower. ADASPEC_FLASH_ATTN=0/1 overrides."""
     forced = _forced_flash()
     if forced is not None:
         return forced
     found = probe_build(gguf, threads)
-    return found["flash_exact"] and found["flash"]["step_ms"] < found["plain"]["step_ms"]
+    return found["flash_exact"] and found["flash_faster"]
 
 
 def _forced_flash() -> bool | None:
