@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install adaspec with its test tools, check for dead code (vulture, a second), then run the whole test suite (CPU,
-# under 10 minutes).
+# about 10-14 minutes on 2 cores; the limit is 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
