@@ -65,6 +65,17 @@ def start_server(server: str, args: argparse.Namespace, gguf: str) -> tuple[subp
                  stderr=subprocess.PIPE, text=True)
 
 
+def serve_and_drive(server: str, args: argparse.Namespace, prompts: list[str], clients: int, requests: int
+                    ) -> tuple[list[tuple[int, dict]], float, int]:
+    """Start `server` fresh, drive it with `clients` clients and `requests` requests (`drive`), stop it."""
+    proc, url = start_server(server, args, args.gguf)
+    try:
+        check_loopback(url, "load_sweep")
+        return asyncio.run(drive(url, prompts, clients, requests, args))
+    finally:
+        stop(proc)
+
+
 async def one(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
     """A streamed greedy chat request: status, latency, time to first content, text, tokens (usage, else chunks)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -262,19 +273,10 @@ def main() -> None:
     for clients in levels:  # the servers one after another at each load: a slow spell of the machine hits both
         for server in servers:
             if server not in alones and clients != 1:  # the reference: each prompt sent alone, on a server of its
-                proc, url = start_server(server, args, args.gguf)  # own (a server that kept the prompts would not
-                try:  # prefill them again in the measured run)
-                    check_loopback(url, "load_sweep")
-                    ref, _, _ = asyncio.run(drive(url, prompts, 1, min(args.requests, len(prompts)), args))
-                    alones[server] = {i: o["text"] for i, o in ref if o["status"] == 200}
-                finally:
-                    stop(proc)
-            proc, url = start_server(server, args, args.gguf)
-            try:
-                check_loopback(url, "load_sweep")
-                done, wall, not_sent = asyncio.run(drive(url, prompts, clients, args.requests, args))
-            finally:
-                stop(proc)
+                # own (a server that kept the prompts would not prefill them again in the measured run)
+                ref, _, _ = serve_and_drive(server, args, prompts, 1, min(args.requests, len(prompts)))
+                alones[server] = {i: o["text"] for i, o in ref if o["status"] == 200}
+            done, wall, not_sent = serve_and_drive(server, args, prompts, clients, args.requests)
             if clients == 1 and server not in alones:
                 alones[server] = {i: o["text"] for i, o in done if o["status"] == 200}
             row = summarize(server, clients, done, wall, not_sent, alones.get(server))

@@ -85,7 +85,7 @@ DISPATCH = [  # (old, new) in the caller: never the split-cache path, the tiled 
 
 def patch(source: str) -> str:
     """The patched ops.cpp; raises ValueError naming an edit whose text is not found as expected."""
-    start = source.index(TILED) if TILED in source else -1
+    start = source.find(TILED)
     if start < 0:
         raise ValueError(f"no {TILED.split('(')[0].split()[-1]} in ops.cpp")
     end = source.index("\n}\n", start)
